@@ -1,0 +1,61 @@
+"""Pieces every command shares: the database option, JSON output, job-id arguments, error printing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+
+import click
+
+from db.errors import BadInput
+
+
+def open_db(ctx: click.Context):
+    """The job table named by --db / QRUN_DB (opened lazily so usage errors never touch it)."""
+    from db.session import open_database
+
+    return open_database(ctx.obj.get("db_url"))
+
+
+def print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, datetime):
+        return value.isoformat() + "Z"
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def parse_job_ids(values: tuple[str, ...]) -> list[int]:
+    ids = []
+    for value in values:
+        try:
+            job_id = int(value)
+        except ValueError:
+            raise BadInput(f"job id {value!r} is not a number: see `qrun status` for job ids") from None
+        if job_id <= 0:
+            raise BadInput(f"job id {value!r} must be positive: see `qrun status` for job ids")
+        ids.append(job_id)
+    return ids
+
+
+def parse_gpu_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        gpus = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"--gpus {value!r} must be a comma-separated list of GPU indices, like 0,1") from None
+    if not gpus or any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise BadInput(f"--gpus {value!r} must list distinct GPU indices, like 0,1")
+    return gpus
+
+
+def stderr_line(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,60 @@
+"""`qrun`: the entry point. Every command lives in its own module; this one wires them and turns
+qrun's errors into one-line messages with the right exit code (2 for bad input)."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from cli import control, results, run, status, submit
+from db.errors import QrunError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", "db_url", envvar="QRUN_DB", metavar="URL",
+              help="Job table: a SQLAlchemy URL or a SQLite path (default $QRUN_HOME/qrun.db).")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of unexpected errors.")
+@click.pass_context
+def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
+    """qrun: queue GPTQ quantization and evaluation jobs on a shared GPU server and compare what
+    each variant costs in accuracy, size and speed."""
+    ctx.ensure_object(dict)
+    ctx.obj["db_url"] = db_url
+    ctx.obj["verbose"] = verbose
+
+
+for module in (submit, status, control, run, results):
+    for command in module.COMMANDS:
+        cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="qrun", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except QrunError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 -- the last line of defence: one line, no traceback
+        if verbose:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"Error: {type(exc).__name__}: {first} (run with -v for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""`qrun compare` and `qrun demo` (evaluation issue)."""
+
+COMMANDS: list = []

@@ -1,0 +1,88 @@
+"""`qrun run`: drain the queue with one Ray worker per GPU (CPU workers where there is none)."""
+
+from __future__ import annotations
+
+import click
+
+from cli.common import is_tty, open_db, parse_gpu_list, stderr_line
+from db.errors import BadInput
+
+
+class _Display:
+    """Live job table on a terminal; one line per status change otherwise (logs, CI)."""
+
+    def __init__(self, db, watched_from: int):
+        from rich.console import Console
+
+        self.db = db
+        self.since = watched_from
+        self.seen: dict[int, str] = {}
+        self.console = Console(stderr=True)
+        self.live = None
+        if is_tty():
+            from rich.live import Live
+
+            self.live = Live(console=self.console, auto_refresh=False)
+            self.live.start()
+
+    def tick(self) -> None:
+        from cli.status import jobs_table, progress_text
+        from db import queue
+
+        jobs = [j for j in queue.list_jobs(self.db) if j.id >= self.since or j.status in ("queued", "running")]
+        if self.live is not None:
+            self.live.update(jobs_table(jobs), refresh=True)
+            return
+        for job in jobs:
+            state = f"{job.status} {progress_text(job)}".strip()
+            if self.seen.get(job.id) != state and (job.id in self.seen or job.status != "queued"):
+                stderr_line(f"job {job.id} {job.kind}: {state}" + (f" -- {job.error}" if job.error else ""))
+            self.seen[job.id] = state
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.tick()
+            self.live.stop()
+
+
+@click.command()
+@click.option("--gpus", default=None, metavar="0,1", help="GPUs of this machine to use (default: all Ray finds).")
+@click.option("--cpu-workers", type=int, default=None, help="Run N CPU workers (default 1 where there is no GPU).")
+@click.option("--until-empty/--serve", "burst", default=True, show_default=True,
+              help="Stop when the queue is drained, or keep serving new jobs until Ctrl-C.")
+@click.option("--ray-address", default=None, metavar="ADDR", help="Join this Ray cluster instead of starting one.")
+@click.option("--lease", "lease_s", type=float, default=60.0, show_default=True,
+              help="Seconds a worker may go silent before its job returns to the queue.")
+@click.pass_context
+def run(ctx, gpus, cpu_workers, burst, ray_address, lease_s):
+    """Start workers that take jobs from the table until it is empty (or until Ctrl-C with --serve).
+    Ctrl-C once: finish the current layer and give running jobs back; twice: stop at once."""
+    from db import queue
+    from runner.run import plan_slots, run_queue, start_ray
+
+    gpu_list = parse_gpu_list(gpus)
+    if cpu_workers is not None and cpu_workers <= 0:
+        raise BadInput(f"--cpu-workers {cpu_workers} must be positive")
+    if lease_s < 1:
+        raise BadInput(f"--lease {lease_s} must be at least 1 second")
+    db = open_db(ctx)
+    start_ray(ray_address, gpu_list, cpu_workers or 1)
+    slots = plan_slots(gpu_list, cpu_workers)
+    stderr_line(f"qrun: {len(slots)} worker(s): {', '.join(s.name for s in slots)}")
+    first_pending = min((j.id for j in queue.list_jobs(db) if j.status in ("queued", "running")), default=0)
+    display = _Display(db, first_pending)
+    try:
+        summary = run_queue(db.url, slots, burst=burst, lease_s=lease_s, on_tick=display.tick)
+    finally:
+        display.close()
+    failed = [job_id for job_id, outcome in summary.outcomes if outcome == "failed"]
+    stderr_line(f"qrun: ran {len(summary.outcomes)} job(s), {len(failed)} failed"
+                + (f", {summary.restarts} worker restart(s)" if summary.restarts else "")
+                + (" (interrupted: running jobs were given back)" if summary.interrupted else ""))
+    if summary.interrupted:
+        ctx.exit(130)
+    if failed:
+        ctx.exit(1)
+
+
+COMMANDS = [run]

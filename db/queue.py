@@ -1,0 +1,353 @@
+"""The queue's operations. Each status change is one guarded UPDATE through `_transition`.
+
+A worker proves it still holds a job on every write (`worker = :me AND status = 'running'`):
+a job that was cancelled, or whose lease expired and was handed to another worker, can no
+longer be progressed or finished by the old holder, so finishing is idempotent under retries.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
+
+from db.errors import JobLost, JobNotFound, TransitionError
+from db.schema import Artifact, Event, Job, Metric
+from db.session import Database
+from db.states import FINISHED, Kind, Status, allowed_from, target_of
+
+DEFAULT_LEASE_S = 60.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
+
+
+@dataclass
+class JobSpec:
+    """A job to submit. `after` is the index of another spec in the same batch it depends on."""
+
+    kind: Kind
+    model: str
+    params: dict = field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int = 3
+    after: int | None = None
+    depends_on: int | None = None
+
+
+# ---------------------------------------------------------------- transitions
+
+
+def _transition(
+    session: Session,
+    job_id: int,
+    name: str,
+    *,
+    values: dict | None = None,
+    worker: str | None = None,
+    detail: str | None = None,
+) -> None:
+    """Move one job along `name`, or raise naming the job and the state it is really in."""
+    allowed = allowed_from(name)
+    target = target_of(name)
+    conditions = [Job.id == job_id, Job.status.in_([s.value for s in allowed])]
+    if worker is not None:
+        conditions.append(Job.worker == worker)
+    before = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
+    result = session.execute(
+        update(Job).where(*conditions).values(status=target.value, **(values or {}))
+    )
+    if result.rowcount == 1:
+        session.add(Event(job_id=job_id, transition=name, from_status=before, to_status=target.value,
+                          at=utcnow(), detail=detail))
+        return
+    if before is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    if worker is not None:  # the job moved on without this worker: cancelled, reaped or finished
+        raise JobLost(f"job {job_id} is {before} and no longer held by {worker}")
+    raise TransitionError(f"job {job_id} is {before}: cannot {name} it")
+
+
+# ---------------------------------------------------------------- submitting
+
+
+def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None) -> list[int]:
+    """Insert a batch of jobs in one transaction: all of them, or none."""
+    user = user or current_user()
+    now = utcnow()
+    ids: list[int] = []
+    with db.transaction() as s:
+        for spec in specs:
+            depends_on = ids[spec.after] if spec.after is not None else spec.depends_on
+            job = Job(kind=spec.kind.value, status=Status.QUEUED.value, params=spec.params, model=spec.model,
+                      depends_on=depends_on, priority=spec.priority, max_attempts=spec.max_attempts,
+                      submitted_by=user, created_at=now)
+            s.add(job)
+            s.flush()
+            s.add(Event(job_id=job.id, transition="submit", from_status=None, to_status=Status.QUEUED.value,
+                        at=now, detail=f"by {user}"))
+            ids.append(job.id)
+    return ids
+
+
+def find_equivalent_job(db: Database, kind: Kind, model: str, params: dict) -> int | None:
+    """A job of the same kind, model and parameters that has not failed, if any (to avoid duplicates)."""
+    with db.transaction() as s:
+        rows = s.execute(
+            select(Job.id, Job.params).where(
+                Job.kind == kind.value, Job.model == model,
+                Job.status.in_([Status.QUEUED.value, Status.RUNNING.value, Status.SUCCEEDED.value]),
+            ).order_by(Job.id)
+        ).all()
+    return next((row.id for row in rows if row.params == params), None)
+
+
+# ---------------------------------------------------------------- the worker's side
+
+
+def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAULT_LEASE_S) -> Job | None:
+    """Take the most urgent ready job for `worker`, in one atomic statement; None when none is ready.
+
+    Ready: queued, and its upstream job (if any) succeeded. Expired leases and orphans of failed
+    upstream jobs are settled first, so any running qrun keeps the table honest.
+    """
+    reap_expired_leases(db)
+    fail_orphans(db)
+    upstream = aliased(Job)
+    ready = (
+        select(Job.id)
+        .where(Job.status == Status.QUEUED.value,
+               or_(Job.depends_on.is_(None),
+                   Job.depends_on.in_(select(upstream.id).where(upstream.status == Status.SUCCEEDED.value))))
+        .order_by(Job.priority.desc(), Job.id)
+        .limit(1)
+    )
+    if not db.is_sqlite:
+        ready = ready.with_for_update(skip_locked=True)
+    now = utcnow()
+    with db.transaction() as s:
+        row = s.execute(
+            update(Job)
+            .where(Job.id == ready.scalar_subquery(), Job.status == Status.QUEUED.value)
+            .values(status=Status.RUNNING.value, worker=worker, gpu=gpu, attempts=Job.attempts + 1,
+                    started_at=now, finished_at=None, lease_expires_at=now + timedelta(seconds=lease_s),
+                    progress_done=0, progress_module=None, error=None)
+            .returning(Job.id)
+        ).first()
+        if row is None:
+            return None
+        s.add(Event(job_id=row.id, transition="claim", from_status=Status.QUEUED.value,
+                    to_status=Status.RUNNING.value, at=now, detail=f"{worker} gpu={gpu}"))
+        return s.get(Job, row.id)
+
+
+def _held(worker: str, job_id: int):
+    return and_(Job.id == job_id, Job.worker == worker, Job.status == Status.RUNNING.value)
+
+
+def _ensure_held(s: Session, result, job_id: int, worker: str) -> None:
+    if result.rowcount == 1:
+        return
+    status = s.execute(select(Job.status).where(Job.id == job_id)).scalar()
+    raise JobLost(f"job {job_id} is {status} and no longer held by {worker}")
+
+
+def heartbeat(db: Database, job_id: int, worker: str, lease_s: float = DEFAULT_LEASE_S) -> None:
+    """Extend the lease; raises JobLost when the job was cancelled or taken away."""
+    with db.transaction() as s:
+        result = s.execute(update(Job).where(_held(worker, job_id))
+                           .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
+        _ensure_held(s, result, job_id, worker)
+
+
+def record_progress(db: Database, job_id: int, worker: str, done: int, total: int, module: str | None,
+                    lease_s: float = DEFAULT_LEASE_S) -> None:
+    """Record 'layer done of total, now at module' and extend the lease; raises JobLost if not held."""
+    with db.transaction() as s:
+        result = s.execute(
+            update(Job).where(_held(worker, job_id))
+            .values(progress_done=done, progress_total=total, progress_module=module,
+                    lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        )
+        _ensure_held(s, result, job_id, worker)
+
+
+def set_log_path(db: Database, job_id: int, path: str) -> None:
+    with db.transaction() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(log_path=path))
+
+
+@dataclass
+class ArtifactRecord:
+    kind: str
+    path: str
+    bytes: int
+    sha256: str
+
+
+def finish_job(db: Database, job_id: int, worker: str, metrics: dict[str, float],
+               artifacts: Iterable[ArtifactRecord] = ()) -> None:
+    """Mark the job succeeded and store its metrics and artifacts, all in one transaction."""
+    with db.transaction() as s:
+        _transition(s, job_id, "succeed", worker=worker,
+                    values={"finished_at": utcnow(), "lease_expires_at": None, "error": None})
+        s.execute(delete(Metric).where(Metric.job_id == job_id))
+        s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+        s.add_all(Metric(job_id=job_id, name=k, value=float(v)) for k, v in metrics.items() if v is not None)
+        s.add_all(Artifact(job_id=job_id, kind=a.kind, path=a.path, bytes=a.bytes, sha256=a.sha256)
+                  for a in artifacts)
+
+
+def fail_job(db: Database, job_id: int, worker: str, error: str, retryable: bool = False) -> Status:
+    """Record a failure. A retryable one goes back to the queue while attempts remain."""
+    with db.transaction() as s:
+        job = s.get(Job, job_id)
+        if retryable and job is not None and job.attempts < job.max_attempts:
+            _transition(s, job_id, "release", worker=worker,
+                        values={"worker": None, "lease_expires_at": None, "error": error}, detail=error)
+            return Status.QUEUED
+        _transition(s, job_id, "fail", worker=worker,
+                    values={"finished_at": utcnow(), "lease_expires_at": None, "error": error}, detail=error)
+        return Status.FAILED
+
+
+def release_job(db: Database, job_id: int, worker: str, reason: str) -> None:
+    """Give a running job back to the queue without counting the attempt (Ctrl-C, shutdown)."""
+    with db.transaction() as s:
+        _transition(s, job_id, "release", worker=worker, detail=reason,
+                    values={"worker": None, "gpu": None, "lease_expires_at": None,
+                            "attempts": func.max(Job.attempts - 1, 0) if db.is_sqlite
+                            else func.greatest(Job.attempts - 1, 0)})
+
+
+def is_cancelled(db: Database, job_id: int) -> bool:
+    with db.transaction() as s:
+        return s.execute(select(Job.status).where(Job.id == job_id)).scalar() == Status.CANCELLED.value
+
+
+# ---------------------------------------------------------------- keeping the table honest
+
+
+def reap_expired_leases(db: Database, now: datetime | None = None) -> list[int]:
+    """Requeue running jobs whose worker stopped heartbeating; fail those out of attempts."""
+    now = now or utcnow()
+    with db.transaction() as s:
+        expired = s.execute(
+            select(Job.id, Job.worker, Job.attempts, Job.max_attempts)
+            .where(Job.status == Status.RUNNING.value, Job.lease_expires_at < now)
+        ).all()
+        for job in expired:
+            reason = f"worker {job.worker} lost (lease expired) on attempt {job.attempts}/{job.max_attempts}"
+            if job.attempts < job.max_attempts:
+                _transition(s, job.id, "release", detail=reason,
+                            values={"worker": None, "lease_expires_at": None, "error": reason})
+            else:
+                _transition(s, job.id, "fail", detail=reason,
+                            values={"finished_at": now, "lease_expires_at": None,
+                                    "error": f"{reason}; no attempts left"})
+    return [job.id for job in expired]
+
+
+def fail_orphans(db: Database) -> list[int]:
+    """Fail queued jobs whose upstream job failed or was cancelled: they can never run."""
+    upstream = aliased(Job)
+    with db.transaction() as s:
+        orphans = s.execute(
+            select(Job.id, upstream.id.label("up"), upstream.status.label("up_status"))
+            .join(upstream, Job.depends_on == upstream.id)
+            .where(Job.status == Status.QUEUED.value,
+                   upstream.status.in_([Status.FAILED.value, Status.CANCELLED.value]))
+        ).all()
+        for o in orphans:
+            reason = f"upstream job {o.up} {o.up_status}"
+            _transition(s, o.id, "fail", detail=reason, values={"finished_at": utcnow(), "error": reason})
+    return [o.id for o in orphans]
+
+
+# ---------------------------------------------------------------- the user's side
+
+
+def cancel_jobs(db: Database, job_ids: Sequence[int], user: str | None = None, force: bool = False) -> None:
+    """Cancel queued or running jobs. A running job's worker notices at its next layer."""
+    user = user or current_user()
+    with db.transaction() as s:
+        for job_id in job_ids:
+            owner = s.execute(select(Job.submitted_by).where(Job.id == job_id)).scalar()
+            if owner is None:
+                raise JobNotFound(f"job {job_id} does not exist: see `qrun status` for job ids")
+            if owner != user and not force:
+                raise TransitionError(f"job {job_id} belongs to {owner}: add --force to cancel another user's job")
+            _transition(s, job_id, "cancel", detail=f"by {user}",
+                        values={"finished_at": utcnow(), "lease_expires_at": None, "error": f"cancelled by {user}"})
+
+
+def retry_jobs(db: Database, job_ids: Sequence[int]) -> None:
+    """Put failed or cancelled jobs back in the queue with fresh attempts."""
+    with db.transaction() as s:
+        for job_id in job_ids:
+            _transition(s, job_id, "retry",
+                        values={"attempts": 0, "error": None, "worker": None, "gpu": None,
+                                "finished_at": None, "started_at": None, "progress_done": 0,
+                                "progress_module": None})
+
+
+def get_job(db: Database, job_id: int) -> Job:
+    with db.transaction() as s:
+        job = s.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"job {job_id} does not exist: see `qrun status` for job ids")
+    return job
+
+
+def list_jobs(db: Database, job_ids: Sequence[int] | None = None) -> list[Job]:
+    query = select(Job).order_by(Job.id)
+    if job_ids:
+        query = query.where(Job.id.in_(list(job_ids)))
+    with db.transaction() as s:
+        jobs = list(s.scalars(query))
+    if job_ids:
+        missing = sorted(set(job_ids) - {j.id for j in jobs})
+        if missing:
+            raise JobNotFound(f"job {missing[0]} does not exist: see `qrun status` for job ids")
+    return jobs
+
+
+def metrics_of(db: Database, job_ids: Sequence[int]) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {j: {} for j in job_ids}
+    with db.transaction() as s:
+        for m in s.scalars(select(Metric).where(Metric.job_id.in_(list(job_ids)))):
+            out[m.job_id][m.name] = m.value
+    return out
+
+
+def artifacts_of(db: Database, job_ids: Sequence[int]) -> dict[int, list[Artifact]]:
+    out: dict[int, list[Artifact]] = {j: [] for j in job_ids}
+    with db.transaction() as s:
+        for a in s.scalars(select(Artifact).where(Artifact.job_id.in_(list(job_ids)))):
+            out[a.job_id].append(a)
+    return out
+
+
+def events_of(db: Database, job_id: int) -> list[Event]:
+    with db.transaction() as s:
+        return list(s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id)))
+
+
+def pending_count(db: Database) -> int:
+    """Jobs not yet finished: queued (runnable or waiting on upstream) or running."""
+    with db.transaction() as s:
+        return s.execute(select(func.count()).select_from(Job)
+                         .where(Job.status.notin_([st.value for st in FINISHED]))).scalar()

@@ -1,0 +1,81 @@
+"""Shared fixtures: a private QRUN_HOME and database per test, tiny models built once per session,
+and one Ray instance for the whole session (ray.init costs seconds)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "anti_fraud"
+
+
+@pytest.fixture
+def qrun_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "qrun-home"
+    monkeypatch.setenv("QRUN_HOME", str(home))
+    monkeypatch.delenv("QRUN_DB", raising=False)
+    return home
+
+
+@pytest.fixture
+def db(qrun_home):
+    from db.session import open_database
+
+    database = open_database()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    from demo.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2",
+                            hidden=128, intermediate=256, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from demo.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama",
+                            hidden=128, intermediate=256, layers=2)
+
+
+@pytest.fixture(scope="session")
+def deep_qwen2(tmp_path_factory) -> Path:
+    """More layers, so a quantization runs long enough to be interrupted mid-way."""
+    from demo.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "deep-qwen2", arch="qwen2",
+                            hidden=256, intermediate=512, layers=24)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def qrun(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False,
+         **popen) -> subprocess.CompletedProcess:
+    """Run the real `qrun` console script in a subprocess."""
+    exe = Path(sys.executable).parent / "qrun"
+    result = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})}, **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"qrun {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result

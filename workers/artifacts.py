@@ -1,0 +1,91 @@
+"""Where a job's output goes, and how it gets there whole or not at all.
+
+A job writes into a hidden staging directory beside its final place and renames it into place
+only after everything was written (rename is atomic on one file system). A crashed attempt
+leaves only a staging directory, which the next attempt of the same job removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from db.errors import BadInput
+
+# qrun writes weights as safetensors only; anything pickled in an output is refused.
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def safe_name(text: str) -> str:
+    """A file-name fragment from user text: no separators, no dots at the start, no '..'."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-")
+    return cleaned[:80] or "model"
+
+
+def inside(root: Path, name: str) -> Path:
+    """root/name, refusing any name that would resolve outside root."""
+    root = root.resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise BadInput(f"artifact name {name!r} would leave the artifact directory {root}")
+    return path
+
+
+def staging_prefix(job_id: int) -> str:
+    return f".staging-job{job_id}-"
+
+
+def clear_stale_staging(root: Path, job_id: int) -> list[Path]:
+    """Remove what earlier, crashed attempts of this job left behind."""
+    stale = [p for p in root.glob(staging_prefix(job_id) + "*") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def new_staging_dir(root: Path, job_id: int, attempt: int) -> Path:
+    path = inside(root, f"{staging_prefix(job_id)}{attempt}-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def check_safetensors_only(directory: Path) -> None:
+    unsafe = [p.name for p in directory.rglob("*") if p.suffix in UNSAFE_SUFFIXES]
+    if unsafe:
+        raise RuntimeError(f"refusing to publish pickle files {unsafe}: qrun artifacts are safetensors only")
+
+
+def publish(staging: Path, final: Path) -> Path:
+    """Move a finished staging directory into its final place (replacing an earlier attempt's)."""
+    check_safetensors_only(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return final
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def weights_sha256(directory: Path) -> str:
+    """One digest over every safetensors file, in name order (the weights, not the metadata)."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
