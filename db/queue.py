@@ -203,7 +203,8 @@ def finish_job(db: Database, job_id: int, worker: str, metrics: dict[str, float]
     """Mark the job succeeded and store its metrics and artifacts, all in one transaction."""
     with db.transaction() as s:
         _transition(s, job_id, "succeed", worker=worker,
-                    values={"finished_at": utcnow(), "lease_expires_at": None, "error": None})
+                    values={"finished_at": utcnow(), "lease_expires_at": None, "error": None,
+                            "progress_module": None})
         s.execute(delete(Metric).where(Metric.job_id == job_id))
         s.execute(delete(Artifact).where(Artifact.job_id == job_id))
         s.add_all(Metric(job_id=job_id, name=k, value=float(v)) for k, v in metrics.items() if v is not None)

@@ -89,6 +89,16 @@ def _check_sqlite_location(db_file: Path) -> None:
         )
 
 
+def share_with_group(db_file: Path) -> None:
+    """SQLite creates its files 0644 whatever the umask: make ours group-writable (rw-rw-r--)."""
+    for path in (db_file, Path(f"{db_file}-wal"), Path(f"{db_file}-shm")):
+        try:
+            if path.exists() and path.stat().st_uid == os.getuid():
+                path.chmod(0o664)
+        except OSError:
+            pass
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
@@ -114,9 +124,10 @@ def make_engine(url: str) -> Engine:
             engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
             _configure_sqlite(engine)
             with engine.connect():
-                pass  # creates the file under the group umask
+                pass  # creates the file
         finally:
             os.umask(old_umask)
+        share_with_group(db_file)
         return engine
     try:
         return create_engine(url, pool_pre_ping=True)

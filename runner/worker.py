@@ -14,7 +14,7 @@ import time
 
 from db import queue
 from db.errors import JobLost
-from db.session import open_database
+from db.session import GROUP_UMASK, open_database
 
 IDLE_POLL_S = 1.0
 
@@ -41,6 +41,7 @@ class QueueWorker:
     def _bootstrap(self) -> str:
         """Pin the device. Imports torch only now, after Ray set CUDA_VISIBLE_DEVICES for this process."""
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+        os.umask(GROUP_UMASK)  # artifacts and logs are shared with the group, like the queue
         if not self.use_gpu:
             return "cpu"
         import torch
