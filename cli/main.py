@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-from cli import control, results, run, status, submit
+from cli import compare, control, results, run, status, submit
 from db.errors import QrunError
 
 
@@ -25,7 +25,7 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
     ctx.obj["verbose"] = verbose
 
 
-for module in (submit, status, control, run, results):
+for module in (submit, status, control, run, results, compare):
     for command in module.COMMANDS:
         cli.add_command(command)
 

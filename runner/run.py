@@ -59,7 +59,7 @@ def plan_slots(gpus: list[int] | None, cpu_workers: int | None) -> list[Slot]:
 def _actor_env() -> dict[str, str]:
     env = {"QRUN_HOME": str(qrun_home()), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
            "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")}
-    for name in ("QRUN_DB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PYTHONPATH"):
+    for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PYTHONPATH"):
         if name in os.environ:
             env[name] = os.environ[name]
     return env

@@ -25,6 +25,7 @@ from db.schema import Job
 from db.session import Database, artifacts_root, logs_root
 from db.states import Kind
 from workers import artifacts
+from workers.limits import memory_cap
 
 log = logging.getLogger("qrun.worker")
 
@@ -47,6 +48,18 @@ class JobContext:
         if self.should_stop():
             raise StopRequested(f"runner stopping at layer {done}/{total}")
         queue.record_progress(self.db, self.job.id, self.worker, done, total, module, self.lease_s)
+
+
+@contextmanager
+def working_directory(path: Path):
+    """Run inside `path`: GPTQModel writes its own per-module logs under ./logs of the current directory."""
+    path.mkdir(parents=True, exist_ok=True)
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(previous)
 
 
 @contextmanager
@@ -79,7 +92,8 @@ def describe_failure(exc: BaseException, ctx: JobContext) -> tuple[str, bool]:
     where = f"at layer {job.progress_done}/{job.progress_total}" + (
         f" ({job.progress_module})" if job.progress_module else "")
     if _is_out_of_memory(exc):
-        return (f"out of memory {where}: lower --calib-max-len or --calib-samples, or free the GPU", True)
+        return (f"out of memory {where}: use a smaller calibration batch (--batch-size, --calib-max-len, "
+                "--calib-samples) or free the GPU", True)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return (f"no space left on {exc.filename or artifacts_root()}: free space or move QRUN_HOME", False)
     if isinstance(exc, BadInput):
@@ -91,7 +105,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     name = type(exc).__name__
-    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    # torch's CPU allocator says "can't allocate memory ... Error code 12 (Cannot allocate memory)"
+    return name == "OutOfMemoryError" or any(s in text for s in ("out of memory", "allocate memory"))
 
 
 def run_quantize(ctx: JobContext, log_file) -> tuple[dict, list[queue.ArtifactRecord]]:
@@ -106,13 +122,19 @@ def run_quantize(ctx: JobContext, log_file) -> tuple[dict, list[queue.ArtifactRe
     final = artifacts.inside(root, f"{artifacts.safe_name(Path(job.model).name)}-{params.label()}-job{job.id}")
     artifacts.clear_stale_staging(root, job.id)
     staging = artifacts.new_staging_dir(root, job.id, job.attempts)
+    # GPTQModel offloads finished modules to disk; left to itself it uses /tmp/gptqmodel_*, which a
+    # killed worker leaves behind. Here it lies beside the staging directory and goes with it.
+    offload = artifacts.new_staging_dir(root, job.id, f"{job.attempts}-offload")
     try:
-        metrics = quantize_model(params, job.model, staging, ctx.device, info.num_layers, ctx.progress)
+        metrics = quantize_model(params, job.model, staging, ctx.device, info.num_layers, ctx.progress,
+                                 offload_dir=offload)
         ctx.progress(info.num_layers, info.num_layers, "publishing")
         artifacts.publish(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
     size = artifacts.directory_bytes(final)
     metrics["size_bytes"] = size
     record = queue.ArtifactRecord(kind="model", path=str(final), bytes=size, sha256=artifacts.weights_sha256(final))
@@ -135,11 +157,12 @@ def execute(ctx: JobContext) -> str:
     log_path = logs_root() / f"job-{job.id}.log"
     queue.set_log_path(ctx.db, job.id, str(log_path))
     started = time.perf_counter()
-    with output_to(log_path) as log_file:
+    with working_directory(logs_root() / f"job-{job.id}.d"), output_to(log_path) as log_file:
         print(f"=== job {job.id} ({job.kind}) attempt {job.attempts}/{job.max_attempts} "
               f"on {ctx.worker}, device {ctx.device}", flush=True)
         try:
-            metrics, records = run_kind(ctx, log_file)
+            with memory_cap(ctx.device):  # QRUN_JOB_MEMORY_MB, CPU workers only
+                metrics, records = run_kind(ctx, log_file)
         except JobLost as exc:
             print(f"=== stopped: {exc}", flush=True)
             return "lost"

@@ -79,8 +79,11 @@ def _layer_losses(quant_log: Path, in_memory: list | None) -> list[float]:
 
 
 def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device: str, num_layers: int,
-                   progress: Progress) -> dict[str, float]:
-    """Quantize model_dir into out_dir (which must exist); return the job's metrics."""
+                   progress: Progress, offload_dir: Path | None = None) -> dict[str, float]:
+    """Quantize model_dir into out_dir (which must exist); return the job's metrics.
+
+    offload_dir: where GPTQModel parks finished modules (default: a temporary directory of its own).
+    """
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
@@ -100,7 +103,8 @@ def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device
         raise ValueError(f"calibration data {params.calib or '(built-in)'} has no sample of 10 tokens or more")
     config = QuantizeConfig(bits=params.bits, group_size=params.group_size, desc_act=params.desc_act,
                             sym=params.sym, damp_percent=params.damp_percent,
-                            true_sequential=params.true_sequential, static_groups=params.static_groups)
+                            true_sequential=params.true_sequential, static_groups=params.static_groups,
+                            **({"offload_to_disk_path": str(offload_dir)} if offload_dir else {}))
     progress(0, num_layers, "loading model")
     model = GPTQModel.load(model_dir, config, device=device, trust_remote_code=params.trust_remote_code)
     callbacks = _LayerProgress(num_layers, progress)

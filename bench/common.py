@@ -1,0 +1,112 @@
+"""Shared pieces of the GPU benchmarks: the Qwen2-1.5B-shaped model, calibration text, timing, tables.
+
+Run on the device machine (see docs/BENCHMARKS.md); `--shape tiny` runs the same code on a CPU for a smoke test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Qwen2-1.5B-Instruct's published shape.
+SHAPES = {
+    "qwen2-1.5b": dict(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2, vocab=151936,
+                       max_positions=32768),
+    "tiny": dict(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=None, max_positions=2048),
+}
+
+
+def build_bench_model(out_dir: Path, shape: str, seed: int = 0) -> Path:
+    """Random weights in the given shape (bf16 on GPU, fp32 on CPU), with a tokenizer trained on the spot."""
+    if (out_dir / "config.json").exists():
+        return out_dir
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from demo.tiny import sample_texts, train_tokenizer
+
+    s = SHAPES[shape]
+    tokenizer = train_tokenizer(sample_texts(), vocab_size=2048)
+    config = Qwen2Config(vocab_size=s["vocab"] or len(tokenizer), hidden_size=s["hidden"],
+                         intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
+                         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         max_position_embeddings=s["max_positions"], tie_word_embeddings=True)
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    torch.manual_seed(seed)
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    del model
+    return out_dir
+
+
+def write_calibration(path: Path, n: int, min_chars: int, seed: int = 0) -> Path:
+    """n long dialog texts (JSONL {"text"}), each long enough to fill the token budget."""
+    from demo.tiny import sample_texts
+
+    rng = random.Random(seed)
+    lines = sample_texts()
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(n):
+            text = ""
+            while len(text) < min_chars:
+                text += rng.choice(lines) + "\n"
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return path
+
+
+def environment() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    for name in ("transformers", "gptqmodel", "ray", "sqlalchemy"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            info[name] = "missing"
+    return info
+
+
+def timed_run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[float, str]:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - start
+    if log:
+        with log.open("a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{result.stdout}\n{result.stderr}\n")
+    if result.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {result.returncode}: {result.stderr[-3000:]}")
+    return wall, result.stdout
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
+def out_dir() -> Path:
+    path = Path(os.environ.get("OUT") or REPO / "bench-out")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,37 @@
+"""GPTQModel called directly, as a user's script would: load, quantize, save. Prints its metrics as JSON.
+
+Uses the same calibration token ids as qrun (workers.calibration) so both quantize the same data.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(model_dir: str, calib: str, bits: int, group_size: int, out: str, samples: int, max_len: int) -> None:
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+
+    from workers.calibration import calibration_texts, tokenize_calibration
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = tokenize_calibration(calibration_texts(calib, samples)[0], tokenizer, max_len)
+    config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=True, damp_percent=0.01)
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    model = GPTQModel.load(model_dir, config, device=device)
+    start = time.perf_counter()
+    model.quantize(rows, batch_size=1, tokenizer=tokenizer)
+    quantize_s = time.perf_counter() - start
+    model.save(out)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    print(json.dumps({"quantize_s": quantize_s, "peak_gpu_mem_gb": peak,
+                      "calib_tokens": sum(len(r["input_ids"]) for r in rows)}))
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(a[0], a[1], int(a[2]), int(a[3]), a[4], int(a[5]), int(a[6]))

@@ -1,0 +1,303 @@
+"""`qrun compare`: one row per variant of a source model -- what each quantization cost in
+accuracy, size and time, next to the unquantized baseline.
+
+`comparison_rows` assembles the rows from the job table (and the predictions artifacts); the
+command only formats them. Only succeeded eval jobs count; of several evals of the same variant
+on the same data, the newest wins.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from cli.common import open_db, print_json, stderr_line
+from db.errors import BadInput
+
+FORMATS = ("table", "json", "csv", "markdown")
+# Metrics shown with their delta from the baseline (variant minus baseline).
+COMPARED = ("precision", "recall", "f1", "accuracy", "invalid", "auc", "perplexity")
+DTYPE_BITS = {"float32": 32, "float64": 64, "bfloat16": 16, "float16": 16}
+BASELINE = "baseline"
+
+
+# ---------------------------------------------------------------- assembling the rows
+
+
+def _same_path(given: str, stored: str | None) -> bool:
+    """A filter matches the stored (resolved) path, or just its file or directory name."""
+    if stored is None:
+        return False
+    return str(Path(given).expanduser().resolve()) == stored or given == Path(stored).name
+
+
+def latest_evals(db, model: str | None = None, data: str | None = None) -> list:
+    """Succeeded eval jobs, the newest per (source model, data, variant)."""
+    from db import queue
+
+    newest: dict[tuple, object] = {}
+    for job in queue.list_jobs(db):  # ordered by id: a later job replaces an earlier one
+        params = job.params or {}
+        if job.kind != "eval" or job.status != "succeeded":
+            continue
+        if model and not _same_path(model, job.model):
+            continue
+        if data and not _same_path(data, params.get("data")):
+            continue
+        newest[(job.model, params.get("data"), params.get("variant", BASELINE))] = job
+    return list(newest.values())
+
+
+def _source_bits(model_dir: str) -> int:
+    """Bits per weight of an unquantized model, from the dtype in its config (16 if unstated)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 16
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return DTYPE_BITS.get(dtype.removeprefix("torch."), 16)
+
+
+def _quantized_bits(job, upstream) -> tuple[int | None, int | None]:
+    """(bits, group size) of an evaluated variant: its quantize job's, else its quantize_config.json."""
+    params = upstream.params if upstream is not None else {}
+    if "bits" not in params:
+        try:
+            params = json.loads((Path(job.model) / "quantize_config.json").read_text())
+        except (OSError, ValueError):
+            return None, None
+    return params.get("bits"), params.get("group_size")
+
+
+def read_predictions(path: str | None) -> dict[str, object] | None:
+    """id -> prediction (True, False or "invalid") from a predictions artifact; None if unreadable."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {str(r["id"]): r["prediction"] for r in map(json.loads, filter(str.strip, f))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def agreement(baseline: dict | None, variant: dict | None) -> dict[str, float | int | None]:
+    """Share of samples predicted identically, and how many flipped each way (invalid is neither class)."""
+    common = sorted(set(baseline or {}) & set(variant or {}))
+    if not common:
+        return {"agreement": None, "flips_fraud_to_not": None, "flips_not_to_fraud": None}
+    pairs = [(baseline[i], variant[i]) for i in common]
+    return {
+        "agreement": sum(a == b for a, b in pairs) / len(pairs),
+        "flips_fraud_to_not": sum(a is True and b is False for a, b in pairs),
+        "flips_not_to_fraud": sum(a is False and b is True for a, b in pairs),
+    }
+
+
+def _base_row(job, metrics: dict, upstream, upstream_metrics: dict) -> dict:
+    params = job.params or {}
+    variant = params.get("variant", BASELINE)
+    if variant == BASELINE:
+        bits, group_size = _source_bits(job.model), None
+    else:
+        bits, group_size = _quantized_bits(job, upstream)
+    size = metrics.get("model_size_bytes")
+    row = {
+        "model": job.model, "data": params.get("data"), "ppl_data": params.get("ppl_data"),
+        "mode": params.get("mode", "score") if params.get("data") else None,
+        "variant": variant, "bits": bits, "group_size": group_size, "job_id": job.id,
+        "quantize_job_id": upstream.id if upstream is not None else None,
+        "size_mb": size / 1e6 if size is not None else None, "size_pct": None,
+        "quantize_s": upstream_metrics.get("quantize_s"),
+    }
+    for name in COMPARED:
+        row[name] = metrics.get(name)
+        row[f"{name}_delta"] = None
+    row |= {"agreement": None, "flips_fraud_to_not": None, "flips_not_to_fraud": None,
+            "eval_samples": metrics.get("eval_samples"), "samples_per_s": metrics.get("samples_per_s")}
+    return row
+
+
+def _against_baseline(rows: list[dict], predictions: dict[int, dict | None]) -> None:
+    """Fill in the deltas, size share and agreement of each row against its group's baseline row."""
+    base = rows[0] if rows and rows[0]["variant"] == BASELINE else None
+    if base is None:
+        return
+    for row in rows:
+        for name in COMPARED:
+            if row[name] is not None and base[name] is not None:
+                row[f"{name}_delta"] = row[name] - base[name]
+        if row["size_mb"] is not None and base["size_mb"]:
+            row["size_pct"] = 100.0 * row["size_mb"] / base["size_mb"]
+        row |= agreement(predictions[base["job_id"]], predictions[row["job_id"]])
+
+
+def _order(row: dict) -> tuple:
+    return (row["variant"] != BASELINE, -(row["bits"] or 0), row["variant"])
+
+
+def comparison_rows(db, model: str | None = None, data: str | None = None) -> list[dict]:
+    """The comparison, as plain dicts: grouped by (source model, data), baseline first, then bits desc."""
+    from db import queue
+
+    jobs = latest_evals(db, model, data)
+    upstream_ids = sorted({j.depends_on for j in jobs if j.depends_on is not None})
+    upstreams = {j.id: j for j in queue.list_jobs(db, upstream_ids)} if upstream_ids else {}
+    metrics = queue.metrics_of(db, [j.id for j in jobs] + upstream_ids)
+    artifacts = queue.artifacts_of(db, [j.id for j in jobs])
+    predictions = {j.id: read_predictions(next((a.path for a in artifacts[j.id] if a.kind == "predictions"), None))
+                   for j in jobs}
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        upstream = upstreams.get(job.depends_on)
+        row = _base_row(job, metrics[job.id], upstream, metrics.get(job.depends_on, {}) if upstream else {})
+        groups.setdefault((row["model"], row["data"] or ""), []).append(row)
+    rows: list[dict] = []
+    for key in sorted(groups):
+        group = sorted(groups[key], key=_order)
+        _against_baseline(group, predictions)
+        rows.extend(group)
+    return rows
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value.is_integer() and digits == 0:
+        return str(int(value))
+    return f"{value:.{digits}f}"
+
+
+def _with_delta(row: dict, name: str, digits: int = 3) -> str:
+    text = _num(row[name], digits)
+    delta = row[f"{name}_delta"]
+    if row["variant"] == BASELINE or delta is None:
+        return text
+    return f"{text} ({delta:+.{digits}f})"
+
+
+COLUMNS = (
+    ("variant", lambda r: r["variant"]),
+    ("bits", lambda r: _num(r["bits"], 0)),
+    ("size MB", lambda r: _num(r["size_mb"], 2)),
+    ("size %", lambda r: _num(r["size_pct"], 1)),
+    ("quant s", lambda r: _num(r["quantize_s"], 1)),
+    ("precision", lambda r: _with_delta(r, "precision")),
+    ("recall", lambda r: _with_delta(r, "recall")),
+    ("F1", lambda r: _with_delta(r, "f1")),
+    ("accuracy", lambda r: _with_delta(r, "accuracy")),
+    ("invalid", lambda r: _with_delta(r, "invalid", 0)),
+    ("AUC", lambda r: _with_delta(r, "auc")),
+    ("perplexity", lambda r: _with_delta(r, "perplexity", 2)),
+    ("agree", lambda r: _num(r["agreement"] * 100 if r["agreement"] is not None else None, 1)),
+    ("fraud->not", lambda r: _num(r["flips_fraud_to_not"], 0)),
+    ("not->fraud", lambda r: _num(r["flips_not_to_fraud"], 0)),
+)
+
+
+def _groups(rows: list[dict]) -> list[list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for row in rows:
+        out.setdefault((row["model"], row["data"]), []).append(row)
+    return list(out.values())
+
+
+def _title(group: list[dict]) -> str:
+    first = group[0]
+    what = f"data {first['data']} ({first['mode']})" if first["data"] else f"perplexity on {first['ppl_data']}"
+    return f"{first['model']} -- {what}"
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    # Piped output keeps whole rows instead of folding them at 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 250, highlight=False)
+    for group in _groups(rows):
+        table = Table(title=_title(group), title_justify="left", box=None, header_style="bold")
+        for name, _ in COLUMNS:
+            table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
+        for row in group:
+            table.add_row(*(cell(row) for _, cell in COLUMNS))
+        console.print(table)
+
+
+def print_markdown(rows: list[dict]) -> None:
+    lines: list[str] = []
+    for group in _groups(rows):
+        lines += [f"### {_title(group)}", "", "| " + " | ".join(name for name, _ in COLUMNS) + " |",
+                  "|" + "|".join("---" if name == "variant" else "---:" for name, _ in COLUMNS) + "|"]
+        lines += ["| " + " | ".join(cell(row) for _, cell in COLUMNS) + " |" for row in group]
+        lines.append("")
+    click.echo("\n".join(lines).rstrip("\n"))
+
+
+def print_csv(rows: list[dict]) -> None:
+    if not rows:
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    """Precision and recall (left) and size in % of the baseline (right) against bits per weight."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (quality, size) = plt.subplots(1, 2, figsize=(10, 4))
+    for group in _groups(rows):
+        points = sorted((r for r in group if r["bits"] is not None), key=lambda r: r["bits"])
+        bits = [r["bits"] for r in points]
+        name = Path(group[0]["model"]).name
+        for metric, marker in (("precision", "o"), ("recall", "s")):
+            quality.plot(bits, [r[metric] for r in points], marker=marker, label=f"{name} {metric}")
+        size.plot(bits, [r["size_pct"] for r in points], marker="o", label=name)
+    quality.set(xlabel="bits per weight", ylabel="score", title="precision / recall", ylim=(-0.05, 1.05))
+    size.set(xlabel="bits per weight", ylabel="% of baseline", title="size on disk")
+    for ax in (quality, size):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+@click.command()
+@click.option("--model", default=None, metavar="M", help="Only this source model (directory, or its name).")
+@click.option("--data", default=None, metavar="D", help="Only evals on this data file (path, or its name).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="Output format; json, csv and markdown carry the same numbers as the table.")
+@click.option("--plot", "plot_file", default=None, metavar="FILE.png",
+              help="Also draw precision, recall and size (% of baseline) against bits into a PNG.")
+@click.pass_context
+def compare(ctx, model, data, fmt, plot_file):
+    """Compare the variants of each evaluated model with its unquantized baseline: size, quantization
+    time, precision, recall, F1, accuracy, invalid answers, AUC and perplexity (with deltas from
+    the baseline), and how many per-sample predictions changed."""
+    plot_path = Path(plot_file) if plot_file else None
+    if plot_path is not None and not plot_path.parent.is_dir():
+        raise BadInput(f"--plot {plot_file}: directory {plot_path.parent} does not exist")
+    rows = comparison_rows(open_db(ctx), model, data)
+    if not rows:
+        what = " ".join(f for f in (f"for model {model}" if model else "", f"on data {data}" if data else "") if f)
+        stderr_line(f"No succeeded eval jobs {what}".rstrip() + ": add some with `qrun submit ... --eval FILE`.")
+        if fmt == "json":
+            print_json([])
+        return
+    {"json": print_json, "csv": print_csv, "markdown": print_markdown, "table": print_table}[fmt](rows)
+    if plot_path is not None:
+        write_plot(rows, plot_path)
+        stderr_line(f"wrote {plot_path}")
+
+
+COMMANDS = [compare]

@@ -1,0 +1,292 @@
+"""The demo model: a tiny Qwen2-architecture classifier of synthetic dialogs, trained here on the CPU.
+
+`build_demo(home)` generates the demo dataset, trains a small causal LM from scratch on the
+chat-templated prompt and its answer (`{"is_fraud": true}` or `... false}`), and keeps training
+until the held-out accuracy -- scored as qrun's eval does, by comparing the log-probabilities of
+the two answers -- reaches the target. Everything lands in $QRUN_HOME/demo/ (written to a
+temporary directory, then renamed), and a later call reuses it.
+
+It is a demo model trained on synthetic data, not a fraud detector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from demo.dataset import generate_splits, write_jsonl
+
+DEMO_VERSION = 1  # bump when the data or the model changes, so stale caches are rebuilt
+SEED = 20240819
+SPLITS = {"train": 1600, "valid": 120, "eval": 200}
+CALIB_ROWS = 128  # taken from the training split: calibration data should look like training data
+TARGET_ACCURACY = 0.9
+MODEL_SHAPE = dict(hidden=128, intermediate=512, layers=2, heads=4, kv_heads=2, max_positions=512)
+VOCAB_SIZE = 3000
+MAX_TOKENS = 384
+BATCH_SIZE = 32
+LEARNING_RATE = 3e-3
+MAX_EPOCHS = 8
+TIME_BUDGET_S = 100.0  # stop training here even if the target is not reached (then fail clearly)
+DISCLAIMER = ("qrun demo: this is a tiny model trained in seconds on synthetic dialogs, to show the queue at work. "
+              "It is not a fraud detector.")
+
+
+class DemoBuildError(RuntimeError):
+    """The demo model could not be built as intended."""
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    root: Path
+    model: Path
+    train: Path
+    eval: Path
+    calib: Path
+    manifest: Path
+
+    @classmethod
+    def under(cls, root: Path) -> "DemoPaths":
+        root = Path(root)
+        return cls(root=root, model=root / "model", train=root / "train.jsonl", eval=root / "eval.jsonl",
+                   calib=root / "calib.jsonl", manifest=root / "demo.json")
+
+    def is_complete(self) -> bool:
+        """Written by this version of the demo, with every file in place."""
+        try:
+            manifest = json.loads(self.manifest.read_text())
+        except (OSError, ValueError):
+            return False
+        files = [self.train, self.eval, self.calib, self.model / "config.json", self.model / "model.safetensors",
+                 self.model / "tokenizer.json"]
+        return manifest.get("version") == DEMO_VERSION and all(f.is_file() for f in files)
+
+    def info(self) -> dict:
+        return json.loads(self.manifest.read_text())
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_demo(home: Path, seed: int = SEED) -> DemoPaths:
+    """The demo model and its data under `home`/demo, built on the first call and reused after."""
+    paths = DemoPaths.under(Path(home) / "demo")
+    if paths.is_complete():
+        return paths
+    say(DISCLAIMER)
+    staging = DemoPaths.under(paths.root.with_name(f".demo-staging-{os.getpid()}"))
+    shutil.rmtree(staging.root, ignore_errors=True)
+    staging.root.mkdir(parents=True)
+    try:
+        _build_into(staging, seed)
+        if paths.root.exists():  # an incomplete or outdated build: replace it
+            shutil.rmtree(paths.root)
+        staging.root.rename(paths.root)
+    except OSError:
+        if paths.is_complete():  # another `qrun demo` finished the same build first
+            return paths
+        raise
+    finally:
+        shutil.rmtree(staging.root, ignore_errors=True)
+    return paths
+
+
+def _build_into(paths: DemoPaths, seed: int) -> None:
+    import torch
+
+    started = time.perf_counter()
+    splits = generate_splits(seed, SPLITS)
+    write_jsonl(splits["train"], paths.train)
+    write_jsonl(splits["eval"], paths.eval)
+    write_jsonl(random.Random(seed).sample(splits["train"], CALIB_ROWS), paths.calib)
+    torch.manual_seed(seed)
+    tokenizer, model = _new_model(splits["train"])
+    data = {name: encode_rows(rows, tokenizer) for name, rows in splits.items()}
+    say(f"qrun demo: training a {_count_params(model) / 1e6:.1f}M-parameter Qwen2-architecture model on "
+        f"{len(data['train'])} synthetic dialogs (CPU)...")
+    history = train(model, data["train"], data["valid"], deadline=started + TIME_BUDGET_S)
+    accuracy = score_accuracy(model, data["eval"])
+    build_s = time.perf_counter() - started
+    if accuracy < TARGET_ACCURACY:
+        raise DemoBuildError(
+            f"the demo model reached only {accuracy:.3f} held-out accuracy (target {TARGET_ACCURACY}) after "
+            f"{build_s:.0f}s: the machine may be too slow for the demo's time budget; "
+            f"remove {paths.root.with_name('demo')} and run `qrun demo` again")
+    _save_model(model, tokenizer, paths.model, accuracy)
+    paths.manifest.write_text(json.dumps({
+        "version": DEMO_VERSION, "seed": seed, "eval_accuracy": accuracy, "build_s": round(build_s, 1),
+        "epochs": history, "rows": {name: len(rows) for name, rows in splits.items()}, "calib_rows": CALIB_ROWS,
+        "note": DISCLAIMER,
+    }, indent=2, ensure_ascii=False))
+    say(f"qrun demo: model ready in {build_s:.0f}s, held-out accuracy {accuracy:.3f} on {len(data['eval'])} dialogs")
+
+
+def _new_model(train_rows: list[dict]):
+    from transformers import AutoModelForCausalLM
+
+    from demo.tiny import tiny_config, train_tokenizer
+
+    tokenizer = train_tokenizer(_tokenizer_texts(train_rows), vocab_size=VOCAB_SIZE)
+    config = tiny_config("qwen2", vocab_size=len(tokenizer), **MODEL_SHAPE)
+    model = AutoModelForCausalLM.from_config(config)
+    return tokenizer, model
+
+
+def _count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def prompt_text(row: dict, tokenizer) -> str:
+    """The chat-templated prompt of a row up to the assistant's turn, built as qrun's eval builds it."""
+    from workers.datasets import to_sample
+
+    sample = to_sample(Path("demo"), 0, row)
+    return tokenizer.apply_chat_template(list(sample.messages), tokenize=False, add_generation_prompt=True)
+
+
+def _tokenizer_texts(rows: list[dict]) -> list[str]:
+    """What the tokenizer learns from: every prompt part and answer, as often as training sees them."""
+    from workers.datasets import SYSTEM_PROMPT, answer_text
+
+    return [f"{SYSTEM_PROMPT}\n{row['instruction']}\n{row['input']}\n{answer_text(row['label'])}" for row in rows]
+
+
+@dataclass
+class Encoded:
+    prompt: list[int]
+    answers: tuple[list[int], list[int]]  # token ids of the "false" and the "true" answer
+    label: bool
+
+
+def encode_rows(rows: list[dict], tokenizer) -> list[Encoded]:
+    from workers.datasets import answer_text
+
+    answers = tuple(tokenizer(answer_text(v), add_special_tokens=False)["input_ids"] for v in (False, True))
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for row in rows:
+        prompt = tokenizer(prompt_text(row, tokenizer), add_special_tokens=False)["input_ids"]
+        prompt = prompt[-(MAX_TOKENS - max(map(len, answers)) - 1):]  # the answer must fit; keep the dialog's end
+        out.append(Encoded(prompt=prompt, answers=(answers[0] + [end], answers[1] + [end]),
+                           label=bool(row["label"])))
+    return out
+
+
+def _batch(items: list[tuple[list[int], int]], pad_id: int):
+    """Right-padded input ids, attention mask, and for each row the index where its answer starts."""
+    import torch
+
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, (ids, _) in enumerate(items):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+    return input_ids, mask
+
+
+def _answer_logprobs(model, items: list[tuple[list[int], int]], pad_id: int):
+    """Per row: log-probabilities of its tokens from answer_start on (a list of 1-D tensors).
+
+    Only the hidden states that predict answer tokens go through the output layer: the prompt
+    needs no logits, which makes training several times cheaper.
+    """
+    import torch
+
+    input_ids, mask = _batch(items, pad_id)
+    hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    rows, cols, targets, sizes = [], [], [], []
+    for i, (ids, start) in enumerate(items):
+        positions = list(range(start - 1, len(ids) - 1))
+        rows += [i] * len(positions)
+        cols += positions
+        targets += ids[start:]
+        sizes.append(len(positions))
+    logits = model.lm_head(hidden[rows, cols])
+    token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(targets)[:, None])[:, 0]
+    return list(torch.split(token_logprobs, sizes))
+
+
+# ---------------------------------------------------------------- training and scoring
+
+
+def _batches(data: list[Encoded], rng: random.Random) -> list[list[Encoded]]:
+    """Batches of similar length (less padding), in random order."""
+    order = sorted(data, key=lambda e: len(e.prompt) + rng.random())
+    batches = [order[i:i + BATCH_SIZE] for i in range(0, len(order), BATCH_SIZE)]
+    rng.shuffle(batches)
+    return batches
+
+
+def train(model, train_data: list[Encoded], valid_data: list[Encoded], deadline: float) -> list[dict]:
+    """Train on the answer tokens until validation accuracy is near perfect, or epochs or time run out."""
+    import torch
+
+    pad_id = model.config.pad_token_id or 0
+    steps_per_epoch = -(-len(train_data) // BATCH_SIZE)
+    total_steps = steps_per_epoch * MAX_EPOCHS
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 30) * max(0.05, 1 - step / total_steps))
+    rng = random.Random(0)
+    history = []
+    for epoch in range(1, MAX_EPOCHS + 1):
+        model.train()
+        losses = []
+        for batch in _batches(train_data, rng):
+            items = [(e.prompt + e.answers[e.label], len(e.prompt)) for e in batch]
+            logprobs = _answer_logprobs(model, items, pad_id)
+            loss = -torch.cat(logprobs).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        accuracy = score_accuracy(model, valid_data)
+        history.append({"epoch": epoch, "loss": round(sum(losses) / len(losses), 4), "valid_accuracy": accuracy})
+        say(f"qrun demo:   epoch {epoch}: answer loss {history[-1]['loss']:.3f}, validation accuracy {accuracy:.3f}")
+        if accuracy >= 0.98 or time.perf_counter() > deadline:
+            break
+    return history
+
+
+def score_accuracy(model, data: list[Encoded]) -> float:
+    """Share of rows whose true answer is likelier than the other one (score mode, as qrun's eval)."""
+    import torch
+
+    pad_id = model.config.pad_token_id or 0
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(data), 64):
+            chunk = data[i:i + 64]
+            items = [(e.prompt + e.answers[v][:-1], len(e.prompt)) for e in chunk for v in (False, True)]
+            totals = [lp.sum().item() for lp in _answer_logprobs(model, items, pad_id)]
+            for j, e in enumerate(chunk):
+                says_true = totals[2 * j + 1] > totals[2 * j]
+                correct += says_true == e.label
+    return correct / len(data)
+
+
+def _save_model(model, tokenizer, out_dir: Path, accuracy: float) -> None:
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(
+        f"# qrun demo model\n\n{DISCLAIMER}\n\nQwen2 architecture, {_count_params(model) / 1e6:.1f}M parameters, "
+        f"trained from scratch on qrun's synthetic dialogs (demo/dataset.py); held-out accuracy {accuracy:.3f} "
+        "on the same synthetic distribution, which says nothing about real conversations.\n")

@@ -1,0 +1,418 @@
+"""The eval job: classify labeled dialogs (fraud or not) and, optionally, measure perplexity.
+
+Two classification modes:
+- score (default): for each dialog, the chat prompt followed by each candidate answer
+  (`{"is_fraud": true}` / `{"is_fraud": false}`) goes through the model in one batched forward
+  pass; the candidate whose answer tokens have the higher summed log-probability wins, and
+  logp(true) - logp(false) is the sample's score for ROC-AUC. Deterministic, one pass per batch.
+- generate: greedy decoding of up to max_new_tokens; the answer is parsed with
+  datasets.parse_answer and an unparseable one is "invalid", never silently a class (the seed
+  counted those as "not fraud").
+
+Batches are left-padded with explicit position ids, so a sample's result does not depend on the
+other samples in its batch. Progress is reported per batch: that is where cancellation reaches us.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from db import queue
+from db.errors import BadInput
+from db.session import artifacts_root
+from workers import artifacts
+from workers.datasets import Sample, answer_text, load_labeled, load_samples, parse_answer
+from workers.metrics import classification_metrics
+
+log = logging.getLogger("qrun.evaluate")
+
+PPL_MAX_WINDOW = 512
+INVALID = "invalid"  # the prediction of an answer that names no class
+
+
+@dataclass
+class EvalParams:
+    data: str | None = None
+    mode: str = "score"
+    max_new_tokens: int = 32
+    ppl_data: str | None = None
+    batch_size: int = 8
+    variant: str = "baseline"
+    trust_remote_code: bool = False
+    from_upstream: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalParams":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known and v is not None})
+
+
+# ---------------------------------------------------------------- the model
+
+
+def resolve_model_dir(db, job) -> Path:
+    """The directory to evaluate: the job's model, or the model its upstream quantize job published."""
+    if not (job.params or {}).get("from_upstream"):
+        return Path(job.model)
+    if job.depends_on is None:
+        raise BadInput(f"eval job {job.id} evaluates its upstream job's model but has no upstream job")
+    records = queue.artifacts_of(db, [job.depends_on])[job.depends_on]
+    model = next((a for a in records if a.kind == "model"), None)
+    if model is None:
+        raise BadInput(f"upstream job {job.depends_on} recorded no model artifact: retry job {job.depends_on}")
+    path = Path(model.path)
+    if not path.is_dir():
+        raise BadInput(f"model artifact {path} of job {job.depends_on} is gone: retry job {job.depends_on}")
+    return path
+
+
+def is_gptq_dir(model_dir: Path) -> bool:
+    return (Path(model_dir) / "quantize_config.json").is_file()
+
+
+def safetensors_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def load_model(model_dir: Path, device: str, trust_remote_code: bool):
+    """(Hugging Face causal LM in eval mode on `device`, tokenizer).
+
+    On a GPU the weights are loaded straight onto the device: a GPTQ model loaded on the CPU and
+    moved afterwards fails with "Found modules on cpu/disk ... exllama" (the seed's int4 error).
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if is_gptq_dir(model_dir):
+        from gptqmodel import GPTQModel
+
+        model = GPTQModel.load(str(model_dir), device=device, trust_remote_code=trust_remote_code).model
+    else:
+        from transformers import AutoModelForCausalLM
+
+        on_gpu = device.startswith("cuda")
+        dtype = torch.float32
+        if on_gpu:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     device_map=device if on_gpu else None)
+    model.eval()
+    return model, tokenizer
+
+
+def pad_id(tokenizer) -> int:
+    """Any id will do under the attention mask; a tokenizer without a pad token borrows eos."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def max_positions(model) -> int | None:
+    config = getattr(model.config, "text_config", None) or model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def left_pad(sequences: Sequence[list[int]], pad: int, device: str):
+    """(input_ids, attention_mask, position_ids) with the padding on the left.
+
+    Position ids are counted from each sequence's first real token, so a left-padded sequence
+    sees the same positions as it would alone.
+    """
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _accepts(model, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def render_prompt(tokenizer, messages: Sequence[dict], answer: str | None = None) -> str:
+    """The chat-templated prompt; with `answer`, the whole dialog including the assistant's reply."""
+    chat = list(messages) + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=answer is None)
+    # No template (a base model): plain turns, so the comparison still runs, if less faithfully.
+    text = "\n".join(str(m.get("content", "")) for m in chat)
+    return text if answer is not None else text + "\n"
+
+
+def prompt_ids(tokenizer, sample: Sample) -> list[int]:
+    # The template already holds the special tokens: adding them again would put a second BOS in.
+    return tokenizer(render_prompt(tokenizer, sample.messages), add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- classification
+
+
+def answer_logprobs(model, sequences: Sequence[list[int]], answer_lengths: Sequence[int], pad: int,
+                    device: str) -> list[float]:
+    """Summed log-probability of the last answer_lengths[i] tokens of each sequence, in one forward pass."""
+    import torch
+
+    ids, mask, positions = left_pad(sequences, pad, device)
+    keep = max(answer_lengths) + 1  # the answers sit at the right edge: only their logits are needed
+    kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                       **kwargs).logits[:, -keep:]
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = ids[:, -keep + 1:]
+        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        width = token_logprobs.shape[1]
+        columns = torch.arange(width, device=token_logprobs.device)
+        lengths = torch.tensor(list(answer_lengths), device=token_logprobs.device)
+        in_answer = columns.unsqueeze(0) >= (width - lengths).unsqueeze(1)
+        sums = (token_logprobs * in_answer).sum(dim=1)
+    return [float(x) for x in sums.cpu()]
+
+
+def score_batch(model, tokenizer, prompts: Sequence[list[int]], device: str) -> list[tuple[bool, float]]:
+    """(prediction, margin logp(true) - logp(false)) per prompt; both candidates go in one batch."""
+    candidates = {label: tokenizer(answer_text(label), add_special_tokens=False)["input_ids"]
+                  for label in (True, False)}
+    sequences, lengths = [], []
+    for prompt in prompts:
+        for label in (True, False):
+            sequences.append(prompt + candidates[label])
+            lengths.append(len(candidates[label]))
+    logps = answer_logprobs(model, sequences, lengths, pad_id(tokenizer), device)
+    margins = [logps[2 * i] - logps[2 * i + 1] for i in range(len(prompts))]
+    return [(margin > 0, margin) for margin in margins]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, device: str) -> list[str]:
+    """Greedy answers, decoded without special tokens."""
+    import torch
+
+    pad = pad_id(tokenizer)
+    ids, mask, _ = left_pad(prompts, pad, device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                             eos_token_id=_eos_ids(model, tokenizer) or None)
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Sample indices in batches of similar length (less padding), longest first (OOM shows early)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def ppl_texts(tokenizer, samples: Sequence[Sample]) -> list[str]:
+    """Plain text as is; a dialog rendered with the chat template, answer included."""
+    return [s.text if s.text is not None else render_prompt(tokenizer, s.messages, s.answer or "")
+            for s in samples]
+
+
+def ppl_windows(n_tokens: int, window: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored token) of each sliding window, stride window/2.
+
+    Every token but the first is scored exactly once, each with at least window/2 tokens of
+    context once the text is that long.
+    """
+    stride = max(window // 2, 1)
+    windows, scored_until = [], 1
+    for begin in range(0, max(n_tokens - 1, 1), stride):
+        end = min(begin + window, n_tokens)
+        if end > scored_until:
+            windows.append((begin, end, scored_until))
+            scored_until = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def window_nll(model, ids: list[int], windows: Sequence[tuple[int, int, int]], pad: int,
+               device: str) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) over a batch of windows, padded on the right."""
+    import torch
+
+    rows = [ids[begin:end] for begin, end, _ in windows]
+    width = max(len(r) for r in rows)
+    batch = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, row in enumerate(rows):
+        batch[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    batch, mask = batch.to(device), mask.to(device)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+        for i, (begin, end, first) in enumerate(windows):
+            # logits at position t predict token t+1: tokens first..end-1 come from positions first-1..end-2
+            predicted = logits[i, first - begin - 1:end - begin - 1].float()
+            target = batch[i, first - begin:end - begin]
+            total += float(torch.nn.functional.cross_entropy(predicted, target, reduction="sum"))
+            count += end - first
+    return total, count
+
+
+# ---------------------------------------------------------------- the job
+
+
+def write_predictions(rows: Sequence[dict], path: Path, job_id: int) -> queue.ArtifactRecord:
+    """Write JSONL atomically: a temporary file beside `path`, renamed over it when complete."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=artifacts.staging_prefix(job_id), suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return queue.ArtifactRecord(kind="predictions", path=str(path), bytes=path.stat().st_size,
+                                sha256=artifacts.file_sha256(path))
+
+
+@dataclass
+class _Plan:
+    """The eval's work, counted up front so progress runs from 0 to one total."""
+
+    samples: list[Sample]
+    prompts: list[list[int]]
+    batches: list[list[int]]
+    ppl_ids: list[int]
+    ppl_batches: list[list[tuple[int, int, int]]]
+
+    @property
+    def total(self) -> int:
+        return len(self.batches) + len(self.ppl_batches)
+
+
+def plan_eval(params: EvalParams, model, tokenizer) -> _Plan:
+    samples = load_labeled(params.data) if params.data else []
+    prompts = [prompt_ids(tokenizer, s) for s in samples]
+    batches = batches_by_length([len(p) for p in prompts], params.batch_size)
+    ppl_ids: list[int] = []
+    ppl_batches: list = []
+    if params.ppl_data:
+        text = "\n\n".join(ppl_texts(tokenizer, load_samples(params.ppl_data)))
+        ppl_ids = tokenizer(text)["input_ids"]
+        if len(ppl_ids) < 2:
+            raise BadInput(f"perplexity file {params.ppl_data} has fewer than 2 tokens: give it more text")
+        window = max(min(max_positions(model) or PPL_MAX_WINDOW, PPL_MAX_WINDOW), 2)
+        windows = ppl_windows(len(ppl_ids), window)
+        ppl_batches = [windows[i:i + params.batch_size] for i in range(0, len(windows), params.batch_size)]
+    return _Plan(samples, prompts, batches, ppl_ids, ppl_batches)
+
+
+def classify(plan: _Plan, params: EvalParams, model, tokenizer, device: str,
+             progress: Callable[[int, int, str | None], None]) -> list[dict]:
+    """One prediction row per sample, in the file's order."""
+    rows: list[dict | None] = [None] * len(plan.samples)
+    for done, batch in enumerate(plan.batches):
+        prompts = [plan.prompts[i] for i in batch]
+        if params.mode == "generate":
+            answers = generate_batch(model, tokenizer, prompts, params.max_new_tokens, device)
+            results = [(parse_answer(text), None, text) for text in answers]
+        else:
+            results = [(predicted, margin, None) for predicted, margin in score_batch(model, tokenizer, prompts, device)]
+        for i, (predicted, score, text) in zip(batch, results):
+            sample = plan.samples[i]
+            rows[i] = {"id": sample.id, "label": sample.label,
+                       "prediction": INVALID if predicted is None else predicted, "score": score}
+            if text is not None:
+                rows[i]["output"] = text
+        progress(done + 1, plan.total, f"{params.mode} batch {done + 1}/{len(plan.batches)}")
+    return rows  # type: ignore[return-value]
+
+
+def perplexity(plan: _Plan, model, tokenizer, device: str,
+               progress: Callable[[int, int, str | None], None]) -> dict[str, float]:
+    nll, tokens = 0.0, 0
+    for done, windows in enumerate(plan.ppl_batches):
+        batch_nll, batch_tokens = window_nll(model, plan.ppl_ids, windows, pad_id(tokenizer), device)
+        nll, tokens = nll + batch_nll, tokens + batch_tokens
+        progress(len(plan.batches) + done + 1, plan.total, f"perplexity {done + 1}/{len(plan.ppl_batches)}")
+    import math
+
+    return {"perplexity": math.exp(nll / tokens), "ppl_tokens": tokens}
+
+
+def classification_summary(rows: Sequence[dict], mode: str) -> dict[str, float | None]:
+    labels = [r["label"] for r in rows]
+    predictions = [None if r["prediction"] == INVALID else r["prediction"] for r in rows]
+    scores = [r["score"] for r in rows] if mode == "score" else None
+    return classification_metrics(labels, predictions, scores)
+
+
+def predictions_path(job, variant: str) -> Path:
+    name = f"{artifacts.safe_name(Path(job.model).name)}-{artifacts.safe_name(variant)}-eval-job{job.id}"
+    return artifacts.inside(artifacts_root(), f"{name}.predictions.jsonl")
+
+
+def run_eval(ctx, log_file) -> tuple[dict[str, float | None], list[queue.ArtifactRecord]]:
+    import torch
+
+    job = ctx.job
+    params = EvalParams.from_dict(job.params or {})
+    if params.mode not in ("score", "generate"):
+        raise BadInput(f"eval job {job.id} has mode {params.mode!r}: use score or generate")
+    if not params.data and not params.ppl_data:
+        raise BadInput(f"eval job {job.id} has neither data nor ppl_data: resubmit with --eval or --eval-ppl")
+    model_dir = resolve_model_dir(ctx.db, job)
+    on_gpu = ctx.device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    ctx.progress(0, 1, "loading model")
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_dir, ctx.device, params.trust_remote_code)
+    metrics: dict[str, float | None] = {"load_s": time.perf_counter() - started,
+                                        "model_size_bytes": safetensors_bytes(model_dir)}
+    plan = plan_eval(params, model, tokenizer)
+    print(f"=== eval {params.variant} of {model_dir}: {len(plan.samples)} samples ({params.mode}), "
+          f"{len(plan.ppl_ids)} perplexity tokens", flush=True)
+    records: list[queue.ArtifactRecord] = []
+    if plan.samples:
+        started = time.perf_counter()
+        rows = classify(plan, params, model, tokenizer, ctx.device, ctx.progress)
+        eval_s = time.perf_counter() - started
+        metrics |= classification_summary(rows, params.mode)
+        metrics |= {"eval_samples": len(rows), "eval_s": eval_s, "samples_per_s": len(rows) / eval_s}
+        records.append(write_predictions(rows, predictions_path(job, params.variant), job.id))
+    if plan.ppl_batches:
+        started = time.perf_counter()
+        metrics |= perplexity(plan, model, tokenizer, ctx.device, ctx.progress)
+        metrics["ppl_s"] = time.perf_counter() - started
+    if on_gpu:
+        metrics["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics, records
