@@ -11,7 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main(model_dir: str, calib: str, bits: int, group_size: int, out: str, samples: int, max_len: int) -> None:
+def main(model_dir: str, calib: str, bits: int, group_size: int, out: str, samples: int, max_len: int,
+         batch_size: int) -> None:
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
@@ -24,14 +25,18 @@ def main(model_dir: str, calib: str, bits: int, group_size: int, out: str, sampl
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     model = GPTQModel.load(model_dir, config, device=device)
     start = time.perf_counter()
-    model.quantize(rows, batch_size=1, tokenizer=tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.quantize(rows, batch_size=batch_size, tokenizer=tokenizer)
     quantize_s = time.perf_counter() - start
     model.save(out)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    print(json.dumps({"quantize_s": quantize_s, "peak_gpu_mem_gb": peak,
+    losses = [float(r["loss"]) for r in getattr(model, "quant_log", []) or [] if "loss" in r]
+    print(json.dumps({"quantize_s": quantize_s, "peak_gpu_mem_gb": peak, "batch_size": batch_size,
+                      "loss_mean": sum(losses) / len(losses) if losses else None,
                       "calib_tokens": sum(len(r["input_ids"]) for r in rows)}))
 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], int(a[2]), int(a[3]), a[4], int(a[5]), int(a[6]))
+    main(a[0], a[1], int(a[2]), int(a[3]), a[4], int(a[5]), int(a[6]), int(a[7]) if len(a) > 7 else 1)
