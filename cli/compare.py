@@ -3,7 +3,8 @@ accuracy, size and time, next to the unquantized baseline.
 
 `comparison_rows` assembles the rows from the job table (and the predictions artifacts); the
 command only formats them. Only succeeded eval jobs count; of several evals of the same variant
-on the same data, the newest wins.
+on the same data in the same mode, the newest wins. Score and generate results are never mixed in
+one group: their numbers are not comparable.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _same_path(given: str, stored: str | None) -> bool:
 
 
 def latest_evals(db, model: str | None = None, data: str | None = None) -> list:
-    """Succeeded eval jobs, the newest per (source model, data, variant)."""
+    """Succeeded eval jobs, the newest per (source model, data, mode, variant)."""
     from db import queue
 
     newest: dict[tuple, object] = {}
@@ -48,8 +49,13 @@ def latest_evals(db, model: str | None = None, data: str | None = None) -> list:
             continue
         if data and not _same_path(data, params.get("data")):
             continue
-        newest[(job.model, params.get("data"), params.get("variant", BASELINE))] = job
+        newest[(job.model, params.get("data"), _mode(params), params.get("variant", BASELINE))] = job
     return list(newest.values())
+
+
+def _mode(params: dict) -> str | None:
+    """Classification mode; None for a perplexity-only eval."""
+    return params.get("mode", "score") if params.get("data") else None
 
 
 def _source_bits(model_dir: str) -> int:
@@ -97,7 +103,14 @@ def agreement(baseline: dict | None, variant: dict | None) -> dict[str, float | 
     }
 
 
+def _count(value):
+    """Counts are stored as floats like every metric; show them as the integers they are."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _base_row(job, metrics: dict, upstream, upstream_metrics: dict) -> dict:
+    metrics = metrics | {k: _count(metrics[k]) for k in ("model_size_bytes", "invalid", "eval_samples")
+                         if k in metrics}
     params = job.params or {}
     variant = params.get("variant", BASELINE)
     if variant == BASELINE:
@@ -107,10 +120,10 @@ def _base_row(job, metrics: dict, upstream, upstream_metrics: dict) -> dict:
     size = metrics.get("model_size_bytes")
     row = {
         "model": job.model, "data": params.get("data"), "ppl_data": params.get("ppl_data"),
-        "mode": params.get("mode", "score") if params.get("data") else None,
+        "mode": _mode(params),
         "variant": variant, "bits": bits, "group_size": group_size, "job_id": job.id,
         "quantize_job_id": upstream.id if upstream is not None else None,
-        "size_mb": size / 1e6 if size is not None else None, "size_pct": None,
+        "size_bytes": size, "size_mb": size / 1e6 if size is not None else None, "size_pct": None,
         "quantize_s": upstream_metrics.get("quantize_s"),
     }
     for name in COMPARED:
@@ -130,8 +143,8 @@ def _against_baseline(rows: list[dict], predictions: dict[int, dict | None]) -> 
         for name in COMPARED:
             if row[name] is not None and base[name] is not None:
                 row[f"{name}_delta"] = row[name] - base[name]
-        if row["size_mb"] is not None and base["size_mb"]:
-            row["size_pct"] = 100.0 * row["size_mb"] / base["size_mb"]
+        if row["size_bytes"] is not None and base["size_bytes"]:
+            row["size_pct"] = 100.0 * row["size_bytes"] / base["size_bytes"]
         row |= agreement(predictions[base["job_id"]], predictions[row["job_id"]])
 
 
@@ -140,7 +153,7 @@ def _order(row: dict) -> tuple:
 
 
 def comparison_rows(db, model: str | None = None, data: str | None = None) -> list[dict]:
-    """The comparison, as plain dicts: grouped by (source model, data), baseline first, then bits desc."""
+    """The comparison, as plain dicts: grouped by (source model, data, mode), baseline first, then bits desc."""
     from db import queue
 
     jobs = latest_evals(db, model, data)
@@ -154,7 +167,7 @@ def comparison_rows(db, model: str | None = None, data: str | None = None) -> li
     for job in jobs:
         upstream = upstreams.get(job.depends_on)
         row = _base_row(job, metrics[job.id], upstream, metrics.get(job.depends_on, {}) if upstream else {})
-        groups.setdefault((row["model"], row["data"] or ""), []).append(row)
+        groups.setdefault((row["model"], row["data"] or "", row["mode"] or ""), []).append(row)
     rows: list[dict] = []
     for key in sorted(groups):
         group = sorted(groups[key], key=_order)
@@ -204,7 +217,7 @@ COLUMNS = (
 def _groups(rows: list[dict]) -> list[list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for row in rows:
-        out.setdefault((row["model"], row["data"]), []).append(row)
+        out.setdefault((row["model"], row["data"], row["mode"]), []).append(row)
     return list(out.values())
 
 
@@ -264,7 +277,9 @@ def write_plot(rows: list[dict], path: Path) -> None:
         size.plot(bits, [r["size_pct"] for r in points], marker="o", label=name)
     quality.set(xlabel="bits per weight", ylabel="score", title="precision / recall", ylim=(-0.05, 1.05))
     size.set(xlabel="bits per weight", ylabel="% of baseline", title="size on disk")
+    all_bits = sorted({r["bits"] for r in rows if r["bits"] is not None})
     for ax in (quality, size):
+        ax.set_xticks(all_bits)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()

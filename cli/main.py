@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-from cli import compare, control, results, run, status, submit
+from cli import compare, control, demo, results, run, status, submit
 from db.errors import QrunError
 
 
@@ -25,7 +25,7 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
     ctx.obj["verbose"] = verbose
 
 
-for module in (submit, status, control, run, results, compare):
+for module in (submit, status, control, run, results, compare, demo):
     for command in module.COMMANDS:
         cli.add_command(command)
 
@@ -33,10 +33,16 @@ for module in (submit, status, control, run, results, compare):
 def main(argv: list[str] | None = None) -> None:
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="qrun", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="qrun", standalone_mode=False)
+        if isinstance(code, int) and code:  # ctx.exit(n) comes back as a return value without standalone_mode
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line, like every other bad input, with where to look
+        where = exc.ctx.command_path if exc.ctx else "qrun"
+        click.echo(f"Error: {exc.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -123,8 +123,14 @@ def make_engine(url: str) -> Engine:
         try:
             engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
             _configure_sqlite(engine)
-            with engine.connect():
-                pass  # creates the file
+            try:
+                with engine.connect():
+                    pass  # creates the file
+            except OperationalError as exc:  # a directory, a file we may not write, a corrupt file
+                raise BadInput(
+                    f"database {db_file} cannot be opened ({exc.orig}): point --db or QRUN_DB at a SQLite file "
+                    "you can write, or unset them to use $QRUN_HOME/qrun.db"
+                ) from exc
         finally:
             os.umask(old_umask)
         share_with_group(db_file)
@@ -132,7 +138,9 @@ def make_engine(url: str) -> Engine:
     try:
         return create_engine(url, pool_pre_ping=True)
     except (ArgumentError, ImportError) as exc:
-        raise BadInput(f"database URL {url!r} is not usable: {exc}") from exc
+        raise BadInput(
+            f"database URL {url!r} is not usable ({exc}): give a SQLite path or a postgresql:// URL"
+        ) from exc
 
 
 # Steps from version N to N+1, applied in order to an older database.

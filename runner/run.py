@@ -56,8 +56,14 @@ def plan_slots(gpus: list[int] | None, cpu_workers: int | None) -> list[Slot]:
     return [Slot(f"gpu{i}", use_gpu=True) for i in range(available)]
 
 
-def _actor_env() -> dict[str, str]:
-    env = {"QRUN_HOME": str(qrun_home()), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+def threads_per_worker(n_slots: int) -> int:
+    """This machine's cores shared among its workers. Ray would give an actor that reserves no CPU
+    (a GPU worker) OMP_NUM_THREADS=1, which made GPTQModel's CPU-side packing ~15% slower on an H100."""
+    return max(1, (os.cpu_count() or 1) // max(1, n_slots))
+
+
+def _actor_env(threads: int) -> dict[str, str]:
+    env = {"QRUN_HOME": str(qrun_home()), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "OMP_NUM_THREADS": str(threads),
            "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")}
     for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PYTHONPATH"):
         if name in os.environ:
@@ -65,7 +71,7 @@ def _actor_env() -> dict[str, str]:
     return env
 
 
-def create_worker(slot: Slot, db_url: str, lease_s: float):
+def create_worker(slot: Slot, db_url: str, lease_s: float, threads: int = 1):
     import ray
 
     resources = {"num_gpus": 1} if slot.use_gpu else {"num_cpus": 1}
@@ -74,7 +80,7 @@ def create_worker(slot: Slot, db_url: str, lease_s: float):
         **resources,
         max_restarts=MAX_ACTOR_RESTARTS,
         max_concurrency=2,  # one thread drains, the other can take request_stop
-        runtime_env={"env_vars": _actor_env()},
+        runtime_env={"env_vars": _actor_env(threads)},
     ).remote(db_url, slot.name, slot.use_gpu, lease_s)
 
 
@@ -91,7 +97,8 @@ def run_queue(db_url: str, slots: list[Slot], burst: bool, lease_s: float = queu
     import ray
     from ray.exceptions import RayActorError
 
-    actors = {slot: create_worker(slot, db_url, lease_s) for slot in slots}
+    threads = threads_per_worker(len(slots))
+    actors = {slot: create_worker(slot, db_url, lease_s, threads) for slot in slots}
     pending = {actors[slot].drain.remote(burst): slot for slot in slots}
     outcomes: list[tuple[int, str]] = []
     restarts = 0

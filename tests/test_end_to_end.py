@@ -73,6 +73,7 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.reliability  # recorded in docs/RELIABILITY.md
 def test_killed_worker_does_not_lose_the_job(qrun_home, deep_qwen2):
     """SIGKILL the worker process mid-quantization: the job comes back after its lease and succeeds."""
     import subprocess

@@ -4,7 +4,6 @@ on a random model and on one fine-tuned here in a few seconds to answer like the
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -190,6 +189,24 @@ def test_upstream_without_model_artifact_fails_with_a_clear_error(db, tiny_qwen2
                         depends_on=quantize_id)
     assert job.status == "failed"
     assert job.error == f"upstream job {quantize_id} recorded no model artifact: retry job {quantize_id}"
+
+
+@pytest.mark.parametrize("config, device, expected", [
+    ({"bits": 4, "group_size": 128, "sym": True}, "cuda:0", "marlin"),
+    ({"bits": 8, "group_size": -1, "sym": True, "desc_act": True}, "cuda:0", "marlin"),
+    ({"bits": 3, "group_size": 128, "sym": True}, "cuda:0", "auto"),
+    ({"bits": 4, "group_size": 128, "sym": False}, "cuda:0", "auto"),
+    ({"bits": 4, "group_size": 128, "sym": True}, "cpu", "auto"),
+])
+def test_gptq_kernel_needs_no_download_on_gpu(tmp_path, monkeypatch, config, device, expected):
+    """GPTQModel's own choice on Hopper (Machete) fetches CUTLASS from GitHub: fails offline."""
+    from workers.evaluate import gptq_backend
+
+    monkeypatch.delenv("GPTQMODEL_CUTLASS_DIR", raising=False)
+    (tmp_path / "quantize_config.json").write_text(json.dumps(config))
+    assert gptq_backend(tmp_path, device) == expected
+    monkeypatch.setenv("GPTQMODEL_CUTLASS_DIR", str(tmp_path))  # a local CUTLASS: GPTQModel may choose
+    assert gptq_backend(tmp_path, device) == "auto"
 
 
 @pytest.mark.slow

@@ -43,9 +43,9 @@ def read_rows(path: str | Path) -> list[tuple[int, dict | str]]:
     """(line number, row) pairs. JSON rows are dicts; plain-text paragraphs are strings."""
     path = Path(path)
     if not path.exists():
-        raise BadInput(f"data file {path} does not exist")
+        raise BadInput(f"data file {path} does not exist: check the path")
     if not path.is_file():
-        raise BadInput(f"data file {path} is not a file")
+        raise BadInput(f"data file {path} is not a file: pass a JSONL, JSON or text file")
     try:
         content = path.read_text(encoding="utf-8")
     except PermissionError as exc:
@@ -54,7 +54,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict | str]]:
         raise BadInput(f"data file {path} is not UTF-8 text (byte {exc.start})") from exc
     head = content.lstrip()[:1]
     if not content.strip():
-        raise BadInput(f"data file {path} is empty")
+        raise BadInput(f"data file {path} is empty: give it one JSON object a line, or paragraphs of text")
     if not _is_json_file(path, head):
         paragraphs = re.split(r"\n\s*\n", content)
         return [(i + 1, p.strip()) for i, p in enumerate(paragraphs) if p.strip()]

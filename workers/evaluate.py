@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -82,6 +83,42 @@ def safetensors_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
+MARLIN_BITS = (4, 8)
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+
+
+def gptq_backend(model_dir: Path, device: str) -> str:
+    """The GPTQModel kernel to load a checkpoint with: "marlin" on a GPU where its format allows, else "auto".
+
+    Left to itself, GPTQModel picks Machete on Hopper GPUs for 4-bit, group-128 weights, and Machete
+    downloads CUTLASS from GitHub on first use: on a server without internet the eval fails with
+    "Temporary failure in name resolution". GPTQMODEL_CUTLASS_DIR (a local CUTLASS) restores the choice.
+    """
+    if not device.startswith("cuda") or os.environ.get("GPTQMODEL_CUTLASS_DIR"):
+        return "auto"
+    try:
+        config = json.loads((Path(model_dir) / "quantize_config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    fits = (config.get("bits") in MARLIN_BITS and config.get("group_size") in MARLIN_GROUP_SIZES
+            and config.get("sym", True))
+    return "marlin" if fits else "auto"
+
+
+def _load_gptq(model_dir: Path, device: str, trust_remote_code: bool):
+    from gptqmodel import GPTQModel
+
+    backend = gptq_backend(model_dir, device)
+    try:
+        return GPTQModel.load(str(model_dir), device=device, backend=backend, trust_remote_code=trust_remote_code)
+    except (ValueError, NotImplementedError, TypeError) as exc:
+        if backend == "auto":
+            raise
+        # Marlin also has shape limits (a tiny model's layers may be too narrow): let GPTQModel choose.
+        log.warning("loading %s with the %s kernel failed (%s); letting GPTQModel choose", model_dir, backend, exc)
+        return GPTQModel.load(str(model_dir), device=device, trust_remote_code=trust_remote_code)
+
+
 def load_model(model_dir: Path, device: str, trust_remote_code: bool):
     """(Hugging Face causal LM in eval mode on `device`, tokenizer).
 
@@ -93,9 +130,7 @@ def load_model(model_dir: Path, device: str, trust_remote_code: bool):
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if is_gptq_dir(model_dir):
-        from gptqmodel import GPTQModel
-
-        model = GPTQModel.load(str(model_dir), device=device, trust_remote_code=trust_remote_code).model
+        model = _load_gptq(model_dir, device, trust_remote_code).model
     else:
         from transformers import AutoModelForCausalLM
 
@@ -345,7 +380,8 @@ def classify(plan: _Plan, params: EvalParams, model, tokenizer, device: str,
             answers = generate_batch(model, tokenizer, prompts, params.max_new_tokens, device)
             results = [(parse_answer(text), None, text) for text in answers]
         else:
-            results = [(predicted, margin, None) for predicted, margin in score_batch(model, tokenizer, prompts, device)]
+            scored = score_batch(model, tokenizer, prompts, device)
+            results = [(predicted, margin, None) for predicted, margin in scored]
         for i, (predicted, score, text) in zip(batch, results):
             sample = plan.samples[i]
             rows[i] = {"id": sample.id, "label": sample.label,
@@ -363,9 +399,8 @@ def perplexity(plan: _Plan, model, tokenizer, device: str,
         batch_nll, batch_tokens = window_nll(model, plan.ppl_ids, windows, pad_id(tokenizer), device)
         nll, tokens = nll + batch_nll, tokens + batch_tokens
         progress(len(plan.batches) + done + 1, plan.total, f"perplexity {done + 1}/{len(plan.ppl_batches)}")
-    import math
-
-    return {"perplexity": math.exp(nll / tokens), "ppl_tokens": tokens}
+    mean = nll / tokens
+    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "ppl_nll": mean, "ppl_tokens": tokens}
 
 
 def classification_summary(rows: Sequence[dict], mode: str) -> dict[str, float | None]:

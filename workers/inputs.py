@@ -6,6 +6,7 @@ The CLI runs these before anything is written, so bad input never leaves a half-
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,12 @@ class ModelInfo:
 
 def read_model_config(model_dir: Path) -> dict:
     if not model_dir.exists():
-        raise BadInput(f"model directory {model_dir} does not exist")
+        raise BadInput(f"model directory {model_dir} does not exist: pass a local model directory "
+                       "(qrun downloads nothing)")
     if not model_dir.is_dir():
         raise BadInput(f"model {model_dir} is not a directory: pass the directory holding config.json")
+    if not os.access(model_dir, os.R_OK | os.X_OK):  # else is_file() below raises PermissionError
+        raise BadInput(f"model directory {model_dir} is not readable: check its permissions (chmod a+rx)")
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise BadInput(f"model directory {model_dir} has no config.json: is it a Hugging Face model directory?")

@@ -29,7 +29,7 @@ class QuantizeParams:
     calib: str | None = None
     calib_samples: int = 128
     calib_max_len: int = 1024
-    batch_size: int = 1
+    batch_size: int = 16  # bench: 82 s at 1 vs 41 s at 16 on an H100, same layer loss
     trust_remote_code: bool = False
 
     @classmethod

@@ -1,0 +1,285 @@
+"""Faults, done for real: SIGKILL of `qrun run`, a full file system, an allocation that fails,
+a cancel mid-quantization, two runners on one table. Each test fails if the guarantee breaks.
+
+Every test drives the real console script (real Ray, real GPTQModel on tiny models) and reads the
+job table straight from its SQLite file. The SIGKILLed *worker* case lives in test_end_to_end.py
+(test_killed_worker_does_not_lose_the_job). The record is docs/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from db.queue import current_user
+from tests.conftest import qrun
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+
+QRUN = str(Path(sys.executable).parent / "qrun")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def submit(*args: str) -> list[int]:
+    return json.loads(qrun("submit", *args, "--json", check=True).stdout)
+
+
+def start_runner(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`qrun run` in its own process group, its output in `log` (read while it runs)."""
+    return subprocess.Popen([QRUN, "run", *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill what this test started (the runner's process group) if it is still there."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def table(home: Path, sql: str, *args) -> list[sqlite3.Row]:
+    with sqlite3.connect(home / "qrun.db", timeout=60) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(sql, args).fetchall()
+
+
+def job(home: Path, job_id: int) -> sqlite3.Row:
+    return table(home, "SELECT * FROM jobs WHERE id = ?", job_id)[0]
+
+
+def transitions(home: Path, job_id: int) -> list[str]:
+    return [r["transition"] for r in table(home, "SELECT transition FROM events WHERE job_id = ? ORDER BY id", job_id)]
+
+
+def artifact_rows(home: Path, job_id: int) -> list[sqlite3.Row]:
+    return table(home, "SELECT * FROM artifacts WHERE job_id = ?", job_id)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def worker_pid(row) -> int:
+    return int(row["worker"].split(":")[1])  # host:pid:slot
+
+
+def leftovers(artifacts: Path) -> list[str]:
+    """Staging and offload directories: what a crashed or failed attempt could leave behind."""
+    return sorted(p.name for p in artifacts.glob(".staging*")) if artifacts.exists() else []
+
+
+def gptqmodel_temp_dirs_named_in(log: Path) -> list[str]:
+    """Temporary directories GPTQModel says it created (it does so when not given one)."""
+    return re.findall(r"temporary dir `([^`]+)`", log.read_text(errors="replace"))
+
+
+# ---------------------------------------------------------------- SIGKILL of `qrun run`
+
+
+def test_killed_runner_job_is_taken_by_the_next_runner(qrun_home, deep_qwen2, tmp_path):
+    (job_id,) = submit("--model", str(deep_qwen2), "--bits", "4", "--group-size", "64", "--calib-samples", "16")
+    first = start_runner("--until-empty", "--lease", "3", log=tmp_path / "run1.log")
+    try:
+        running = wait_for(lambda: (r := job(qrun_home, job_id))["progress_done"] >= 2 and r, 240,
+                           "the job to quantize two layers")
+        old_worker = worker_pid(running)
+        os.kill(first.pid, signal.SIGKILL)  # `qrun run` itself, not its worker
+        first.wait(timeout=30)
+        # Ray's processes share the driver's fate: the worker must not go on holding the job.
+        wait_for(lambda: not pid_alive(old_worker), 60, f"worker {old_worker} to die with its runner")
+    finally:
+        stop(first)
+    assert job(qrun_home, job_id)["status"] == "running"  # nobody has noticed yet...
+
+    second = start_runner("--until-empty", "--lease", "3", log=tmp_path / "run2.log")
+    try:
+        second.wait(timeout=400)
+    finally:
+        stop(second)
+    output = (tmp_path / "run2.log").read_text()
+    assert second.returncode == 0, output
+    done = job(qrun_home, job_id)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    assert transitions(qrun_home, job_id) == ["submit", "claim", "release", "claim", "succeed"]
+    assert "lost (lease expired)" in qrun("logs", str(job_id), check=True).stdout
+    assert not table(qrun_home, "SELECT id FROM jobs WHERE status = 'running'")  # none stuck
+    (artifact,) = artifact_rows(qrun_home, job_id)
+    assert [p.name for p in (qrun_home / "artifacts").iterdir()] == [Path(artifact["path"]).name]
+    assert not [d for d in gptqmodel_temp_dirs_named_in(Path(done["log_path"])) if Path(d).exists()]
+
+
+# ---------------------------------------------------------------- a full file system
+
+
+@pytest.fixture
+def small_artifact_disk(qrun_home):
+    """$QRUN_HOME/artifacts on an 800 KiB tmpfs: a w2 tiny model fits (~0.6 MiB at its peak, with
+    GPTQModel's offload files), a w8 one (~1.1 MiB) does not -- and neither fits beside the other."""
+    artifacts = qrun_home / "artifacts"
+    artifacts.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800k,mode=2775", "tmpfs", str(artifacts)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield artifacts
+    finally:
+        subprocess.run(["umount", "-l", str(artifacts)], check=False)
+
+
+def test_full_disk_fails_the_job_cleanly_and_the_next_job_runs(qrun_home, tiny_qwen2, small_artifact_disk,
+                                                                tmp_path):
+    big, small = submit("--model", str(tiny_qwen2), "--bits", "8", "--bits", "2", "--group-size", "32")
+    runner = start_runner("--until-empty", log=tmp_path / "run.log")
+    try:
+        runner.wait(timeout=300)
+    finally:
+        stop(runner)
+    output = (tmp_path / "run.log").read_text()
+    assert runner.returncode == 1, output  # one job failed
+    failed = job(qrun_home, big)
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith(f"no space left on {small_artifact_disk}"), failed["error"]
+    assert "free space or move QRUN_HOME" in failed["error"]
+    assert failed["attempts"] == 1  # a full disk is not retried: it would fail again
+    assert artifact_rows(qrun_home, big) == []
+    assert job(qrun_home, small)["status"] == "succeeded"  # fits only because the failed job cleaned up
+    (artifact,) = artifact_rows(qrun_home, small)
+    assert [p.name for p in small_artifact_disk.iterdir()] == [Path(artifact["path"]).name]
+    assert leftovers(small_artifact_disk) == []
+
+
+# ---------------------------------------------------------------- out of memory
+
+
+@pytest.fixture(scope="module")
+def wide_qwen2(tmp_path_factory) -> Path:
+    """A 4096-wide MLP: its activations grow with the calibration batch, as a real model's do."""
+    from demo.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "wide-qwen2", arch="qwen2",
+                            hidden=128, intermediate=4096, layers=2)
+
+
+@pytest.fixture
+def long_calibration(tmp_path) -> Path:
+    rng = random.Random(0)
+    words = ("您好 银行 客服 账户 风险 验证码 投资 快递 理赔 会议 软件 屏幕 Your parcel customs fee gift card "
+             "lunch Friday office train late prize tax").split()
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(700))},
+                                       ensure_ascii=False) + "\n" for _ in range(32)), encoding="utf-8")
+    return path
+
+
+def test_out_of_memory_fails_with_the_layer_and_a_hint(qrun_home, wide_qwen2, long_calibration, tmp_path):
+    common = ("--model", str(wide_qwen2), "--bits", "4", "--group-size", "32", "--calib", str(long_calibration),
+              "--max-attempts", "2")
+    (greedy,) = submit(*common, "--calib-samples", "32", "--calib-max-len", "1024", "--batch-size", "32")
+    (modest,) = submit(*common, "--calib-samples", "4", "--calib-max-len", "256", "--batch-size", "1")
+    # A real allocation failure: the worker caps its address space 512 MiB above what it maps
+    # at job start (RLIMIT_AS); the batch of 32 needs more, the batch of 1 does not.
+    runner = start_runner("--until-empty", "--lease", "5", log=tmp_path / "run.log",
+                          env={"QRUN_JOB_MEMORY_MB": "512"})
+    try:
+        runner.wait(timeout=400)
+    finally:
+        stop(runner)
+    output = (tmp_path / "run.log").read_text()
+    assert runner.returncode == 1, output
+    failed = job(qrun_home, greedy)
+    assert failed["status"] == "failed"
+    assert re.fullmatch(r"out of memory at layer \d/2 \(layer \d: [a-z_., ]+\): use a smaller calibration batch "
+                        r"\(--batch-size, --calib-max-len, --calib-samples\) or free the GPU", failed["error"]), \
+        failed["error"]
+    assert failed["attempts"] == 2  # retried, but only within --max-attempts
+    assert transitions(qrun_home, greedy) == ["submit", "claim", "release", "claim", "fail"]
+    log = Path(failed["log_path"]).read_text(errors="replace")
+    assert log.count("host memory cap: 512 MiB") == 2 and "Cannot allocate memory" in log
+    assert artifact_rows(qrun_home, greedy) == []
+    assert job(qrun_home, modest)["status"] == "succeeded"  # the hint works, under the same cap
+    assert leftovers(qrun_home / "artifacts") == []
+
+
+# ---------------------------------------------------------------- cancel while running
+
+
+def test_cancel_while_running_stops_at_the_next_layer(qrun_home, deep_qwen2, tmp_path):
+    (job_id,) = submit("--model", str(deep_qwen2), "--bits", "4", "--group-size", "64", "--calib-samples", "16")
+    runner = start_runner("--until-empty", "--lease", "3", log=tmp_path / "run.log")
+    try:
+        wait_for(lambda: job(qrun_home, job_id)["progress_done"] >= 2, 240, "the job to quantize two layers")
+        cancelled = qrun("cancel", str(job_id))
+        assert cancelled.returncode == 0 and cancelled.stderr.strip() == f"cancelled {job_id}"
+        at_cancel = job(qrun_home, job_id)["progress_done"]
+        runner.wait(timeout=120)
+    finally:
+        stop(runner)
+    output = (tmp_path / "run.log").read_text()
+    assert runner.returncode == 0, output  # a cancelled job is not a failure of the runner
+    row = job(qrun_home, job_id)
+    assert row["status"] == "cancelled" and row["error"] == f"cancelled by {current_user()}"
+    assert row["progress_done"] == at_cancel < row["progress_total"]  # no layer recorded after the cancel
+    assert transitions(qrun_home, job_id) == ["submit", "claim", "cancel"]
+    log = Path(row["log_path"]).read_text(errors="replace")
+    assert f"=== stopped: job {job_id} is cancelled and no longer held" in log
+    assert artifact_rows(qrun_home, job_id) == []
+    assert list((qrun_home / "artifacts").iterdir()) == []  # partial output and offload files removed
+
+
+# ---------------------------------------------------------------- two runners, one table
+
+
+def test_two_runners_never_take_a_job_twice(qrun_home, tiny_qwen2, tmp_path):
+    # Two serving runners, both polling before any job exists, so that they compete for every job.
+    runners = [start_runner("--serve", "--lease", "10", log=tmp_path / f"run{i}.log") for i in range(2)]
+    try:
+        for i in range(2):
+            wait_for(lambda: "worker(s)" in (tmp_path / f"run{i}.log").read_text(), 120, f"runner {i} to start")
+        ids = submit("--model", str(tiny_qwen2), "--group-size", "32",
+                     *[a for b in ("2", "3", "4", "8") for a in ("--bits", b)], "--damp", "0.01", "--damp", "0.02")
+        assert len(ids) == 8
+        wait_for(lambda: all(job(qrun_home, i)["status"] == "succeeded" for i in ids), 480, "all jobs to succeed")
+        for runner in runners:
+            os.kill(runner.pid, signal.SIGTERM)  # warm stop, as `kill` would send it
+        for runner in runners:
+            runner.wait(timeout=120)
+    finally:
+        for runner in runners:
+            stop(runner)
+    for i, runner in enumerate(runners):
+        assert runner.returncode == 130, (tmp_path / f"run{i}.log").read_text()  # interrupted, nothing lost
+    claims = table(qrun_home, "SELECT job_id, detail FROM events WHERE transition = 'claim' ORDER BY job_id")
+    assert [c["job_id"] for c in claims] == ids  # each job claimed exactly once
+    assert {job(qrun_home, i)["attempts"] for i in ids} == {1}
+    workers = {c["detail"].split()[0] for c in claims}
+    assert len(workers) == 2, workers  # both runners took jobs: they really competed
+    names = [Path(a["path"]).name for a in table(qrun_home, "SELECT path FROM artifacts")]
+    assert len(names) == len(set(names)) == 8
