@@ -37,7 +37,8 @@ def elapsed_s(job) -> float | None:
 def progress_text(job) -> str:
     if not job.progress_total:
         return ""
-    text = f"layer {job.progress_done}/{job.progress_total}"
+    unit = "layer" if job.kind == "quantize" else "batch"  # evals report progress per batch
+    text = f"{unit} {job.progress_done}/{job.progress_total}"
     return f"{text} {job.progress_module}" if job.progress_module and job.status == "running" else text
 
 
