@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,14 @@ def qrun(*args: str, env: dict | None = None, timeout: float = 600, check: bool 
     if check and result.returncode != 0:
         raise AssertionError(f"qrun {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll predicate until it returns something truthy; fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import qrun
+from tests.conftest import qrun, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -63,17 +63,6 @@ def test_llama_architecture_quantizes(qrun_home, tiny_llama):
     assert job["status"] == "succeeded" and job["metrics"]["bits"] == 4
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.mark.reliability  # recorded in docs/RELIABILITY.md
 def test_killed_worker_does_not_lose_the_job(qrun_home, deep_qwen2):
     """SIGKILL the worker process mid-quantization: the job comes back after its lease and succeeds."""
     import subprocess
@@ -85,7 +74,7 @@ def test_killed_worker_does_not_lose_the_job(qrun_home, deep_qwen2):
     runner = subprocess.Popen([str(exe), "run", "--until-empty", "--lease", "3"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        job = _wait_for(lambda: next((j for j in _status(job_id) if j["progress"]["done"] >= 2), None),
+        job = wait_for(lambda: next((j for j in _status(job_id) if j["progress"]["done"] >= 2), None),
                         240, "the job to quantize two layers")
         worker_pid = int(job["worker"].split(":")[1])
         os.kill(worker_pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from db.queue import current_user
-from tests.conftest import qrun
+from tests.conftest import qrun, wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -65,16 +65,6 @@ def transitions(home: Path, job_id: int) -> list[str]:
 
 def artifact_rows(home: Path, job_id: int) -> list[sqlite3.Row]:
     return table(home, "SELECT * FROM artifacts WHERE job_id = ?", job_id)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def pid_alive(pid: int) -> bool:
