@@ -49,6 +49,16 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
+def run_to_end(*args: str, log: Path, timeout: float, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`qrun run ARGS` until it exits (killed after `timeout` s); returns the process and its output."""
+    runner = start_runner(*args, log=log, env=env)
+    try:
+        runner.wait(timeout=timeout)
+    finally:
+        stop(runner)
+    return runner, log.read_text()
+
+
 def table(home: Path, sql: str, *args) -> list[sqlite3.Row]:
     with sqlite3.connect(home / "qrun.db", timeout=60) as conn:
         conn.row_factory = sqlite3.Row
@@ -107,12 +117,7 @@ def test_killed_runner_job_is_taken_by_the_next_runner(qrun_home, deep_qwen2, tm
         stop(first)
     assert job(qrun_home, job_id)["status"] == "running"  # nobody has noticed yet...
 
-    second = start_runner("--until-empty", "--lease", "3", log=tmp_path / "run2.log")
-    try:
-        second.wait(timeout=400)
-    finally:
-        stop(second)
-    output = (tmp_path / "run2.log").read_text()
+    second, output = run_to_end("--until-empty", "--lease", "3", log=tmp_path / "run2.log", timeout=400)
     assert second.returncode == 0, output
     done = job(qrun_home, job_id)
     assert done["status"] == "succeeded", done["error"]
@@ -147,12 +152,7 @@ def small_artifact_disk(qrun_home):
 def test_full_disk_fails_the_job_cleanly_and_the_next_job_runs(qrun_home, tiny_qwen2, small_artifact_disk,
                                                                 tmp_path):
     big, small = submit("--model", str(tiny_qwen2), "--bits", "8", "--bits", "2", "--group-size", "32")
-    runner = start_runner("--until-empty", log=tmp_path / "run.log")
-    try:
-        runner.wait(timeout=300)
-    finally:
-        stop(runner)
-    output = (tmp_path / "run.log").read_text()
+    runner, output = run_to_end("--until-empty", log=tmp_path / "run.log", timeout=300)
     assert runner.returncode == 1, output  # one job failed
     failed = job(qrun_home, big)
     assert failed["status"] == "failed"
@@ -196,13 +196,8 @@ def test_out_of_memory_fails_with_the_layer_and_a_hint(qrun_home, wide_qwen2, lo
     (modest,) = submit(*common, "--calib-samples", "4", "--calib-max-len", "256", "--batch-size", "1")
     # A real allocation failure: the worker caps its address space 512 MiB above what it maps
     # at job start (RLIMIT_AS); the batch of 32 needs more, the batch of 1 does not.
-    runner = start_runner("--until-empty", "--lease", "5", log=tmp_path / "run.log",
-                          env={"QRUN_JOB_MEMORY_MB": "512"})
-    try:
-        runner.wait(timeout=400)
-    finally:
-        stop(runner)
-    output = (tmp_path / "run.log").read_text()
+    runner, output = run_to_end("--until-empty", "--lease", "5", log=tmp_path / "run.log", timeout=400,
+                                env={"QRUN_JOB_MEMORY_MB": "512"})
     assert runner.returncode == 1, output
     failed = job(qrun_home, greedy)
     assert failed["status"] == "failed"
