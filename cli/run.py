@@ -58,7 +58,7 @@ def run(ctx, gpus, cpu_workers, burst, ray_address, lease_s):
     """Start workers that take jobs from the table until it is empty (or until Ctrl-C with --serve).
     Ctrl-C once: finish the current layer and give running jobs back; twice: stop at once."""
     from db import queue
-    from runner.run import plan_slots, run_queue, start_ray
+    from runner.run import plan_slots, run_queue, start_ray, stop_ray
 
     gpu_list = parse_gpu_list(gpus)
     if cpu_workers is not None and cpu_workers <= 0:
@@ -66,15 +66,19 @@ def run(ctx, gpus, cpu_workers, burst, ray_address, lease_s):
     if lease_s < 1:
         raise BadInput(f"--lease {lease_s} must be at least 1 second")
     db = open_db(ctx)
-    start_ray(ray_address, gpu_list, cpu_workers or 1)
-    slots = plan_slots(gpu_list, cpu_workers)
-    stderr_line(f"qrun: {len(slots)} worker(s): {', '.join(s.name for s in slots)}")
-    first_pending = min((j.id for j in queue.list_jobs(db) if j.status in ("queued", "running")), default=0)
-    display = _Display(db, first_pending)
+    owns_ray = start_ray(ray_address, gpu_list, cpu_workers or 1)
     try:
-        summary = run_queue(db.url, slots, burst=burst, lease_s=lease_s, on_tick=display.tick)
+        slots = plan_slots(gpu_list, cpu_workers)
+        stderr_line(f"qrun: {len(slots)} worker(s): {', '.join(s.name for s in slots)}")
+        first_pending = min((j.id for j in queue.list_jobs(db) if j.status in ("queued", "running")), default=0)
+        display = _Display(db, first_pending)
+        try:
+            summary = run_queue(db.url, slots, burst=burst, lease_s=lease_s, on_tick=display.tick)
+        finally:
+            display.close()
     finally:
-        display.close()
+        if owns_ray:
+            stop_ray()
     failed = [job_id for job_id, outcome in summary.outcomes if outcome == "failed"]
     stderr_line(f"qrun: ran {len(summary.outcomes)} job(s), {len(failed)} failed"
                 + (f", {summary.restarts} worker restart(s)" if summary.restarts else "")

@@ -28,15 +28,16 @@ class Slot:
     use_gpu: bool
 
 
-def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> None:
-    """Join the cluster at `address`, or start a local Ray limited to `gpus` (None: all it finds)."""
+def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> bool:
+    """Join the cluster at `address`, or start a local Ray limited to `gpus` (None: all it finds).
+    Returns False where this process was connected already (then the caller must not stop Ray)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address:
         ray.init(address=address, log_to_driver=False)
-        return
+        return True
     if gpus is not None:
         # Ray hands out GPUs from CUDA_VISIBLE_DEVICES: restricting it here restricts what qrun uses.
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
@@ -44,6 +45,14 @@ def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> 
     # reserve no CPU), so announcing every core only slows start-up (ray.init took 9 s on 16 cores).
     ray.init(num_cpus=cpu_workers + 1, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
+    return True
+
+
+def stop_ray() -> None:
+    """Leave (or stop the local) Ray now: left to interpreter exit, Ray first sleeps 0.5 s."""
+    import ray
+
+    ray.shutdown()
 
 
 def plan_slots(gpus: list[int] | None, cpu_workers: int | None) -> list[Slot]:
@@ -64,10 +73,18 @@ def threads_per_worker(n_slots: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, n_slots))
 
 
-def _actor_env(threads: int) -> dict[str, str]:
+def gptqmodel_cpu_workers(threads: int) -> int:
+    """GPTQModel's own default (half the cores, at most 12), but of this worker's share of the cores,
+    and at least 2 (on a 2-core box GPTQModel asks for more than it finds). A fixed 2 made quantize()
+    ~3 s slower on a 16-core H100 machine, where GPTQModel alone would take 8."""
+    return max(2, min(12, (threads + 1) // 2))
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """What a worker sets in its own environment before it imports torch (see QueueWorker)."""
     env = {"QRUN_HOME": str(qrun_home()), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "OMP_NUM_THREADS": str(threads),
-           "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")}
-    for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PYTHONPATH"):
+           "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", str(gptqmodel_cpu_workers(threads)))}
+    for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -78,12 +95,13 @@ def create_worker(slot: Slot, db_url: str, lease_s: float, threads: int = 1):
 
     resources = {"num_gpus": 1} if slot.use_gpu else {"num_cpus": 1}
     actor_class = ray.remote(QueueWorker)
+    # The environment travels as an argument, not as a runtime_env: a runtime_env makes Ray start a
+    # fresh process for the actor (~1 s) where it could take one of the workers it prestarted.
     return actor_class.options(
         **resources,
         max_restarts=MAX_ACTOR_RESTARTS,
         max_concurrency=2,  # one thread drains, the other can take request_stop
-        runtime_env={"env_vars": _actor_env(threads)},
-    ).remote(db_url, slot.name, slot.use_gpu, lease_s)
+    ).remote(db_url, slot.name, slot.use_gpu, lease_s, worker_env(threads))
 
 
 @dataclass

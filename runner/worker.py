@@ -26,7 +26,10 @@ def describe_worker(slot: str) -> str:
 class QueueWorker:
     """Plain class; `runner.run` wraps it with ray.remote so it can also be tested without Ray."""
 
-    def __init__(self, db_url: str, slot: str, use_gpu: bool, lease_s: float = queue.DEFAULT_LEASE_S):
+    def __init__(self, db_url: str, slot: str, use_gpu: bool, lease_s: float = queue.DEFAULT_LEASE_S,
+                 env: dict[str, str] | None = None):
+        # Before anything imports torch: CUDA_DEVICE_ORDER and OMP_NUM_THREADS are read once, at load.
+        os.environ.update(env or {})
         self.db_url = db_url
         self.slot = slot
         self.use_gpu = use_gpu
@@ -46,6 +49,8 @@ class QueueWorker:
             return "cpu"
         import torch
 
+        # torch reads OMP_NUM_THREADS once, at import; this holds even if something imported it earlier.
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         visible = torch.cuda.device_count()
         if visible != 1:
             # GPTQModel spreads one job over every GPU it sees; two workers would then share cards.
