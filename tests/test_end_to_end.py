@@ -31,8 +31,8 @@ def test_submit_run_status_and_load_back(qrun_home, tiny_qwen2):
     for job, bits in zip(jobs, (4, 8)):
         assert job["progress"]["done"] == job["progress"]["total"] == 2
         assert job["metrics"]["bits"] == bits
-        for name in ("quantize_s", "wall_s", "size_bytes", "loss_mean", "loss_max", "calib_samples",
-                     "calib_tokens"):
+        for name in ("load_s", "quantize_s", "save_s", "wall_s", "size_bytes", "loss_mean", "loss_max",
+                     "calib_samples", "calib_tokens"):
             assert job["metrics"][name] > 0, name
         (artifact,) = job["artifacts"]
         path = Path(artifact["path"])

@@ -238,3 +238,17 @@ def test_real_anti_fraud_files_load():
     # The alpaca file is the first 100 rows of the same evaluation set, in another form.
     assert [(r.messages, r.label) for r in rows[:100]] == [(r.messages, r.label) for r in alpaca]
     assert all(r.messages[-1]["role"] == "user" and "is_fraud" in r.messages[-1]["content"] for r in rows)
+
+
+def test_out_of_memory_in_an_eval_names_the_batch_and_the_eval_batch_size(db):
+    """The hint for an eval job's OOM is about its eval batch, not about calibration settings."""
+    from workers.jobs import JobContext, describe_failure
+
+    (job_id,) = queue.submit_jobs(db, [queue.JobSpec(kind=Kind.EVAL, model="/m", params={"variant": "w4g128"})])
+    job = queue.claim_job(db, "w", None)
+    queue.record_progress(db, job_id, "w", 3, 10, "score batch 3/10", 60)
+    ctx = JobContext(db=db, job=job, worker="w", device="cuda:0", lease_s=60)
+    reason, retryable = describe_failure(MemoryError(), ctx)
+    assert reason == ("out of memory at batch 3/10 (score batch 3/10): use a smaller eval batch "
+                      "(--eval-batch-size, or qrun eval --batch-size) or free the GPU")
+    assert retryable

@@ -89,11 +89,13 @@ def output_to(log_path: Path):
 def describe_failure(exc: BaseException, ctx: JobContext) -> tuple[str, bool]:
     """(one-line reason for `qrun status`, whether another attempt might succeed)."""
     job = queue.get_job(ctx.db, ctx.job.id)
-    where = f"at layer {job.progress_done}/{job.progress_total}" + (
+    quantizing = job.kind == Kind.QUANTIZE.value
+    where = f"at {'layer' if quantizing else 'batch'} {job.progress_done}/{job.progress_total}" + (
         f" ({job.progress_module})" if job.progress_module else "")
     if _is_out_of_memory(exc):
-        return (f"out of memory {where}: use a smaller calibration batch (--batch-size, --calib-max-len, "
-                "--calib-samples) or free the GPU", True)
+        hint = ("use a smaller calibration batch (--batch-size, --calib-max-len, --calib-samples)" if quantizing
+                else "use a smaller eval batch (--eval-batch-size, or qrun eval --batch-size)")
+        return (f"out of memory {where}: {hint} or free the GPU", True)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return (f"no space left on {exc.filename or artifacts_root()}: free space or move QRUN_HOME", False)
     if isinstance(exc, BadInput):
@@ -153,6 +155,24 @@ def run_kind(ctx: JobContext, log_file) -> tuple[dict, list[queue.ArtifactRecord
 
 def execute(ctx: JobContext) -> str:
     """Run a claimed job and record its outcome; returns the status it ended in."""
+    try:
+        return _run_and_record(ctx)
+    finally:
+        free_memory()
+
+
+def free_memory() -> None:
+    """Give back what the job left: a worker runs many jobs, and a model kept alive by a reference
+    cycle until the next garbage collection would count in (or crowd out) the next job's memory."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")  # only where a job imported it
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _run_and_record(ctx: JobContext) -> str:
     job = ctx.job
     log_path = logs_root() / f"job-{job.id}.log"
     queue.set_log_path(ctx.db, job.id, str(log_path))

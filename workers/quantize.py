@@ -106,7 +106,9 @@ def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device
                             true_sequential=params.true_sequential, static_groups=params.static_groups,
                             **({"offload_to_disk_path": str(offload_dir)} if offload_dir else {}))
     progress(0, num_layers, "loading model")
+    load_start = time.perf_counter()
     model = GPTQModel.load(model_dir, config, device=device, trust_remote_code=params.trust_remote_code)
+    load_s = time.perf_counter() - load_start
     callbacks = _LayerProgress(num_layers, progress)
     model.layer_callback = callbacks
     model.subset_callback = callbacks
@@ -114,11 +116,15 @@ def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device
     model.quantize(calibration, batch_size=params.batch_size, tokenizer=tokenizer)
     quantize_s = time.perf_counter() - quant_start
     progress(num_layers, num_layers, "saving")
+    save_start = time.perf_counter()
     model.save(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+    save_s = time.perf_counter() - save_start
     losses = _layer_losses(out_dir / "quant_log.csv", getattr(model, "quant_log", None))
     metrics = {
+        "load_s": load_s,
         "quantize_s": quantize_s,
+        "save_s": save_s,
         "wall_s": time.perf_counter() - started,
         "calib_samples": len(calibration),
         "calib_tokens": sum(len(r["input_ids"]) for r in calibration),
