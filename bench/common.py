@@ -68,6 +68,15 @@ def write_calibration(path: Path, n: int, min_chars: int, seed: int = 0) -> Path
     return path
 
 
+def prepare(args, name: str) -> tuple[Path, Path, Path, Path]:
+    """The work folder, $OUT/<name>.log, the bench model of --shape and its calibration file."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_bench_model(work / f"model-{args.shape}", args.shape)
+    calib = write_calibration(work / "calib.jsonl", args.samples, min_chars=args.max_len * 3)
+    return work, out_dir() / f"{name}.log", model, calib
+
+
 def environment() -> dict:
     import torch
 
@@ -81,9 +90,10 @@ def environment() -> dict:
     return info
 
 
-def timed_run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[float, str]:
+def timed_run(cmd: list[str], env: dict | None = None, log: Path | None = None,
+              cwd: Path | None = None) -> tuple[float, str]:
     start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
     wall = time.perf_counter() - start
     if log:
         with log.open("a") as f:

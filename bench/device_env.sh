@@ -1,8 +1,17 @@
 # Source at the start of a device command (see docs/BENCHMARKS.md):
 #   source bench/device_env.sh
 # Installs the carried .device bundle (Ray, GPTQModel, ...) into /tmp/site and puts qrun on the path.
+# Does what .device/install.sh does, except that pypcre's build (~1 min) is skipped where a wheel of
+# it lies in .device/whl: the first call builds one and leaves a copy in $OUT/wheels to carry next time.
 set -e
-bash .device/install.sh
+mkdir -p /tmp/site /tmp/wheels
+if ! ls .device/whl/pypcre-*.whl >/dev/null 2>&1; then
+    python3 -m pip wheel -q --no-index --no-deps --no-build-isolation -w /tmp/wheels .device/pypcre-*.tar.gz
+    [ -n "$OUT" ] && mkdir -p "$OUT/wheels" && cp /tmp/wheels/pypcre-*.whl "$OUT/wheels/"
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .device/whl/*.whl $(ls /tmp/wheels/*.whl 2>/dev/null)
+tar xJf .device/ray-trimmed.tar.xz -C /tmp/site
 # The bundle's tar drops the executable bit of Ray's own binaries (gcs_server, raylet, ...).
 find /tmp/site/ray -type f ! -name '*.*' -exec chmod +x {} +
 export PYTHONPATH=/tmp/site:$PWD

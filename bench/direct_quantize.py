@@ -23,16 +23,20 @@ def main(model_dir: str, calib: str, bits: int, group_size: int, out: str, sampl
     rows = tokenize_calibration(calibration_texts(calib, samples)[0], tokenizer, max_len)
     config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=True, damp_percent=0.01)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
     model = GPTQModel.load(model_dir, config, device=device)
+    load_s = time.perf_counter() - start
     start = time.perf_counter()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.quantize(rows, batch_size=batch_size, tokenizer=tokenizer)
     quantize_s = time.perf_counter() - start
+    start = time.perf_counter()
     model.save(out)
+    save_s = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     losses = [float(r["loss"]) for r in getattr(model, "quant_log", []) or [] if "loss" in r]
-    print(json.dumps({"quantize_s": quantize_s, "peak_gpu_mem_gb": peak, "batch_size": batch_size,
+    print(json.dumps({"load_s": load_s, "quantize_s": quantize_s, "save_s": save_s, "peak_gpu_mem_gb": peak, "batch_size": batch_size,
                       "loss_mean": sum(losses) / len(losses) if losses else None,
                       "calib_tokens": sum(len(r["input_ids"]) for r in rows)}))
 

@@ -3,7 +3,7 @@
 On the Qwen2-1.5B-shaped model of quantize_speed.py (reused from --work), quantized with direct_quantize.py
 where work/direct-w4 and direct-w8 are missing or belong to another model. The eval file has the seed's
 test-set size and `{input, label, instruction}` form, its input lengths drawn from the real anti-fraud
-dialogs (bench/anti_fraud_lengths.json). Each (model, mode) is one eval job in a fresh QRUN_HOME; reports
+dialogs (bench/anti_fraud_lengths.json). Each (model, mode) is one eval job of one queue; reports
 samples/s, peak GPU memory, load and eval time, and the kernel GPTQModel picked (from the job's log).
 Writes eval_speed.json under $OUT.
 
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def ensure_quantized(model: Path, bits: int, args, work: Path, log: Path) -> Pat
     calib = write_calibration(work / "calib-eval.jsonl", args.calib_samples, min_chars=args.calib_max_len * 3)
     wall, _ = timed_run([sys.executable, str(REPO / "bench" / "direct_quantize.py"), str(model), str(calib),
                          str(bits), str(args.group_size), str(target), str(args.calib_samples),
-                         str(args.calib_max_len), "16"], log=log)
+                         str(args.calib_max_len), "16"], log=log, cwd=work)
     print(f"quantized w{bits} in {wall:.1f}s", flush=True)
     return target
 
@@ -96,24 +98,38 @@ def kernel_from_log(log_path: str | None) -> str | None:
     return min(hits, key=len) if hits else None
 
 
-def run_eval(name: str, model: Path, data: Path, mode: str, args, work: Path, log: Path) -> dict:
-    home = work / f"qrun-home-eval-{name}-{mode}"
-    shutil.rmtree(home, ignore_errors=True)
-    env = {"QRUN_HOME": str(home)}
-    base = qrun_base()
-    timed_run(base + ["eval", "--model", str(model), "--data", str(data), "--mode", mode, "--batch-size",
-                      str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens)], env=env, log=log)
-    run_s, _ = timed_run(base + ["run", "--until-empty"], env=env, log=log)
-    _, status = timed_run(base + ["status", "--json"], env=env)
-    (job,) = json.loads(status)
+def submit_eval(name: str, model: Path, data: Path, mode: str, args, env: dict, log: Path) -> int:
+    _, out = timed_run(qrun_base() + ["eval", "--model", str(model), "--data", str(data), "--mode", mode,
+                                      "--batch-size", str(args.batch_size), "--max-new-tokens",
+                                      str(args.max_new_tokens), "--json"], env=env, log=log)
+    return json.loads(out)[0]
+
+
+def eval_row(name: str, mode: str, job: dict) -> dict:
     if job["status"] != "succeeded":
         raise RuntimeError(f"eval {name}/{mode} {job['status']}: {job['error']} (log {job['log']})")
     m = job["metrics"]
     return {"model": name, "mode": mode, "samples": int(m.get("eval_samples") or 0),
             "samples_per_s": m.get("samples_per_s"),
             "peak_gb": m.get("peak_gpu_mem_gb"), "load_s": m.get("load_s"), "eval_s": m.get("eval_s"),
-            "run_s": run_s, "accuracy": m.get("accuracy"), "invalid": m.get("invalid"),
+            "accuracy": m.get("accuracy"), "invalid": m.get("invalid"),
             "kernel": kernel_from_log(job["log"]), "log": job["log"]}
+
+
+def run_evals(models: dict[str, Path], data: dict[str, Path], args, work: Path, log: Path) -> list[dict]:
+    """Every (model, mode) as one eval job in one queue, drained by one `qrun run` (one start-up for all;
+    each job loads its model afresh and measures its own load and eval time)."""
+    home = work / "qrun-home-eval"
+    shutil.rmtree(home, ignore_errors=True)
+    env = {"QRUN_HOME": str(home)}
+    submitted = [(name, mode, submit_eval(name, path, data[mode], mode, args, env, log))
+                 for name, path in models.items() for mode in ("score", "generate")]
+    with log.open("a") as out:  # straight to the log, so a call cut short still shows how far it got
+        subprocess.run(qrun_base() + ["run", "--until-empty"], env={**os.environ, **env}, stdout=out,
+                       stderr=out, check=True)
+    _, status = timed_run(qrun_base() + ["status", "--json"], env=env)
+    jobs = {job["id"]: job for job in json.loads(status)}
+    return [eval_row(name, mode, jobs[job_id]) for name, mode, job_id in submitted]
 
 
 def main() -> None:
@@ -144,11 +160,9 @@ def main() -> None:
         models[f"w{bits}"] = ensure_quantized(model, bits, args, work, log)
     data = {"score": write_eval_data(work / f"eval-{args.samples}.jsonl", args.samples),
             "generate": write_eval_data(work / f"eval-{args.generate_samples}.jsonl", args.generate_samples)}
-    rows = []
-    for name, path in models.items():
-        for mode in ("score", "generate"):
-            rows.append(run_eval(name, path, data[mode], mode, args, work, log))
-            print(json.dumps(rows[-1]), flush=True)
+    rows = run_evals(models, data, args, work, log)
+    for row in rows:
+        print(json.dumps(row), flush=True)
     ratios = {}
     for name in models:
         by_mode = {r["mode"]: r["samples_per_s"] for r in rows if r["model"] == name}
