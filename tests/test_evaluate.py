@@ -252,3 +252,13 @@ def test_out_of_memory_in_an_eval_names_the_batch_and_the_eval_batch_size(db):
     assert reason == ("out of memory at batch 3/10 (score batch 3/10): use a smaller eval batch "
                       "(--eval-batch-size, or qrun eval --batch-size) or free the GPU")
     assert retryable
+
+
+def test_a_stopping_runner_releases_an_eval_at_its_batch(db):
+    from workers.jobs import JobContext, StopRequested
+
+    queue.submit_jobs(db, [queue.JobSpec(kind=Kind.EVAL, model="/m", params={"variant": "baseline"})])
+    ctx = JobContext(db=db, job=queue.claim_job(db, "w", None), worker="w", device="cpu", lease_s=60,
+                     should_stop=lambda: True)
+    with pytest.raises(StopRequested, match=r"^runner stopping at batch 4/9$"):
+        ctx.progress(4, 9, "score batch 4/9")

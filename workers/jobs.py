@@ -46,7 +46,8 @@ class JobContext:
     def progress(self, done: int, total: int, module: str | None) -> None:
         """Record progress; this is also where cancellation and shutdown reach a running job."""
         if self.should_stop():
-            raise StopRequested(f"runner stopping at layer {done}/{total}")
+            unit = "layer" if self.job.kind == Kind.QUANTIZE.value else "batch"
+            raise StopRequested(f"runner stopping at {unit} {done}/{total}")
         queue.record_progress(self.db, self.job.id, self.worker, done, total, module, self.lease_s)
 
 
