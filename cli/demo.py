@@ -56,29 +56,6 @@ def demo_specs(db, model: str, eval_file: str, calib_file: str, group_size: int)
     return build_specs(model, missing, priority=0, max_attempts=3, eval_args=eval_args, db=db) + specs
 
 
-def drain_queue(ctx, db) -> bool:
-    """Run the queue until it is empty, as `qrun run` does; False if a job failed."""
-    from cli.run import _Display
-    from db import queue
-    from runner.run import plan_slots, run_queue, start_ray
-
-    start_ray(None, None, 1)
-    slots = plan_slots(None, None)
-    stderr_line(f"qrun demo: running the queue with {len(slots)} worker(s): {', '.join(s.name for s in slots)}"
-                " (the first GPTQModel use compiles its CPU kernels: a minute or two, once)")
-    first_pending = min((j.id for j in queue.list_jobs(db) if j.status in ("queued", "running")), default=0)
-    display = _Display(db, first_pending)
-    try:
-        summary = run_queue(db.url, slots, burst=True, on_tick=display.tick)
-    finally:
-        display.close()
-    failed = [job_id for job_id, outcome in summary.outcomes if outcome == "failed"]
-    stderr_line(f"qrun demo: ran {len(summary.outcomes)} job(s), {len(failed)} failed")
-    if summary.interrupted:
-        ctx.exit(130)
-    return not failed
-
-
 @click.command()
 @click.pass_context
 def demo(ctx):
@@ -108,7 +85,10 @@ def demo(ctx):
         stderr_line("qrun demo: every demo job is already queued or done")
     ok = True
     if queue.pending_count(db):
-        ok = drain_queue(ctx, db)
+        from cli.run import drain
+
+        ok = not drain(db, "qrun demo", note=" (the first GPTQModel use compiles its CPU kernels: a minute or "
+                                              "two, once)")
     rows = comparison_rows(db, model=info.path, data=eval_file)
     if rows:
         print_table(rows)

@@ -45,6 +45,36 @@ class _Display:
             self.live.stop()
 
 
+def drain(db, who: str, gpus: list[int] | None = None, cpu_workers: int | None = None, burst: bool = True,
+          ray_address: str | None = None, lease_s: float | None = None, note: str = "") -> list[int]:
+    """Start (or join) Ray, run workers until the queue is drained (or Ctrl-C with burst=False), stop
+    the Ray it started, print one summary line; returns the ids of failed jobs. Ctrl-C exits 130."""
+    from db import queue
+    from runner.run import plan_slots, run_queue, start_ray, stop_ray
+
+    owns_ray = start_ray(ray_address, gpus, cpu_workers or 1)
+    try:
+        slots = plan_slots(gpus, cpu_workers)
+        stderr_line(f"{who}: {len(slots)} worker(s): {', '.join(s.name for s in slots)}{note}")
+        first_pending = min((j.id for j in queue.list_jobs(db) if j.status in ("queued", "running")), default=0)
+        display = _Display(db, first_pending)
+        try:
+            summary = run_queue(db.url, slots, burst=burst, lease_s=lease_s or queue.DEFAULT_LEASE_S,
+                                on_tick=display.tick)
+        finally:
+            display.close()
+    finally:
+        if owns_ray:
+            stop_ray()
+    failed = [job_id for job_id, outcome in summary.outcomes if outcome == "failed"]
+    stderr_line(f"{who}: ran {len(summary.outcomes)} job(s), {len(failed)} failed"
+                + (f", {summary.restarts} worker restart(s)" if summary.restarts else "")
+                + (" (interrupted: running jobs were given back)" if summary.interrupted else ""))
+    if summary.interrupted:
+        click.get_current_context().exit(130)
+    return failed
+
+
 @click.command()
 @click.option("--gpus", default=None, metavar="0,1", help="GPUs of this machine to use (default: all Ray finds).")
 @click.option("--cpu-workers", type=int, default=None, help="Run N CPU workers (default 1 where there is no GPU).")
@@ -57,35 +87,12 @@ class _Display:
 def run(ctx, gpus, cpu_workers, burst, ray_address, lease_s):
     """Start workers that take jobs from the table until it is empty (or until Ctrl-C with --serve).
     Ctrl-C once: finish the current layer and give running jobs back; twice: stop at once."""
-    from db import queue
-    from runner.run import plan_slots, run_queue, start_ray, stop_ray
-
     gpu_list = parse_gpu_list(gpus)
     if cpu_workers is not None and cpu_workers <= 0:
         raise BadInput(f"--cpu-workers {cpu_workers} must be positive")
     if lease_s < 1:
         raise BadInput(f"--lease {lease_s} must be at least 1 second")
-    db = open_db(ctx)
-    owns_ray = start_ray(ray_address, gpu_list, cpu_workers or 1)
-    try:
-        slots = plan_slots(gpu_list, cpu_workers)
-        stderr_line(f"qrun: {len(slots)} worker(s): {', '.join(s.name for s in slots)}")
-        first_pending = min((j.id for j in queue.list_jobs(db) if j.status in ("queued", "running")), default=0)
-        display = _Display(db, first_pending)
-        try:
-            summary = run_queue(db.url, slots, burst=burst, lease_s=lease_s, on_tick=display.tick)
-        finally:
-            display.close()
-    finally:
-        if owns_ray:
-            stop_ray()
-    failed = [job_id for job_id, outcome in summary.outcomes if outcome == "failed"]
-    stderr_line(f"qrun: ran {len(summary.outcomes)} job(s), {len(failed)} failed"
-                + (f", {summary.restarts} worker restart(s)" if summary.restarts else "")
-                + (" (interrupted: running jobs were given back)" if summary.interrupted else ""))
-    if summary.interrupted:
-        ctx.exit(130)
-    if failed:
+    if drain(open_db(ctx), "qrun", gpu_list, cpu_workers, burst, ray_address, lease_s):
         ctx.exit(1)
 
 
