@@ -10,6 +10,7 @@ import click
 
 from cli.common import open_db, parse_job_ids, print_json
 from db.queue import utcnow
+from db.states import progress_unit
 
 SHORT_PARAMS = ("variant", "bits", "group_size", "desc_act", "sym", "damp_percent", "mode")
 
@@ -37,8 +38,7 @@ def elapsed_s(job) -> float | None:
 def progress_text(job) -> str:
     if not job.progress_total:
         return ""
-    unit = "layer" if job.kind == "quantize" else "batch"  # evals report progress per batch
-    text = f"{unit} {job.progress_done}/{job.progress_total}"
+    text = f"{progress_unit(job.kind)} {job.progress_done}/{job.progress_total}"
     return f"{text} {job.progress_module}" if job.progress_module and job.status == "running" else text
 
 

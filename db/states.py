@@ -34,6 +34,11 @@ class Kind(str, enum.Enum):
         return self.value
 
 
+def progress_unit(kind: str) -> str:
+    """What a job of this kind counts its progress in: a quantize job layers, an eval job batches."""
+    return "layer" if kind == Kind.QUANTIZE.value else "batch"
+
+
 # transition name -> (states it may start from, state it ends in)
 TRANSITIONS: dict[str, tuple[frozenset[Status], Status]] = {
     "claim": (frozenset({Status.QUEUED}), Status.RUNNING),

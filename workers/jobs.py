@@ -23,7 +23,7 @@ from db import queue
 from db.errors import BadInput, JobLost
 from db.schema import Job
 from db.session import Database, artifacts_root, logs_root
-from db.states import Kind
+from db.states import Kind, progress_unit
 from workers import artifacts
 from workers.limits import memory_cap
 
@@ -46,8 +46,7 @@ class JobContext:
     def progress(self, done: int, total: int, module: str | None) -> None:
         """Record progress; this is also where cancellation and shutdown reach a running job."""
         if self.should_stop():
-            unit = "layer" if self.job.kind == Kind.QUANTIZE.value else "batch"
-            raise StopRequested(f"runner stopping at {unit} {done}/{total}")
+            raise StopRequested(f"runner stopping at {progress_unit(self.job.kind)} {done}/{total}")
         queue.record_progress(self.db, self.job.id, self.worker, done, total, module, self.lease_s)
 
 
@@ -91,7 +90,7 @@ def describe_failure(exc: BaseException, ctx: JobContext) -> tuple[str, bool]:
     """(one-line reason for `qrun status`, whether another attempt might succeed)."""
     job = queue.get_job(ctx.db, ctx.job.id)
     quantizing = job.kind == Kind.QUANTIZE.value
-    where = f"at {'layer' if quantizing else 'batch'} {job.progress_done}/{job.progress_total}" + (
+    where = f"at {progress_unit(job.kind)} {job.progress_done}/{job.progress_total}" + (
         f" ({job.progress_module})" if job.progress_module else "")
     if _is_out_of_memory(exc):
         hint = ("use a smaller calibration batch (--batch-size, --calib-max-len, --calib-samples)" if quantizing
