@@ -15,14 +15,10 @@ EVAL_MODES = ("score", "generate")
 
 
 def _check_file(path: str | None, what: str) -> str | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.exists():
-        raise BadInput(f"{what} {path} does not exist: check the path")
-    if not p.is_file():
-        raise BadInput(f"{what} {path} is not a file: pass a JSONL, JSON or text file")
-    return str(p.resolve())
+    """The absolute path of an optional input file, checked now so that no job gets a missing one."""
+    from workers.datasets import require_file
+
+    return None if path is None else str(require_file(path, what).resolve())
 
 
 def eval_params(data: str | None, mode: str, max_new_tokens: int, ppl: str | None, batch_size: int,

@@ -39,13 +39,19 @@ def _is_json_file(path: Path, head: str) -> bool:
     return path.suffix.lower() in (".jsonl", ".json") or head.startswith(("{", "["))
 
 
-def read_rows(path: str | Path) -> list[tuple[int, dict | str]]:
-    """(line number, row) pairs. JSON rows are dicts; plain-text paragraphs are strings."""
+def require_file(path: str | Path, what: str = "data file") -> Path:
+    """`path` as a Path, or BadInput naming `what` when it is missing or not a regular file."""
     path = Path(path)
     if not path.exists():
-        raise BadInput(f"data file {path} does not exist: check the path")
+        raise BadInput(f"{what} {path} does not exist: check the path")
     if not path.is_file():
-        raise BadInput(f"data file {path} is not a file: pass a JSONL, JSON or text file")
+        raise BadInput(f"{what} {path} is not a file: pass a JSONL, JSON or text file")
+    return path
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict | str]]:
+    """(line number, row) pairs. JSON rows are dicts; plain-text paragraphs are strings."""
+    path = require_file(path)
     try:
         content = path.read_text(encoding="utf-8")
     except PermissionError as exc:
