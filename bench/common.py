@@ -90,6 +90,12 @@ def environment() -> dict:
     return info
 
 
+def qrun_base() -> list[str]:
+    """The qrun command of this Python environment (its console script, else `python -m cli.main`)."""
+    qrun = Path(sys.executable).parent / "qrun"
+    return [str(qrun)] if qrun.exists() else [sys.executable, "-m", "cli.main"]
+
+
 def timed_run(cmd: list[str], env: dict | None = None, log: Path | None = None,
               cwd: Path | None = None) -> tuple[float, str]:
     start = time.perf_counter()

@@ -23,7 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import REPO, build_bench_model, environment, out_dir, print_table, timed_run, write_calibration
+from common import (REPO, build_bench_model, environment, out_dir, print_table, qrun_base, timed_run,
+                    write_calibration)
 
 LENGTHS = Path(__file__).resolve().parent / "anti_fraud_lengths.json"
 INSTRUCTION = "判断以下对话是否为诈骗。Answer with JSON: {\"is_fraud\": true} or {\"is_fraud\": false}."
@@ -32,11 +33,6 @@ LOADED = re.compile(r"Kernel: loaded -> `\[?([^`\]]+)\]?`")
 SELECTED = re.compile(r"Kernel: selected -> `([^`]+)`")
 KERNEL_LINE = re.compile(r"\bkernel\b|backend", re.IGNORECASE)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def qrun_base() -> list[str]:
-    qrun = Path(sys.executable).parent / "qrun"
-    return [str(qrun)] if qrun.exists() else [sys.executable, "-m", "cli.main"]
 
 
 def write_eval_data(path: Path, n: int, seed: int = 0) -> Path:
@@ -66,6 +62,20 @@ def same_model(quantized: Path, model: Path) -> bool:
     except (OSError, ValueError):
         return False
     return all(a.get(k) == b.get(k) for k in keys) and (quantized / "quantize_config.json").exists()
+
+
+def add_quantize_options(parser: argparse.ArgumentParser) -> None:
+    """How ensure_quantized makes the 4- and 8-bit copies (filled in by fill_quantize_defaults)."""
+    parser.add_argument("--group-size", type=int, default=None, help="default 128 (tiny: 32)")
+    parser.add_argument("--calib-samples", type=int, default=None, help="default 128 (tiny: 16)")
+    parser.add_argument("--calib-max-len", type=int, default=None, help="default 1024 (tiny: 256)")
+
+
+def fill_quantize_defaults(args: argparse.Namespace) -> None:
+    tiny = args.shape == "tiny"
+    args.group_size = args.group_size or (32 if tiny else 128)
+    args.calib_samples = args.calib_samples or (16 if tiny else 128)
+    args.calib_max_len = args.calib_max_len or (256 if tiny else 1024)
 
 
 def ensure_quantized(model: Path, bits: int, args, work: Path, log: Path) -> Path:
@@ -140,15 +150,11 @@ def main() -> None:
                         help="rows for generate mode (a random model never stops before --max-new-tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="eval batch size")
-    parser.add_argument("--group-size", type=int, default=None, help="default 128 (tiny: 32)")
-    parser.add_argument("--calib-samples", type=int, default=None, help="default 128 (tiny: 16)")
-    parser.add_argument("--calib-max-len", type=int, default=None, help="default 1024 (tiny: 256)")
+    add_quantize_options(parser)
     parser.add_argument("--work", default="/tmp/qrun-bench")
     args = parser.parse_args()
+    fill_quantize_defaults(args)
     tiny = args.shape == "tiny"
-    args.group_size = args.group_size or (32 if tiny else 128)
-    args.calib_samples = args.calib_samples or (16 if tiny else 128)
-    args.calib_max_len = args.calib_max_len or (256 if tiny else 1024)
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from common import build_bench_model, environment, out_dir
-from eval_speed import ensure_quantized
+from eval_speed import add_quantize_options, ensure_quantized, fill_quantize_defaults
 
 RESULTS: list[dict] = []
 PROMPT = "发言人1: 您好，我是银行客服，您的账户存在风险"
@@ -155,18 +155,13 @@ def check_ray_pinning(on_gpu: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="qwen2-1.5b")
-    parser.add_argument("--group-size", type=int, default=None, help="default 128 (tiny: 32)")
-    parser.add_argument("--calib-samples", type=int, default=None, help="default 128 (tiny: 16)")
-    parser.add_argument("--calib-max-len", type=int, default=None, help="default 1024 (tiny: 256)")
+    add_quantize_options(parser)
     parser.add_argument("--default-backend", action="store_true",
                         help="also load through transformers with GPTQModel's own kernel choice (on an "
                              "offline Hopper machine this waits on CUTLASS downloads that cannot succeed)")
     parser.add_argument("--work", default="/tmp/qrun-bench")
     args = parser.parse_args()
-    tiny = args.shape == "tiny"
-    args.group_size = args.group_size or (32 if tiny else 128)
-    args.calib_samples = args.calib_samples or (16 if tiny else 128)
-    args.calib_max_len = args.calib_max_len or (256 if tiny else 1024)
+    fill_quantize_defaults(args)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import torch
 

@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import REPO, build_bench_model, environment, prepare, print_table, timed_run
+from common import REPO, build_bench_model, environment, prepare, print_table, qrun_base, timed_run
 
 
 def run_direct(model: Path, calib: Path, bits: int, args, work: Path, log: Path) -> dict:
@@ -38,13 +38,10 @@ def run_direct(model: Path, calib: Path, bits: int, args, work: Path, log: Path)
     return {"path": "direct", "bits": bits, "wall_s": wall, **metrics}
 
 
-def qrun_base() -> list[str]:
-    qrun = Path(sys.executable).parent / "qrun"
-    return [str(qrun)] if qrun.exists() else [sys.executable, "-m", "cli.main"]
-
-
-def submit(model: Path, calib: Path, bits: int, args, env: dict, log: Path) -> float:
-    wall, _ = timed_run(qrun_base() + ["submit", "--model", str(model), "--bits", str(bits), "--group-size",
+def submit(model: Path, calib: Path, bits: int | list[int], args, env: dict, log: Path) -> float:
+    """`qrun submit` of one quantize job per bit width; returns the command's wall time."""
+    bit_flags = [flag for b in ([bits] if isinstance(bits, int) else bits) for flag in ("--bits", str(b))]
+    wall, _ = timed_run(qrun_base() + ["submit", "--model", str(model), *bit_flags, "--group-size",
                                        str(args.group_size), "--calib", str(calib), "--calib-samples",
                                        str(args.samples), "--calib-max-len", str(args.max_len),
                                        "--batch-size", str(args.batch_size)], env=env, log=log)
@@ -93,11 +90,7 @@ def run_sweep(model: Path, calib: Path, bits: list[int], args, work: Path, log: 
     home = work / "qrun-home-sweep"
     shutil.rmtree(home, ignore_errors=True)
     env = {"QRUN_HOME": str(home)}
-    bit_flags = [flag for b in bits for flag in ("--bits", str(b))]
-    submit_s, _ = timed_run(qrun_base() + ["submit", "--model", str(model), *bit_flags, "--group-size",
-                                           str(args.group_size), "--calib", str(calib), "--calib-samples",
-                                           str(args.samples), "--calib-max-len", str(args.max_len),
-                                           "--batch-size", str(args.batch_size)], env=env, log=log)
+    submit_s = submit(model, calib, bits, args, env, log)
     run_s, _ = timed_run(qrun_base() + ["run", "--until-empty"], env=env, log=log)
     jobs = [job_row("sweep", b, j) for b, j in zip(bits, jobs_of(env))]
     return {"path": "sweep", "bits": "+".join(map(str, bits)), "wall_s": submit_s + run_s,

@@ -19,8 +19,7 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-from common import environment, prepare, print_table, timed_run
-from quantize_speed import qrun_base
+from common import environment, prepare, print_table, qrun_base, timed_run
 
 # Distinct jobs of about equal size: 4 = bits {4, 8} x damp {0.01, 0.02}; 8 adds group size 64.
 SWEEP_AXES = (("--bits", ("4", "8")), ("--damp", ("0.01", "0.02")), ("--group-size", ("128", "64")))
