@@ -5,6 +5,7 @@ where work/direct-w4 and direct-w8 are missing or belong to another model. The e
 test-set size and `{input, label, instruction}` form, its input lengths drawn from the real anti-fraud
 dialogs (bench/anti_fraud_lengths.json). Each (model, mode) is one eval job of one queue; reports
 samples/s, peak GPU memory, load and eval time, and the kernel GPTQModel picked (from the job's log).
+GPTQModel's Marlin kernels are built in the background first, so no load time includes their one-time build.
 Writes eval_speed.json under $OUT.
 
     python bench/eval_speed.py                                          # on the device
@@ -23,8 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import (REPO, build_bench_model, environment, out_dir, print_table, qrun_base, timed_run,
-                    write_calibration)
+from common import (REPO, build_bench_model, environment, out_dir, print_table, qrun_base,
+                    start_marlin_builds, timed_run, wait_marlin_builds, write_calibration)
 
 LENGTHS = Path(__file__).resolve().parent / "anti_fraud_lengths.json"
 INSTRUCTION = "判断以下对话是否为诈骗。Answer with JSON: {\"is_fraud\": true} or {\"is_fraud\": false}."
@@ -160,12 +161,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out = out_dir()
     log = out / "eval_speed.log"
+    marlin = start_marlin_builds(log)  # meanwhile: build and quantize the model, write the data
     model = build_bench_model(work / f"model-{args.shape}", args.shape)
     models = {"bf16" if not tiny else "fp32": model}
     for bits in (8, 4):
         models[f"w{bits}"] = ensure_quantized(model, bits, args, work, log)
     data = {"score": write_eval_data(work / f"eval-{args.samples}.jsonl", args.samples),
             "generate": write_eval_data(work / f"eval-{args.generate_samples}.jsonl", args.generate_samples)}
+    built = wait_marlin_builds(marlin)
+    print(f"Marlin kernels built in {built['marlin_build_s']:.0f}s (ok: {built['marlin_build_ok']})", flush=True)
     rows = run_evals(models, data, args, work, log)
     for row in rows:
         print(json.dumps(row), flush=True)
@@ -173,7 +177,7 @@ def main() -> None:
     for name in models:
         by_mode = {r["mode"]: r["samples_per_s"] for r in rows if r["model"] == name}
         ratios[name] = by_mode["score"] / by_mode["generate"] if by_mode.get("generate") else None
-    result = {"environment": environment(), "args": vars(args), "runs": rows,
+    result = {"environment": environment(), "args": vars(args), **built, "runs": rows,
               "score_over_generate_samples_per_s": ratios}
     (out / "eval_speed.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result["environment"]))
