@@ -43,9 +43,9 @@ def test_gpu_worker_refuses_to_start_without_exactly_one_gpu(db):
         QueueWorker(db.url, "gpu0", use_gpu=True)
 
 
-# A worker in a process of its own, as Ray starts one: drains the queue, then lists the torch
-# modules that hold weights and are still alive once nothing of qrun's refers to a job any more
-# (transformers keeps weightless activation modules in a global table).
+# A worker in a fresh process, as Ray starts one (so GPTQModel is first imported inside a job, as
+# there, not by an earlier test): drains the queue, then lists the torch modules that hold weights
+# and are still alive (transformers keeps weightless activation modules in a global table).
 DRAIN_AND_LIST_WEIGHTS = """
 import gc, json, sys
 from runner.worker import QueueWorker
