@@ -356,6 +356,13 @@ def events_of(db: Database, job_id: int) -> list[Event]:
         return list(s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id)))
 
 
+def finished_among(db: Database, job_ids: Iterable[int]) -> set[int]:
+    """Those of job_ids whose jobs are finished: they run again only if retried, from nothing."""
+    with db.transaction() as s:
+        return set(s.execute(select(Job.id).where(Job.id.in_(list(job_ids)),
+                                                  Job.status.in_([st.value for st in FINISHED]))).scalars())
+
+
 def pending_count(db: Database) -> int:
     """Jobs not yet finished: queued (runnable or waiting on upstream) or running."""
     with db.transaction() as s:

@@ -2,19 +2,21 @@
 
 Life of a worker (after python-rq): bootstrap (pin the device), then claim → execute → repeat,
 a heartbeat thread extending the lease of the job in hand, until the queue is drained (burst)
-or a stop is requested. A stop lets the job in hand reach its next layer, then releases it.
+or a stop is requested. With nothing to claim, it removes what dead workers left of finished jobs. A stop lets the job in hand reach its next layer, then releases it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import time
 
 from db import queue
 from db.errors import JobLost
-from db.session import GROUP_UMASK, open_database
+from db.session import GROUP_UMASK, artifacts_root, open_database
+from workers import artifacts
 
 IDLE_POLL_S = 1.0
 
@@ -90,6 +92,16 @@ class QueueWorker:
             done.set()
             beat.join()
 
+    def _remove_staging_of_finished_jobs(self) -> None:
+        """A worker that died on a job's last attempt left the job's staging directory (a model's
+        worth of disk), which only a next attempt would remove. The directories are listed before
+        the table is asked, so one that an attempt starting meanwhile makes is never among them."""
+        found = artifacts.staging_dirs_by_job(artifacts_root())
+        if found:
+            for job_id in queue.finished_among(self.db, found):
+                for path in found[job_id]:
+                    shutil.rmtree(path, ignore_errors=True)
+
     def drain(self, burst: bool = True) -> list[tuple[int, str]]:
         """Run jobs until none is left (burst) or a stop is requested; returns (job id, outcome) pairs."""
         ran = []
@@ -98,6 +110,7 @@ class QueueWorker:
             if job is not None:
                 ran.append((job.id, self.run_one(job)))
                 continue
+            self._remove_staging_of_finished_jobs()
             if burst and queue.pending_count(self.db) == 0:
                 break
             # Jobs are waiting on upstream jobs or on a lost worker's lease: look again shortly.

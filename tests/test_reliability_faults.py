@@ -268,3 +268,33 @@ def test_two_runners_never_take_a_job_twice(qrun_home, tiny_qwen2, tmp_path):
     assert len(workers) == 2, workers  # both runners took jobs: they really competed
     names = [Path(a["path"]).name for a in table(qrun_home, "SELECT path FROM artifacts")]
     assert len(names) == len(set(names)) == 8
+
+
+# ---------------------------------------------------------------- leftovers of jobs that are over
+
+
+def test_a_job_that_will_not_run_again_keeps_no_staging_directory(qrun_home, db, tiny_qwen2, tmp_path):
+    """A worker that dies on a job's last attempt leaves the job's staging directory, which only a
+    next attempt would remove. A worker elsewhere holds two jobs and goes silent on the first, on
+    its last attempt; it still holds the second. A runner must fail the first and remove its
+    staging directory, and leave the second's alone, and one of a job it does not know (a
+    different queue's)."""
+    from db import queue
+    from db.session import artifacts_root
+    from workers.artifacts import new_staging_dir
+
+    silent, held = submit("--model", str(tiny_qwen2), "--bits", "4", "--bits", "8", "--max-attempts", "1")
+    assert queue.claim_job(db, "elsewhere:1:gpu0", None, lease_s=1).id == silent
+    assert queue.claim_job(db, "elsewhere:1:gpu1", None, lease_s=600).id == held
+    dirs = {name: new_staging_dir(artifacts_root(), job_id, 1) for name, job_id in
+            (("silent", silent), ("held", held), ("unknown", 999))}
+    time.sleep(1.5)  # the silent worker's lease runs out
+    runner = start_runner("--serve", "--cpu-workers", "1", log=tmp_path / "run.log")
+    try:
+        wait_for(lambda: not dirs["silent"].exists(), 120, "the failed job's staging directory to go")
+    finally:
+        stop(runner)
+    assert job(qrun_home, silent)["status"] == "failed"
+    assert "no attempts left" in job(qrun_home, silent)["error"]
+    assert dirs["held"].is_dir() and dirs["unknown"].is_dir()
+    assert job(qrun_home, held)["status"] == "running"

@@ -2,7 +2,8 @@
 
 A job writes into a hidden staging directory beside its final place and renames it into place
 only after everything was written (rename is atomic on one file system). A crashed attempt
-leaves only a staging directory, which the next attempt of the same job removes.
+leaves only a staging directory, which the next attempt of the same job removes, or, where no
+attempt is left, an idle worker (runner/worker.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def inside(root: Path, name: str) -> Path:
 
 def staging_prefix(job_id: int) -> str:
     return f".staging-job{job_id}-"
+
+
+def staging_dirs_by_job(root: Path) -> dict[int, list[Path]]:
+    """The staging (and offload) directories under root, by the id of the job that made them."""
+    found: dict[int, list[Path]] = {}
+    for path in root.glob(".staging-job*-*") if root.is_dir() else []:
+        match = re.match(r"\.staging-job(\d+)-", path.name)
+        if match and path.is_dir():
+            found.setdefault(int(match.group(1)), []).append(path)
+    return found
 
 
 def clear_stale_staging(root: Path, job_id: int) -> list[Path]:
