@@ -9,9 +9,11 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,6 +90,18 @@ def environment() -> dict:
         except Exception:  # noqa: BLE001
             info[name] = "missing"
     return info
+
+
+def fresh_home(work: Path, name: str) -> dict[str, str]:
+    """An empty QRUN_HOME under work (a queue of its own), as the environment that selects it."""
+    home = work / name
+    shutil.rmtree(home, ignore_errors=True)
+    return {"QRUN_HOME": str(home)}
+
+
+def utc_time(text: str) -> datetime:
+    """A timestamp of `qrun status --json` (UTC, ISO with a trailing Z) as a naive UTC datetime."""
+    return datetime.fromisoformat(text.rstrip("Z"))
 
 
 def qrun_base() -> list[str]:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import (REPO, build_bench_model, environment, out_dir, print_table, qrun_base,
+from common import (REPO, build_bench_model, environment, fresh_home, out_dir, print_table, qrun_base,
                     start_marlin_builds, timed_run, wait_marlin_builds, write_calibration)
 
 LENGTHS = Path(__file__).resolve().parent / "anti_fraud_lengths.json"
@@ -130,9 +130,7 @@ def eval_row(name: str, mode: str, job: dict) -> dict:
 def run_evals(models: dict[str, Path], data: dict[str, Path], args, work: Path, log: Path) -> list[dict]:
     """Every (model, mode) as one eval job in one queue, drained by one `qrun run` (one start-up for all;
     each job loads its model afresh and measures its own load and eval time)."""
-    home = work / "qrun-home-eval"
-    shutil.rmtree(home, ignore_errors=True)
-    env = {"QRUN_HOME": str(home)}
+    env = fresh_home(work, "qrun-home-eval")
     submitted = [(name, mode, submit_eval(name, path, data[mode], mode, args, env, log))
                  for name, path in models.items() for mode in ("score", "generate")]
     with log.open("a") as out:  # straight to the log, so a call cut short still shows how far it got

@@ -24,7 +24,8 @@ from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import REPO, build_bench_model, environment, prepare, print_table, qrun_base, timed_run
+from common import (REPO, build_bench_model, environment, fresh_home, prepare, print_table, qrun_base,
+                    timed_run, utc_time)
 
 
 def run_direct(model: Path, calib: Path, bits: int, args, work: Path, log: Path) -> dict:
@@ -53,10 +54,6 @@ def jobs_of(env: dict) -> list[dict]:
     return json.loads(status)
 
 
-def utc(text: str) -> datetime:
-    return datetime.fromisoformat(text.rstrip("Z"))
-
-
 def now_utc() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -71,9 +68,7 @@ def job_row(path: str, bits: int, job: dict) -> dict:
 
 def run_qrun(model: Path, calib: Path, bits: int, args, work: Path, log: Path) -> dict:
     """One-shot: `qrun submit` then `qrun run --until-empty`, which starts Ray and stops it."""
-    home = work / f"qrun-home-w{bits}"
-    shutil.rmtree(home, ignore_errors=True)
-    env = {"QRUN_HOME": str(home)}
+    env = fresh_home(work, f"qrun-home-w{bits}")
     submit_s = submit(model, calib, bits, args, env, log)
     run_started = now_utc()
     run_s, _ = timed_run(qrun_base() + ["run", "--until-empty"], env=env, log=log)
@@ -81,15 +76,13 @@ def run_qrun(model: Path, calib: Path, bits: int, args, work: Path, log: Path) -
     (job,) = jobs_of(env)
     return {**job_row("qrun", bits, job), "wall_s": submit_s + run_s, "submit_s": submit_s, "run_s": run_s,
             # Where qrun's own time goes: before the worker claims the job, and after it finished.
-            "startup_s": (utc(job["started_at"]) - run_started).total_seconds(),
-            "teardown_s": (run_ended - utc(job["finished_at"])).total_seconds()}
+            "startup_s": (utc_time(job["started_at"]) - run_started).total_seconds(),
+            "teardown_s": (run_ended - utc_time(job["finished_at"])).total_seconds()}
 
 
 def run_sweep(model: Path, calib: Path, bits: list[int], args, work: Path, log: Path) -> dict:
     """The usual workflow: one `qrun submit --bits 4 --bits 8` and one `qrun run --until-empty` for all."""
-    home = work / "qrun-home-sweep"
-    shutil.rmtree(home, ignore_errors=True)
-    env = {"QRUN_HOME": str(home)}
+    env = fresh_home(work, "qrun-home-sweep")
     submit_s = submit(model, calib, bits, args, env, log)
     run_s, _ = timed_run(qrun_base() + ["run", "--until-empty"], env=env, log=log)
     jobs = [job_row("sweep", b, j) for b, j in zip(bits, jobs_of(env))]
@@ -101,9 +94,7 @@ def run_sweep(model: Path, calib: Path, bits: list[int], args, work: Path, log: 
 def serving(work: Path, tiny: Path, calib: Path, tiny_args, log: Path):
     """A `qrun run --serve` left running, as on a shared server; yields its environment once its worker
     has run one tiny job (so it is up, and has imported GPTQModel). Stopped with Ctrl-C (SIGINT) after."""
-    home = work / "qrun-home-serve"
-    shutil.rmtree(home, ignore_errors=True)
-    env = {"QRUN_HOME": str(home)}
+    env = fresh_home(work, "qrun-home-serve")
     with log.open("a") as out:
         server = subprocess.Popen(qrun_base() + ["run", "--serve"], env={**os.environ, **env}, stdout=out,
                                   stderr=out)
@@ -137,8 +128,8 @@ def run_serve(model: Path, calib: Path, bits: int, args, work: Path, log: Path, 
     started = now_utc()
     submit_s = submit(model, calib, bits, args, env, log)
     job = wait_finished(env, done_before + 1, server)[-1]
-    return {**job_row("serve", bits, job), "wall_s": (utc(job["finished_at"]) - started).total_seconds(),
-            "submit_s": submit_s, "startup_s": (utc(job["started_at"]) - started).total_seconds() - submit_s}
+    return {**job_row("serve", bits, job), "wall_s": (utc_time(job["finished_at"]) - started).total_seconds(),
+            "submit_s": submit_s, "startup_s": (utc_time(job["started_at"]) - started).total_seconds() - submit_s}
 
 
 PATHS = {"direct": run_direct, "qrun": run_qrun, "serve": run_serve}

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-from datetime import datetime
 from pathlib import Path
 
-from common import environment, prepare, print_table, qrun_base, timed_run
+from common import environment, fresh_home, prepare, print_table, qrun_base, timed_run, utc_time
 
 # Distinct jobs of about equal size: 4 = bits {4, 8} x damp {0.01, 0.02}; 8 adds group size 64.
 SWEEP_AXES = (("--bits", ("4", "8")), ("--damp", ("0.01", "0.02")), ("--group-size", ("128", "64")))
@@ -39,20 +37,16 @@ def sweep_flags(jobs: int) -> list[str]:
     return fixed + [part for flag, values in axes for value in values for part in (flag, value)]
 
 
-def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.rstrip("Z"))
-
-
 def timeline(jobs: list[dict]) -> dict:
     """Makespan and, per GPU (or CPU worker), its jobs as offsets from the first start and its busy share."""
-    start = min(parse_time(j["started_at"]) for j in jobs)
-    end = max(parse_time(j["finished_at"]) for j in jobs)
+    start = min(utc_time(j["started_at"]) for j in jobs)
+    end = max(utc_time(j["finished_at"]) for j in jobs)
     makespan = (end - start).total_seconds()
     per_device: dict[str, dict] = {}
     for job in sorted(jobs, key=lambda j: j["started_at"]):
         device = job["gpu"] if job["gpu"] is not None else job["worker"].rsplit(":", 1)[-1]
-        began = (parse_time(job["started_at"]) - start).total_seconds()
-        ended = (parse_time(job["finished_at"]) - start).total_seconds()
+        began = (utc_time(job["started_at"]) - start).total_seconds()
+        ended = (utc_time(job["finished_at"]) - start).total_seconds()
         entry = per_device.setdefault(str(device), {"jobs": [], "busy_s": 0.0})
         entry["jobs"].append({"id": job["id"], "start_s": round(began, 1), "end_s": round(ended, 1)})
         entry["busy_s"] += ended - began
@@ -62,9 +56,7 @@ def timeline(jobs: list[dict]) -> dict:
 
 
 def run_with(count: int, model: Path, calib: Path, args, work: Path, log: Path) -> dict:
-    home = work / f"qrun-home-scaling-{count}"
-    shutil.rmtree(home, ignore_errors=True)
-    env = {"QRUN_HOME": str(home)}
+    env = fresh_home(work, f"qrun-home-scaling-{count}")
     timed_run(qrun_base() + ["submit", "--model", str(model), *sweep_flags(args.jobs), "--calib", str(calib),
                              "--calib-samples", str(args.samples), "--calib-max-len", str(args.max_len),
                              "--batch-size", str(args.batch_size)], env=env, log=log)
