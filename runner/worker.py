@@ -2,7 +2,8 @@
 
 Life of a worker (after python-rq): bootstrap (pin the device), then claim → execute → repeat,
 a heartbeat thread extending the lease of the job in hand, until the queue is drained (burst)
-or a stop is requested. With nothing to claim, it removes what dead workers left of finished jobs. A stop lets the job in hand reach its next layer, then releases it.
+or a stop is requested. With nothing to claim, it removes what dead workers left of finished jobs.
+A stop lets the job in hand reach its next layer, then releases it.
 """
 
 from __future__ import annotations

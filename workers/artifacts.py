@@ -35,15 +35,18 @@ def inside(root: Path, name: str) -> Path:
     return path
 
 
+STAGING = ".staging-job"  # + job id + "-" + attempt (and "-offload") + "-" + pid
+
+
 def staging_prefix(job_id: int) -> str:
-    return f".staging-job{job_id}-"
+    return f"{STAGING}{job_id}-"
 
 
 def staging_dirs_by_job(root: Path) -> dict[int, list[Path]]:
     """The staging (and offload) directories under root, by the id of the job that made them."""
     found: dict[int, list[Path]] = {}
-    for path in root.glob(".staging-job*-*") if root.is_dir() else []:
-        match = re.match(r"\.staging-job(\d+)-", path.name)
+    for path in root.glob(STAGING + "*") if root.is_dir() else []:
+        match = re.match(re.escape(STAGING) + r"(\d+)-", path.name)
         if match and path.is_dir():
             found.setdefault(int(match.group(1)), []).append(path)
     return found
