@@ -13,6 +13,7 @@ $(BIN)/qrun: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# plain pip: it takes the torch that lies on this disk (uv and poetry would download GBs)
+	$(BIN)/pip uninstall -q -y qrun 2>/dev/null || true  # the distribution's name before it became qrun-quant
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

@@ -17,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 # Qwen2-1.5B-Instruct's published shape.
 SHAPES = {
@@ -34,7 +33,7 @@ def build_bench_model(out_dir: Path, shape: str, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from demo.tiny import sample_texts, train_tokenizer
+    from qrun.demo.tiny import sample_texts, train_tokenizer
 
     s = SHAPES[shape]
     tokenizer = train_tokenizer(sample_texts(), vocab_size=2048)
@@ -57,7 +56,7 @@ def build_bench_model(out_dir: Path, shape: str, seed: int = 0) -> Path:
 
 def write_calibration(path: Path, n: int, min_chars: int, seed: int = 0) -> Path:
     """n long dialog texts (JSONL {"text"}), each long enough to fill the token budget."""
-    from demo.tiny import sample_texts
+    from qrun.demo.tiny import sample_texts
 
     rng = random.Random(seed)
     lines = sample_texts()
@@ -105,9 +104,9 @@ def utc_time(text: str) -> datetime:
 
 
 def qrun_base() -> list[str]:
-    """The qrun command of this Python environment (its console script, else `python -m cli.main`)."""
+    """The qrun command of this Python environment (its console script, else `python -m qrun.cli.main`)."""
     qrun = Path(sys.executable).parent / "qrun"
-    return [str(qrun)] if qrun.exists() else [sys.executable, "-m", "cli.main"]
+    return [str(qrun)] if qrun.exists() else [sys.executable, "-m", "qrun.cli.main"]
 
 
 def timed_run(cmd: list[str], env: dict | None = None, log: Path | None = None,

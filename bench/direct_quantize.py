@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def main(model_dir: str, calib: str, bits: int, group_size: int, out: str, samples: int, max_len: int,
          batch_size: int) -> None:
@@ -17,7 +15,7 @@ def main(model_dir: str, calib: str, bits: int, group_size: int, out: str, sampl
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
 
-    from workers.calibration import calibration_texts, tokenize_calibration
+    from qrun.workers.calibration import calibration_texts, tokenize_calibration
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = tokenize_calibration(calibration_texts(calib, samples)[0], tokenizer, max_len)

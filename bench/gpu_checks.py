@@ -105,7 +105,7 @@ def check_cpu_then_cuda(path: Path) -> None:
 
 def check_qrun_load(name: str, path: Path, device: str) -> None:
     """(b) qrun's own path: workers.evaluate.load_model."""
-    from workers.evaluate import load_model
+    from qrun.workers.evaluate import load_model
 
     try:
         model, tokenizer = load_model(path, device, trust_remote_code=False)
@@ -122,8 +122,8 @@ def check_ray_pinning(on_gpu: bool) -> None:
     os.environ["QRUN_HOME"] = str(home)  # the actors inherit it (runner.run.worker_env)
     import ray
 
-    from db.session import database_url, open_database
-    from runner.run import create_worker, plan_slots, start_ray
+    from qrun.db.session import database_url, open_database
+    from qrun.runner.run import create_worker, plan_slots, start_ray
 
     try:
         url = database_url()

@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def submitter(url: str, index: int, jobs: int, batch: int, start, out) -> None:
-    from db import queue
-    from db.queue import JobSpec
-    from db.session import open_database
-    from db.states import Kind
+    from qrun.db import queue
+    from qrun.db.queue import JobSpec
+    from qrun.db.session import open_database
+    from qrun.db.states import Kind
 
     db = open_database(url)
     start.wait()
@@ -41,8 +40,8 @@ def submitter(url: str, index: int, jobs: int, batch: int, start, out) -> None:
 
 
 def claimer(url: str, index: int, submitting_done, start, out) -> None:
-    from db import queue
-    from db.session import open_database
+    from qrun.db import queue
+    from qrun.db.session import open_database
 
     db = open_database(url)
     name = f"claimer{index}"
@@ -112,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qrun-bench-") as tmp:
         home = Path(tmp)
         os.environ["QRUN_HOME"] = str(home)
-        from db.session import open_database
+        from qrun.db.session import open_database
 
         url = open_database().url
         began = time.perf_counter()

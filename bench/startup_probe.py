@@ -15,8 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def main() -> None:
     t = {}
@@ -31,7 +29,7 @@ def main() -> None:
     t["plain_torch_gptqmodel_import_s"] = time.perf_counter() - start
     os.environ["QRUN_HOME"] = tempfile.mkdtemp()
     start = time.perf_counter()
-    from runner.run import create_worker, plan_slots, start_ray
+    from qrun.runner.run import create_worker, plan_slots, start_ray
 
     t["import_runner_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -42,7 +40,7 @@ def main() -> None:
     pstats.Stats(profile, stream=report).sort_stats("cumulative").print_stats(30)
     import ray
 
-    from db.session import database_url
+    from qrun.db.session import database_url
 
     slots = plan_slots(None, None)
     start = time.perf_counter()

@@ -8,12 +8,12 @@ from datetime import datetime
 
 import click
 
-from db.errors import BadInput
+from qrun.db.errors import BadInput
 
 
 def open_db(ctx: click.Context):
     """The job table named by --db / QRUN_DB (opened lazily so usage errors never touch it)."""
-    from db.session import open_database
+    from qrun.db.session import open_database
 
     return open_database(ctx.obj.get("db_url"))
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import open_db, print_json, stderr_line
-from db.errors import BadInput
+from qrun.cli.common import open_db, print_json, stderr_line
+from qrun.db.errors import BadInput
 
 FORMATS = ("table", "json", "csv", "markdown")
 # Metrics shown with their delta from the baseline (variant minus baseline).
@@ -38,7 +38,7 @@ def _same_path(given: str, stored: str | None) -> bool:
 
 def latest_evals(db, model: str | None = None, data: str | None = None) -> list:
     """Succeeded eval jobs, the newest per (source model, data, mode, variant)."""
-    from db import queue
+    from qrun.db import queue
 
     newest: dict[tuple, object] = {}
     for job in queue.list_jobs(db):  # ordered by id: a later job replaces an earlier one
@@ -154,7 +154,7 @@ def _order(row: dict) -> tuple:
 
 def comparison_rows(db, model: str | None = None, data: str | None = None) -> list[dict]:
     """The comparison, as plain dicts: grouped by (source model, data, mode), baseline first, then bits desc."""
-    from db import queue
+    from qrun.db import queue
 
     jobs = latest_evals(db, model, data)
     upstream_ids = sorted({j.depends_on for j in jobs if j.depends_on is not None})

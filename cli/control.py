@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import open_db, parse_job_ids
+from qrun.cli.common import open_db, parse_job_ids
 
 
 @click.command()
@@ -13,7 +13,7 @@ from cli.common import open_db, parse_job_ids
 @click.pass_context
 def cancel(ctx, job_ids, force):
     """Cancel queued or running jobs; a running job stops at its next layer and its output is removed."""
-    from db import queue
+    from qrun.db import queue
 
     ids = parse_job_ids(job_ids)
     queue.cancel_jobs(open_db(ctx), ids, force=force)
@@ -25,7 +25,7 @@ def cancel(ctx, job_ids, force):
 @click.pass_context
 def retry(ctx, job_ids):
     """Put failed or cancelled jobs back in the queue with fresh attempts."""
-    from db import queue
+    from qrun.db import queue
 
     ids = parse_job_ids(job_ids)
     queue.retry_jobs(open_db(ctx), ids)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import click
 
-from cli.common import open_db, stderr_line
-from db.states import Kind
+from qrun.cli.common import open_db, stderr_line
+from qrun.db.states import Kind
 
 DEMO_BITS = (4, 8)
 GROUP_SIZES = (128, 32)  # the first that divides the model's widths
@@ -29,7 +29,7 @@ def sweep_point(bits: int, group_size: int, calib: str) -> dict:
 
 
 def _live_eval_of(db, quantize_job_id: int) -> bool:
-    from db import queue
+    from qrun.db import queue
 
     return any(j.depends_on == quantize_job_id and j.kind == Kind.EVAL.value
                and j.status in ("queued", "running", "succeeded") for j in queue.list_jobs(db))
@@ -37,8 +37,8 @@ def _live_eval_of(db, quantize_job_id: int) -> bool:
 
 def demo_specs(db, model: str, eval_file: str, calib_file: str, group_size: int) -> list:
     """Jobs still missing for the demo: variants not yet queued or done, evals whose earlier try failed."""
-    from cli.submit import build_specs, eval_params
-    from db.queue import JobSpec, find_equivalent_job
+    from qrun.cli.submit import build_specs, eval_params
+    from qrun.db.queue import JobSpec, find_equivalent_job
 
     eval_args = dict(data=eval_file, **EVAL_DEFAULTS)
     missing, specs = [], []
@@ -48,7 +48,7 @@ def demo_specs(db, model: str, eval_file: str, calib_file: str, group_size: int)
         if done is None:
             missing.append(params)
         elif not _live_eval_of(db, done):
-            from workers.quantize import QuantizeParams
+            from qrun.workers.quantize import QuantizeParams
 
             label = QuantizeParams.from_dict(params).label()
             specs.append(JobSpec(kind=Kind.EVAL, model=model, depends_on=done,
@@ -62,11 +62,11 @@ def demo(ctx):
     """Show qrun end to end on this machine, offline: train a tiny demo model on synthetic dialogs
     (once; kept under $QRUN_HOME/demo), quantize it to 4 and 8 bits, evaluate every variant and the
     baseline, and print `qrun compare`. The model is a toy, not a fraud detector."""
-    from cli.compare import comparison_rows, print_table
-    from db import queue
-    from db.session import qrun_home
-    from demo.build import DISCLAIMER, build_demo
-    from workers.inputs import check_quantize_settings, inspect_model
+    from qrun.cli.compare import comparison_rows, print_table
+    from qrun.db import queue
+    from qrun.db.session import qrun_home
+    from qrun.demo.build import DISCLAIMER, build_demo
+    from qrun.workers.inputs import check_quantize_settings, inspect_model
 
     paths = build_demo(qrun_home())
     info = inspect_model(paths.model)
@@ -85,7 +85,7 @@ def demo(ctx):
         stderr_line("qrun demo: every demo job is already queued or done")
     ok = True
     if queue.pending_count(db):
-        from cli.run import drain
+        from qrun.cli.run import drain
 
         ok = not drain(db, "qrun demo", note=" (the first GPTQModel use compiles its CPU kernels: a minute or "
                                               "two, once)")

@@ -8,8 +8,8 @@ import traceback
 
 import click
 
-from cli import compare, control, demo, results, run, status, submit
-from db.errors import QrunError
+from qrun.cli import compare, control, demo, results, run, status, submit
+from qrun.db.errors import QrunError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.common import is_tty, open_db, parse_gpu_list, stderr_line
-from db.errors import BadInput
+from qrun.cli.common import is_tty, open_db, parse_gpu_list, stderr_line
+from qrun.db.errors import BadInput
 
 
 class _Display:
@@ -26,8 +26,8 @@ class _Display:
             self.live.start()
 
     def tick(self) -> None:
-        from cli.status import jobs_table, progress_text
-        from db import queue
+        from qrun.cli.status import jobs_table, progress_text
+        from qrun.db import queue
 
         jobs = [j for j in queue.list_jobs(self.db) if j.id >= self.since or j.status in ("queued", "running")]
         if self.live is not None:
@@ -49,8 +49,8 @@ def drain(db, who: str, gpus: list[int] | None = None, cpu_workers: int | None =
           ray_address: str | None = None, lease_s: float | None = None, note: str = "") -> list[int]:
     """Start (or join) Ray, run workers until the queue is drained (or Ctrl-C with burst=False), stop
     the Ray it started, print one summary line; returns the ids of failed jobs. Ctrl-C exits 130."""
-    from db import queue
-    from runner.run import plan_slots, run_queue, start_ray, stop_ray
+    from qrun.db import queue
+    from qrun.runner.run import plan_slots, run_queue, start_ray, stop_ray
 
     owns_ray = start_ray(ray_address, gpus, cpu_workers or 1)
     try:

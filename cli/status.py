@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from cli.common import open_db, parse_job_ids, print_json
-from db.queue import utcnow
-from db.states import progress_unit
+from qrun.cli.common import open_db, parse_job_ids, print_json
+from qrun.db.queue import utcnow
+from qrun.db.states import progress_unit
 
 SHORT_PARAMS = ("variant", "bits", "group_size", "desc_act", "sym", "damp_percent", "mode")
 
@@ -18,7 +18,7 @@ SHORT_PARAMS = ("variant", "bits", "group_size", "desc_act", "sym", "damp_percen
 def short_params(job) -> str:
     p = job.params or {}
     if job.kind == "quantize":
-        from workers.quantize import QuantizeParams
+        from qrun.workers.quantize import QuantizeParams
 
         text = QuantizeParams.from_dict(p).label()
         return text if p.get("damp_percent", 0.01) == 0.01 else f"{text} damp={p['damp_percent']}"
@@ -108,7 +108,7 @@ def plain_table(jobs, color: bool = False) -> str:
 
 
 def load_rows(db, ids):
-    from db import queue
+    from qrun.db import queue
 
     jobs = queue.list_jobs(db, ids or None)
     ids_ = [j.id for j in jobs]
@@ -131,7 +131,7 @@ def status(ctx, job_ids, watch, as_json):
         print_json([job_row(j, metrics[j.id], arts[j.id]) for j in jobs])
         return
     if not watch:
-        from db import queue
+        from qrun.db import queue
 
         jobs = queue.list_jobs(db, ids or None, plain=True)
         if jobs:
@@ -156,7 +156,7 @@ def status(ctx, job_ids, watch, as_json):
 @click.pass_context
 def logs(ctx, job_id, tail_lines):
     """Print a job's history and its log (GPTQModel's output, tracebacks)."""
-    from db import queue
+    from qrun.db import queue
 
     (jid,) = parse_job_ids((job_id,))
     db = open_db(ctx)

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import click
 
-from cli.common import open_db, print_json
-from db.errors import BadInput
-from db.states import Kind
+from qrun.cli.common import open_db, print_json
+from qrun.db.errors import BadInput
+from qrun.db.states import Kind
 
 EVAL_MODES = ("score", "generate")
 
 
 def _check_file(path: str | None, what: str) -> str | None:
     """The absolute path of an optional input file, checked now so that no job gets a missing one."""
-    from workers.datasets import require_file
+    from qrun.workers.datasets import require_file
 
     return None if path is None else str(require_file(path, what).resolve())
 
@@ -28,7 +28,7 @@ def eval_params(data: str | None, mode: str, max_new_tokens: int, ppl: str | Non
 
 
 def validate_eval_inputs(data: str | None, ppl: str | None, max_new_tokens: int, batch_size: int) -> None:
-    from workers.datasets import load_labeled, load_samples
+    from qrun.workers.datasets import load_labeled, load_samples
 
     if data:
         samples = load_labeled(data)
@@ -46,7 +46,7 @@ def validate_eval_inputs(data: str | None, ppl: str | None, max_new_tokens: int,
 def build_specs(model: str, sweep: list[dict], priority: int, max_attempts: int, eval_args: dict | None,
                 db) -> list:
     """Quantize specs (one per sweep point), each followed by its eval; plus the baseline eval once."""
-    from db.queue import JobSpec, find_equivalent_job
+    from qrun.db.queue import JobSpec, find_equivalent_job
 
     specs: list[JobSpec] = []
     if eval_args is not None:
@@ -58,7 +58,7 @@ def build_specs(model: str, sweep: list[dict], priority: int, max_attempts: int,
         specs.append(JobSpec(kind=Kind.QUANTIZE, model=model, params=params, priority=priority,
                              max_attempts=max_attempts))
         if eval_args is not None:
-            from workers.quantize import QuantizeParams
+            from qrun.workers.quantize import QuantizeParams
 
             label = QuantizeParams.from_dict(params).label()
             specs.append(JobSpec(kind=Kind.EVAL, model=model, after=len(specs) - 1, priority=priority,
@@ -101,8 +101,8 @@ def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_s
            trust_remote_code, allow_pickle, dry_run, as_json):
     """Add quantize jobs (one per combination of --bits, --group-size, --damp), and with --eval an
     eval job for each plus one for the unquantized baseline. Prints the new job ids."""
-    from workers.datasets import check_calibration_file
-    from workers.inputs import check_quantize_settings, inspect_model
+    from qrun.workers.datasets import check_calibration_file
+    from qrun.workers.inputs import check_quantize_settings, inspect_model
 
     info = inspect_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     for b, g, d in itertools.product(bits, group_size, damp):
@@ -133,7 +133,7 @@ def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_s
         rows = [{"kind": s.kind.value, "model": s.model, "params": s.params} for s in specs]
         print_json(rows) if as_json else [click.echo(f"would add {r['kind']} {r['params']}") for r in rows]
         return
-    from db.queue import submit_jobs
+    from qrun.db.queue import submit_jobs
 
     ids = submit_jobs(db, specs)
     if as_json:
@@ -155,8 +155,8 @@ def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_s
 @click.pass_context
 def eval_command(ctx, model_dir, data, ppl, mode, max_new_tokens, batch_size, priority, trust_remote_code, as_json):
     """Add an eval job for an existing model or artifact directory."""
-    from db.queue import JobSpec, submit_jobs
-    from workers.inputs import inspect_model
+    from qrun.db.queue import JobSpec, submit_jobs
+    from qrun.workers.inputs import inspect_model
 
     if not data and not ppl:
         raise BadInput("qrun eval needs --data FILE (classification) or --ppl FILE (perplexity), or both")
@@ -169,7 +169,7 @@ def eval_command(ctx, model_dir, data, ppl, mode, max_new_tokens, batch_size, pr
     if quant_config.exists():
         import json
 
-        from workers.quantize import QuantizeParams
+        from qrun.workers.quantize import QuantizeParams
 
         variant = QuantizeParams.from_dict(json.loads(quant_config.read_text())).label()
     params = eval_params(data, mode, max_new_tokens, ppl, batch_size, variant, trust_remote_code)

@@ -16,10 +16,10 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from db.errors import JobLost, JobNotFound, TransitionError
-from db.schema import Artifact, Event, Job, Metric
-from db.session import Database
-from db.states import FINISHED, Kind, Status, allowed_from, target_of
+from qrun.db.errors import JobLost, JobNotFound, TransitionError
+from qrun.db.schema import Artifact, Event, Job, Metric
+from qrun.db.session import Database
+from qrun.db.states import FINISHED, Kind, Status, allowed_from, target_of
 
 DEFAULT_LEASE_S = 60.0
 

@@ -18,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from db.states import Kind, Status
+from qrun.db.states import Kind, Status
 
 # Bump when a table changes, and add a step to db.session.MIGRATIONS.
 SCHEMA_VERSION = 1

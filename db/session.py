@@ -18,8 +18,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.errors import BadInput, SchemaTooNew
-from db.schema import SCHEMA_VERSION, Base, Meta
+from qrun.db.errors import BadInput, SchemaTooNew
+from qrun.db.schema import SCHEMA_VERSION, Base, Meta
 
 BUSY_TIMEOUT_S = 60
 # File systems on which SQLite's WAL locking does not work (it needs shared memory between processes).

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from db.errors import QrunError
-from demo.dataset import generate_splits, write_jsonl
+from qrun.db.errors import QrunError
+from qrun.demo.dataset import generate_splits, write_jsonl
 
 DEMO_VERSION = 1  # bump when the data or the model changes, so stale caches are rebuilt
 SEED = 20240819
@@ -141,7 +141,7 @@ def _build_into(paths: DemoPaths, seed: int) -> None:
 def _new_model(train_rows: list[dict]):
     from transformers import AutoModelForCausalLM
 
-    from demo.tiny import tiny_config, train_tokenizer
+    from qrun.demo.tiny import tiny_config, train_tokenizer
 
     tokenizer = train_tokenizer(_tokenizer_texts(train_rows), vocab_size=VOCAB_SIZE)
     config = tiny_config("qwen2", vocab_size=len(tokenizer), **MODEL_SHAPE)
@@ -158,7 +158,7 @@ def _count_params(model) -> int:
 
 def prompt_text(row: dict, tokenizer) -> str:
     """The chat-templated prompt of a row up to the assistant's turn, built as qrun's eval builds it."""
-    from workers.datasets import to_sample
+    from qrun.workers.datasets import to_sample
 
     sample = to_sample(Path("demo"), 0, row)
     return tokenizer.apply_chat_template(list(sample.messages), tokenize=False, add_generation_prompt=True)
@@ -166,7 +166,7 @@ def prompt_text(row: dict, tokenizer) -> str:
 
 def _tokenizer_texts(rows: list[dict]) -> list[str]:
     """What the tokenizer learns from: every prompt part and answer, as often as training sees them."""
-    from workers.datasets import SYSTEM_PROMPT, answer_text
+    from qrun.workers.datasets import SYSTEM_PROMPT, answer_text
 
     return [f"{SYSTEM_PROMPT}\n{row['instruction']}\n{row['input']}\n{answer_text(row['label'])}" for row in rows]
 
@@ -180,7 +180,7 @@ class Encoded:
 
 
 def encode_rows(rows: list[dict], tokenizer) -> list[Encoded]:
-    from workers.datasets import answer_text
+    from qrun.workers.datasets import answer_text
 
     answers = tuple(tokenizer(answer_text(v), add_special_tokens=False)["input_ids"] for v in (False, True))
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

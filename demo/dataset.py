@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.datasets import DEFAULT_INSTRUCTION
+from qrun.workers.datasets import DEFAULT_INSTRUCTION
 
 Step = tuple[int, tuple[str, ...]]  # (speaker index, alternative wordings)
 

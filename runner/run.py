@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from db import queue
-from db.errors import BadInput
-from db.session import qrun_home
-from runner.worker import QueueWorker
+from qrun.db import queue
+from qrun.db.errors import BadInput
+from qrun.db.session import qrun_home
+from qrun.runner.worker import QueueWorker
 
 MAX_ACTOR_RESTARTS = 5  # per slot, per `qrun run`: a worker that keeps dying is a bug, not bad luck
 

@@ -14,10 +14,10 @@ import socket
 import threading
 import time
 
-from db import queue
-from db.errors import JobLost
-from db.session import GROUP_UMASK, artifacts_root, open_database
-from workers import artifacts
+from qrun.db import queue
+from qrun.db.errors import JobLost
+from qrun.db.session import GROUP_UMASK, artifacts_root, open_database
+from qrun.workers import artifacts
 
 IDLE_POLL_S = 1.0
 
@@ -80,7 +80,7 @@ class QueueWorker:
                 continue
 
     def run_one(self, job) -> str:
-        from workers.jobs import JobContext, execute
+        from qrun.workers.jobs import JobContext, execute
 
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, done), daemon=True)

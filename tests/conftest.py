@@ -3,6 +3,7 @@ and one Ray instance for the whole session (ray.init costs seconds)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def qrun_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def db(qrun_home):
-    from db.session import open_database
+    from qrun.db.session import open_database
 
     database = open_database()
     yield database
@@ -38,7 +39,7 @@ def db(qrun_home):
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
-    from demo.tiny import build_tiny_model
+    from qrun.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2",
                             hidden=128, intermediate=256, layers=2)
@@ -46,7 +47,7 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from demo.tiny import build_tiny_model
+    from qrun.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama",
                             hidden=128, intermediate=256, layers=2)
@@ -55,7 +56,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def deep_qwen2(tmp_path_factory) -> Path:
     """More layers, so a quantization runs long enough to be interrupted mid-way."""
-    from demo.tiny import build_tiny_model
+    from qrun.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "deep-qwen2", arch="qwen2",
                             hidden=256, intermediate=512, layers=24)
@@ -71,7 +72,7 @@ def ray_session():
     ray.shutdown()
 
 
-def qrun(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False,
+def run_qrun(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False,
          **popen) -> subprocess.CompletedProcess:
     """Run the real `qrun` console script in a subprocess."""
     exe = Path(sys.executable).parent / "qrun"
@@ -91,3 +92,14 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def write_labeled(path: Path) -> Path:
+    """Eight dialogs, the scam-like ones labeled fraud, with ids as the seed's data would have."""
+    from qrun.demo.tiny import sample_texts
+
+    lines = sample_texts()[:8]  # alternating: scam call, ordinary chat, ...
+    with path.open("w", encoding="utf-8") as f:
+        for i, line in enumerate(lines):
+            f.write(json.dumps({"id": f"d{i}", "input": line, "label": i % 2 == 0}, ensure_ascii=False) + "\n")
+    return path

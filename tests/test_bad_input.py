@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
-from tests.conftest import qrun
+from qrun.cli.main import main
+from conftest import run_qrun
 
 pytestmark = pytest.mark.reliability
 
@@ -72,9 +72,9 @@ def assert_refused(outcome: Outcome, *names: str) -> str:
 @pytest.fixture
 def table(db, qrun_home):
     """A job table that already holds a job, so 'unchanged' means something."""
-    from db import queue
-    from db.queue import JobSpec
-    from db.states import Kind
+    from qrun.db import queue
+    from qrun.db.queue import JobSpec
+    from qrun.db.states import Kind
 
     queue.submit_jobs(db, [JobSpec(kind=Kind.QUANTIZE, model="/models/existing", params={"bits": 4})])
     return qrun_home / "qrun.db"
@@ -435,7 +435,7 @@ def test_unwritable_qrun_home(tmp_path):
 def test_console_script_bad_bits(table, model):
     """The same refusal through the real console script: stderr only, nothing on stdout."""
     before = table_snapshot(table)
-    result = qrun("submit", "--model", str(model), "--bits", "5")
+    result = run_qrun("submit", "--model", str(model), "--bits", "5")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == "Error: --bits 5 is not supported: use one of 2, 3, 4, 8"
     assert table_snapshot(table) == before

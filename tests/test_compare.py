@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.compare import comparison_rows
-from cli.main import cli
-from db import queue
-from db.states import Kind
-from tests.conftest import qrun
-from tests.test_evaluate import write_labeled
+from qrun.cli.compare import comparison_rows
+from qrun.cli.main import cli
+from qrun.db import queue
+from qrun.db.states import Kind
+from conftest import run_qrun
+from conftest import write_labeled
 
 T, F = True, False
 
@@ -153,7 +153,7 @@ def test_plot_writes_a_png(db, sweep, tmp_path):
 
 
 def test_plot_into_missing_directory_is_bad_input(db, tmp_path):
-    result = qrun("compare", "--plot", str(tmp_path / "nope" / "x.png"))
+    result = run_qrun("compare", "--plot", str(tmp_path / "nope" / "x.png"))
     assert result.returncode == 2
     missing = tmp_path / "nope"
     assert result.stderr.strip() == f"Error: --plot {missing / 'x.png'}: directory {missing} does not exist"
@@ -168,12 +168,12 @@ def test_no_rows(db):
 @pytest.mark.slow
 def test_sweep_end_to_end(qrun_home, tiny_qwen2, tmp_path):
     data = write_labeled(tmp_path / "dialogs.jsonl")
-    ids = json.loads(qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--bits", "8", "--group-size", "32",
+    ids = json.loads(run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--bits", "8", "--group-size", "32",
                           "--eval", str(data), "--eval-ppl", str(data), "--json", check=True).stdout)
     assert len(ids) == 5  # baseline eval, then quantize + eval for each of w4g32 and w8g32
-    run = qrun("run", "--until-empty", check=True)
+    run = run_qrun("run", "--until-empty", check=True)
     assert "ran 5 job(s), 0 failed" in run.stderr
-    rows = json.loads(qrun("compare", "--format", "json", check=True).stdout)
+    rows = json.loads(run_qrun("compare", "--format", "json", check=True).stdout)
     assert [(r["variant"], r["bits"]) for r in rows] == [("baseline", 32), ("w8g32", 8), ("w4g32", 4)]
     base = rows[0]
     for name in ("precision", "recall", "f1", "accuracy", "invalid", "auc", "perplexity"):
@@ -184,7 +184,7 @@ def test_sweep_end_to_end(qrun_home, tiny_qwen2, tmp_path):
     assert all(r["quantize_s"] > 0 and 0 <= r["agreement"] <= 1 for r in rows[1:])
     assert all(r["eval_samples"] == 8 for r in rows)
     plot = tmp_path / "sweep.png"
-    table = qrun("compare", "--plot", str(plot), check=True)
+    table = run_qrun("compare", "--plot", str(plot), check=True)
     assert "w4g32" in table.stdout and plot.stat().st_size > 0
 
 
@@ -195,14 +195,14 @@ def test_failed_quantize_fails_its_eval(qrun_home, tiny_qwen2, tmp_path):
     model = tmp_path / "broken"
     shutil.copytree(tiny_qwen2, model)
     data = write_labeled(tmp_path / "dialogs.jsonl")
-    baseline, quantize, evaluation = json.loads(qrun("submit", "--model", str(model), "--bits", "4", "--group-size",
+    baseline, quantize, evaluation = json.loads(run_qrun("submit", "--model", str(model), "--bits", "4", "--group-size",
                                                      "32", "--eval", str(data), "--json", check=True).stdout)
     (model / "model.safetensors").write_bytes(b"not safetensors")  # broken after submit's checks
-    run = qrun("run", "--until-empty")
+    run = run_qrun("run", "--until-empty")
     assert run.returncode == 1
-    jobs = {j["id"]: j for j in json.loads(qrun("status", "--json", check=True).stdout)}
+    jobs = {j["id"]: j for j in json.loads(run_qrun("status", "--json", check=True).stdout)}
     assert jobs[quantize]["status"] == "failed" and jobs[baseline]["status"] == "failed"
     assert jobs[evaluation]["status"] == "failed"
     assert jobs[evaluation]["error"] == f"upstream job {quantize} failed"
-    empty = qrun("compare", "--format", "json", check=True)
+    empty = run_qrun("compare", "--format", "json", check=True)
     assert json.loads(empty.stdout) == [] and "No succeeded eval jobs" in empty.stderr

@@ -2,13 +2,13 @@
 
 import multiprocessing as mp
 
-from db import queue
-from db.queue import JobSpec
-from db.states import Kind
+from qrun.db import queue
+from qrun.db.queue import JobSpec
+from qrun.db.states import Kind
 
 
 def _claimer(url: str, name: str, barrier, out) -> None:
-    from db.session import open_database
+    from qrun.db.session import open_database
 
     database = open_database(url)
     barrier.wait()

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import qrun
+from conftest import run_qrun
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
@@ -18,8 +18,8 @@ def _is_chinese(row: dict) -> bool:
 
 
 def test_rows_are_balanced_bilingual_and_in_the_seed_form(tmp_path):
-    from demo.dataset import generate_rows, write_jsonl
-    from workers.datasets import DEFAULT_INSTRUCTION, load_labeled
+    from qrun.demo.dataset import generate_rows, write_jsonl
+    from qrun.workers.datasets import DEFAULT_INSTRUCTION, load_labeled
 
     rows = generate_rows(400, seed=3)
     assert sum(r["label"] for r in rows) == 200
@@ -36,7 +36,7 @@ def test_rows_are_balanced_bilingual_and_in_the_seed_form(tmp_path):
 
 
 def test_rows_vary_in_names_amounts_and_speakers():
-    from demo.dataset import generate_rows
+    from qrun.demo.dataset import generate_rows
 
     rows = generate_rows(400, seed=4)
     assert len({r["input"] for r in rows}) == 400
@@ -48,14 +48,14 @@ def test_rows_vary_in_names_amounts_and_speakers():
 
 
 def test_generation_is_deterministic_and_seeds_differ():
-    from demo.dataset import generate_rows
+    from qrun.demo.dataset import generate_rows
 
     assert generate_rows(50, seed=7) == generate_rows(50, seed=7)
     assert generate_rows(50, seed=7) != generate_rows(50, seed=8)
 
 
 def test_held_out_split_never_copies_a_training_row():
-    from demo.dataset import generate_splits
+    from qrun.demo.dataset import generate_splits
 
     splits = generate_splits(5, {"train": 1000, "eval": 200})
     assert [len(v) for v in splits.values()] == [1000, 200]
@@ -69,7 +69,7 @@ def test_held_out_split_never_copies_a_training_row():
 
 @pytest.fixture(scope="module")
 def demo_home(tmp_path_factory):
-    from demo.build import build_demo
+    from qrun.demo.build import build_demo
 
     home = tmp_path_factory.mktemp("demo-home")
     return home, build_demo(home)
@@ -78,9 +78,9 @@ def demo_home(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_model_reaches_target_accuracy_by_qrun_s_own_scoring(demo_home):
     """The accuracy build_demo reports is what qrun's eval measures on the saved model and eval file."""
-    from demo.build import TARGET_ACCURACY
-    from workers.datasets import load_labeled
-    from workers.evaluate import load_model, prompt_ids, score_batch
+    from qrun.demo.build import TARGET_ACCURACY
+    from qrun.workers.datasets import load_labeled
+    from qrun.workers.evaluate import load_model, prompt_ids, score_batch
 
     _, paths = demo_home
     info = paths.info()
@@ -107,7 +107,7 @@ def test_demo_model_reaches_target_accuracy_by_qrun_s_own_scoring(demo_home):
 
 @pytest.mark.slow
 def test_demo_model_is_built_once_then_reused(demo_home):
-    from demo.build import build_demo
+    from qrun.demo.build import build_demo
 
     home, paths = demo_home
     weights = paths.model / "model.safetensors"
@@ -118,7 +118,7 @@ def test_demo_model_is_built_once_then_reused(demo_home):
 
 
 def test_missed_target_fails_clearly_and_keeps_nothing(tmp_path, monkeypatch):
-    from demo import build
+    from qrun.demo import build
 
     monkeypatch.setattr(build, "MAX_STEPS", 2)  # far too little training to leave chance level
     with pytest.raises(build.DemoBuildError, match=r"reached only 0\.\d+ held-out accuracy \(target 0\.9\)"):
@@ -136,22 +136,22 @@ def _table_rows(stdout: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_qrun_demo_end_to_end_then_again_without_new_work(qrun_home):
-    first = qrun("demo", timeout=900)
+    first = run_qrun("demo", timeout=900)
     assert first.returncode == 0, first.stderr
     assert "not a fraud detector" in first.stderr
     table = _table_rows(first.stdout)
     assert set(table) == {"baseline", "w4g128", "w8g128"}, first.stdout
-    compared = json.loads(qrun("compare", "--format", "json", check=True).stdout)
+    compared = json.loads(run_qrun("compare", "--format", "json", check=True).stdout)
     assert {r["variant"]: r["bits"] for r in compared} == {"baseline": 16, "w8g128": 8, "w4g128": 4}
     assert all(r["model"].endswith("qrun-demo-v1") and r["mode"] == "score" for r in compared)
     assert all(r["accuracy"] >= 0.9 for r in compared), compared
     assert all(r["eval_samples"] == 200 for r in compared)
-    jobs = json.loads(qrun("status", "--json", check=True).stdout)
+    jobs = json.loads(run_qrun("status", "--json", check=True).stdout)
     assert sorted(j["kind"] for j in jobs) == ["eval"] * 3 + ["quantize"] * 2
     assert all(j["status"] == "succeeded" for j in jobs)
 
-    second = qrun("demo", timeout=300)
+    second = run_qrun("demo", timeout=300)
     assert second.returncode == 0, second.stderr
     assert "already queued or done" in second.stderr
     assert _table_rows(second.stdout) == table
-    assert len(json.loads(qrun("status", "--json", check=True).stdout)) == 5
+    assert len(json.loads(run_qrun("status", "--json", check=True).stdout)) == 5

@@ -9,21 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import qrun, wait_for
+from conftest import run_qrun, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def _status(*ids) -> list[dict]:
-    return json.loads(qrun("status", "--json", *map(str, ids), check=True).stdout)
+    return json.loads(run_qrun("status", "--json", *map(str, ids), check=True).stdout)
 
 
 def test_submit_run_status_and_load_back(qrun_home, tiny_qwen2):
-    ids = qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--bits", "8", "--group-size", "32",
+    ids = run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--bits", "8", "--group-size", "32",
                "--json", check=True)
     ids = json.loads(ids.stdout)
     assert len(ids) == 2
-    run = qrun("run", "--until-empty", check=True)
+    run = run_qrun("run", "--until-empty", check=True)
     assert "ran 2 job(s), 0 failed" in run.stderr
     assert "Quantiz" not in run.stderr + run.stdout  # GPTQModel's output went to the job logs
     jobs = _status()
@@ -57,8 +57,8 @@ def test_submit_run_status_and_load_back(qrun_home, tiny_qwen2):
 
 
 def test_llama_architecture_quantizes(qrun_home, tiny_llama):
-    qrun("submit", "--model", str(tiny_llama), "--bits", "4", "--group-size", "64", check=True)
-    qrun("run", check=True)
+    run_qrun("submit", "--model", str(tiny_llama), "--bits", "4", "--group-size", "64", check=True)
+    run_qrun("run", check=True)
     (job,) = _status()
     assert job["status"] == "succeeded" and job["metrics"]["bits"] == 4
 
@@ -68,7 +68,7 @@ def test_killed_worker_does_not_lose_the_job(qrun_home, deep_qwen2):
     import subprocess
     import sys
 
-    (job_id,) = json.loads(qrun("submit", "--model", str(deep_qwen2), "--bits", "4", "--group-size", "64",
+    (job_id,) = json.loads(run_qrun("submit", "--model", str(deep_qwen2), "--bits", "4", "--group-size", "64",
                                 "--calib-samples", "16", "--json", check=True).stdout)
     exe = Path(sys.executable).parent / "qrun"
     runner = subprocess.Popen([str(exe), "run", "--until-empty", "--lease", "3"], stdout=subprocess.PIPE,
@@ -86,7 +86,7 @@ def test_killed_worker_does_not_lose_the_job(qrun_home, deep_qwen2):
     (job,) = _status(job_id)
     assert job["status"] == "succeeded", job["error"]
     assert job["attempts"] == 2
-    history = qrun("logs", str(job_id), check=True).stdout
+    history = run_qrun("logs", str(job_id), check=True).stdout
     assert "lost (lease expired)" in history
     artifacts = qrun_home / "artifacts"
     assert [p.name for p in artifacts.iterdir()] == [Path(job["artifacts"][0]["path"]).name]

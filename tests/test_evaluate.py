@@ -8,24 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from db import queue
-from db.states import Kind
-from tests.conftest import SHARED_DATA
-from workers.datasets import load_labeled
+from qrun.db import queue
+from qrun.db.states import Kind
+from conftest import SHARED_DATA, write_labeled
+from qrun.workers.datasets import load_labeled
 
 CLASSIFICATION_METRICS = ("tp", "fp", "tn", "fn", "precision", "recall", "f1", "accuracy", "invalid",
                           "eval_samples", "samples_per_s", "eval_s", "model_size_bytes")
-
-
-def write_labeled(path: Path) -> Path:
-    """Eight dialogs, the scam-like ones labeled fraud, with ids as the seed's data would have."""
-    from demo.tiny import sample_texts
-
-    lines = sample_texts()[:8]  # alternating: scam call, ordinary chat, ...
-    with path.open("w", encoding="utf-8") as f:
-        for i, line in enumerate(lines):
-            f.write(json.dumps({"id": f"d{i}", "input": line, "label": i % 2 == 0}, ensure_ascii=False) + "\n")
-    return path
 
 
 def train_classifier(source: Path, out: Path, data: Path, steps: int = 60) -> Path:
@@ -33,8 +22,8 @@ def train_classifier(source: Path, out: Path, data: Path, steps: int = 60) -> Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.datasets import answer_text
-    from workers.evaluate import prompt_ids
+    from qrun.workers.datasets import answer_text
+    from qrun.workers.evaluate import prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -73,7 +62,7 @@ def classifier(tiny_qwen2, eval_data, tmp_path_factory) -> Path:
 
 def run_job(db, kind: Kind, model: Path, params: dict, depends_on: int | None = None):
     """Submit one job, claim it as worker "w" and execute it on the CPU, as a worker would."""
-    from workers.jobs import JobContext, execute
+    from qrun.workers.jobs import JobContext, execute
 
     (job_id,) = queue.submit_jobs(db, [queue.JobSpec(kind=kind, model=str(model), params=params,
                                                      depends_on=depends_on)])
@@ -123,7 +112,7 @@ def test_score_mode_records_metrics_predictions_and_perplexity(db, qrun_home, cl
 
 def test_score_mode_is_deterministic_and_independent_of_batching(classifier, eval_data):
     """Left padding with position ids: a dialog scores the same alone or beside longer ones."""
-    from workers.evaluate import load_model, prompt_ids, score_batch
+    from qrun.workers.evaluate import load_model, prompt_ids, score_batch
 
     model, tokenizer = load_model(classifier, "cpu", trust_remote_code=False)
     prompts = [prompt_ids(tokenizer, s) for s in load_labeled(eval_data)]
@@ -170,7 +159,7 @@ def test_perplexity_only_eval(db, tiny_qwen2, tmp_path):
 @pytest.mark.parametrize("n_tokens, window", [(2, 512), (100, 512), (512, 512), (513, 512), (2000, 512),
                                               (7, 4), (9, 2)])
 def test_perplexity_windows_score_each_token_once(n_tokens, window):
-    from workers.evaluate import ppl_windows
+    from qrun.workers.evaluate import ppl_windows
 
     scored = []
     for begin, end, first in ppl_windows(n_tokens, window):
@@ -200,7 +189,7 @@ def test_upstream_without_model_artifact_fails_with_a_clear_error(db, tiny_qwen2
 ])
 def test_gptq_kernel_needs_no_download_on_gpu(tmp_path, monkeypatch, config, device, expected):
     """GPTQModel's own choice on Hopper (Machete) fetches CUTLASS from GitHub: fails offline."""
-    from workers.evaluate import gptq_backend
+    from qrun.workers.evaluate import gptq_backend
 
     monkeypatch.delenv("GPTQMODEL_CUTLASS_DIR", raising=False)
     (tmp_path / "quantize_config.json").write_text(json.dumps(config))
@@ -242,7 +231,7 @@ def test_real_anti_fraud_files_load():
 
 def test_out_of_memory_in_an_eval_names_the_batch_and_the_eval_batch_size(db):
     """The hint for an eval job's OOM is about its eval batch, not about calibration settings."""
-    from workers.jobs import JobContext, describe_failure
+    from qrun.workers.jobs import JobContext, describe_failure
 
     (job_id,) = queue.submit_jobs(db, [queue.JobSpec(kind=Kind.EVAL, model="/m", params={"variant": "w4g128"})])
     job = queue.claim_job(db, "w", None)
@@ -255,7 +244,7 @@ def test_out_of_memory_in_an_eval_names_the_batch_and_the_eval_batch_size(db):
 
 
 def test_a_stopping_runner_releases_an_eval_at_its_batch(db):
-    from workers.jobs import JobContext, StopRequested
+    from qrun.workers.jobs import JobContext, StopRequested
 
     queue.submit_jobs(db, [queue.JobSpec(kind=Kind.EVAL, model="/m", params={"variant": "baseline"})])
     ctx = JobContext(db=db, job=queue.claim_job(db, "w", None), worker="w", device="cpu", lease_s=60,

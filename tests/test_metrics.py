@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from workers.metrics import (
+from qrun.workers.metrics import (
     Confusion,
     accuracy,
     average_ranks,

@@ -5,12 +5,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from db import queue
-from db.errors import JobLost, SchemaTooNew
-from db.queue import JobSpec
-from db.schema import SCHEMA_VERSION, Job, Meta
-from db.session import open_database
-from db.states import Kind, Status
+from qrun.db import queue
+from qrun.db.errors import JobLost, SchemaTooNew
+from qrun.db.queue import JobSpec
+from qrun.db.schema import SCHEMA_VERSION, Job, Meta
+from qrun.db.session import open_database
+from qrun.db.states import Kind, Status
 
 
 def spec(**kw) -> JobSpec:
@@ -151,7 +151,7 @@ def test_newer_schema_is_refused(db):
 
 
 def test_older_schema_is_migrated(db, monkeypatch):
-    from db import session as session_module
+    from qrun.db import session as session_module
 
     applied = []
     with db.transaction() as s:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from db.queue import current_user
-from tests.conftest import qrun, wait_for
+from qrun.db.queue import current_user
+from conftest import run_qrun, wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ QRUN = str(Path(sys.executable).parent / "qrun")
 
 
 def submit(*args: str) -> list[int]:
-    return json.loads(qrun("submit", *args, "--json", check=True).stdout)
+    return json.loads(run_qrun("submit", *args, "--json", check=True).stdout)
 
 
 def start_runner(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -123,7 +123,7 @@ def test_killed_runner_job_is_taken_by_the_next_runner(qrun_home, deep_qwen2, tm
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
     assert transitions(qrun_home, job_id) == ["submit", "claim", "release", "claim", "succeed"]
-    assert "lost (lease expired)" in qrun("logs", str(job_id), check=True).stdout
+    assert "lost (lease expired)" in run_qrun("logs", str(job_id), check=True).stdout
     assert not table(qrun_home, "SELECT id FROM jobs WHERE status = 'running'")  # none stuck
     (artifact,) = artifact_rows(qrun_home, job_id)
     assert [p.name for p in (qrun_home / "artifacts").iterdir()] == [Path(artifact["path"]).name]
@@ -172,7 +172,7 @@ def test_full_disk_fails_the_job_cleanly_and_the_next_job_runs(qrun_home, tiny_q
 @pytest.fixture(scope="module")
 def wide_qwen2(tmp_path_factory) -> Path:
     """A 4096-wide MLP: its activations grow with the calibration batch, as a real model's do."""
-    from demo.tiny import build_tiny_model
+    from qrun.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "wide-qwen2", arch="qwen2",
                             hidden=128, intermediate=4096, layers=2)
@@ -221,7 +221,7 @@ def test_cancel_while_running_stops_at_the_next_layer(qrun_home, deep_qwen2, tmp
     runner = start_runner("--until-empty", "--lease", "3", log=tmp_path / "run.log")
     try:
         wait_for(lambda: job(qrun_home, job_id)["progress_done"] >= 2, 240, "the job to quantize two layers")
-        cancelled = qrun("cancel", str(job_id))
+        cancelled = run_qrun("cancel", str(job_id))
         assert cancelled.returncode == 0 and cancelled.stderr.strip() == f"cancelled {job_id}"
         at_cancel = job(qrun_home, job_id)["progress_done"]
         runner.wait(timeout=120)
@@ -279,9 +279,9 @@ def test_a_job_that_will_not_run_again_keeps_no_staging_directory(qrun_home, db,
     its last attempt; it still holds the second. A runner must fail the first and remove its
     staging directory, and leave the second's alone, and one of a job it does not know (a
     different queue's)."""
-    from db import queue
-    from db.session import artifacts_root
-    from workers.artifacts import new_staging_dir
+    from qrun.db import queue
+    from qrun.db.session import artifacts_root
+    from qrun.workers.artifacts import new_staging_dir
 
     silent, held = submit("--model", str(tiny_qwen2), "--bits", "4", "--bits", "8", "--max-attempts", "1")
     assert queue.claim_job(db, "elsewhere:1:gpu0", None, lease_s=1).id == silent

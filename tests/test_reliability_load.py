@@ -24,10 +24,10 @@ TOTAL = SUBMITTERS * JOBS_EACH
 
 
 def _submitter(url: str, index: int, start, out) -> None:
-    from db import queue
-    from db.queue import JobSpec
-    from db.session import open_database
-    from db.states import Kind
+    from qrun.db import queue
+    from qrun.db.queue import JobSpec
+    from qrun.db.session import open_database
+    from qrun.db.states import Kind
 
     db = open_database(url)
     start.wait()
@@ -39,8 +39,8 @@ def _submitter(url: str, index: int, start, out) -> None:
 
 
 def _claimer(url: str, index: int, start, submitting_done, out) -> None:
-    from db import queue
-    from db.session import open_database
+    from qrun.db import queue
+    from qrun.db.session import open_database
 
     db = open_database(url)
     name = f"host:{os.getpid()}:claimer{index}"
@@ -61,7 +61,7 @@ def _claimer(url: str, index: int, start, submitting_done, out) -> None:
 @pytest.fixture(scope="module")
 def raced(tmp_path_factory):
     """Run the race once; the tests below check what it left."""
-    from db.session import open_database
+    from qrun.db.session import open_database
 
     home = tmp_path_factory.mktemp("load") / "qrun-home"
     url = f"sqlite:///{home / 'qrun.db'}"

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from runner.run import gptqmodel_cpu_workers, worker_env
-from runner.worker import QueueWorker
-from tests.conftest import REPO, qrun
+from qrun.runner.run import gptqmodel_cpu_workers, worker_env
+from qrun.runner.worker import QueueWorker
+from conftest import REPO, run_qrun
 
 
 def test_gptqmodel_gets_its_default_of_the_workers_share_of_cores():
@@ -48,7 +48,7 @@ def test_gpu_worker_refuses_to_start_without_exactly_one_gpu(db):
 # and are still alive (transformers keeps weightless activation modules in a global table).
 DRAIN_AND_LIST_WEIGHTS = """
 import gc, json, sys
-from runner.worker import QueueWorker
+from qrun.runner.worker import QueueWorker
 
 outcomes = QueueWorker(sys.argv[1], "cpu0", use_gpu=False).drain()
 gc.collect()
@@ -67,10 +67,10 @@ def test_a_worker_keeps_no_model_after_its_jobs(db, qrun_home, tiny_qwen2, tmp_p
     """On an H100 an 8-bit model's 1.8 GB stayed on the GPU through a worker's next eval jobs:
     GPTQModel's saved exceptions (their tracebacks) and its idle pool threads still referred to it.
     Quantize, eval of the result and baseline eval in one worker; then no weights may be left."""
-    from tests.test_evaluate import write_labeled
+    from conftest import write_labeled
 
     data = write_labeled(tmp_path / "eval.jsonl")
-    qrun("submit", "--model", str(tiny_qwen2), "--bits", "8", "--group-size", "32", "--eval", str(data),
+    run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "8", "--group-size", "32", "--eval", str(data),
          "--calib-samples", "8", "--calib-max-len", "64", check=True)
     result = subprocess.run([sys.executable, "-c", DRAIN_AND_LIST_WEIGHTS, db.url], capture_output=True,
                             text=True, timeout=600, cwd=REPO, env={**os.environ, "QRUN_HOME": str(qrun_home)})

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from db import queue
-from db.queue import JobSpec
-from db.states import Kind
-from tests.conftest import qrun
+from qrun.db import queue
+from qrun.db.queue import JobSpec
+from qrun.db.states import Kind
+from conftest import run_qrun
 
 pytestmark = pytest.mark.reliability
 
@@ -34,7 +34,7 @@ def restore_umask():
 
 def run_worker_here(db) -> list[tuple[int, str]]:
     """Drain the queue with the real worker class, in this process, without Ray."""
-    from runner.worker import QueueWorker
+    from qrun.runner.worker import QueueWorker
 
     return QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30).drain(burst=True)
 
@@ -61,14 +61,14 @@ def model_with_code(tmp_path, tiny_qwen2) -> tuple[Path, Path]:
 
 
 def test_trust_remote_code_is_off_by_default(qrun_home, tiny_qwen2, model_with_code):
-    from workers.quantize import QuantizeParams
+    from qrun.workers.quantize import QuantizeParams
 
     assert QuantizeParams(bits=4).trust_remote_code is False
-    (job_id,) = json.loads(qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--json", check=True).stdout)
-    (job,) = json.loads(qrun("status", "--json", str(job_id), check=True).stdout)
+    (job_id,) = json.loads(run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--json", check=True).stdout)
+    (job,) = json.loads(run_qrun("status", "--json", str(job_id), check=True).stdout)
     assert job["params"]["trust_remote_code"] is False
     model, marker = model_with_code
-    refused = qrun("submit", "--model", str(model), "--bits", "4")
+    refused = run_qrun("submit", "--model", str(model), "--bits", "4")
     assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr
 
 
@@ -99,7 +99,7 @@ def group_home(qrun_home) -> Path:
 
 
 def test_real_artifact_is_safetensors_only_and_shared_with_the_group(group_home, tiny_qwen2, restore_umask):
-    from db.session import open_database
+    from qrun.db.session import open_database
 
     database = open_database()
     try:
@@ -127,7 +127,7 @@ def test_real_artifact_is_safetensors_only_and_shared_with_the_group(group_home,
 
 
 def test_publish_refuses_pickle_files(tmp_path):
-    from workers.artifacts import publish
+    from qrun.workers.artifacts import publish
 
     staging, final = tmp_path / ".staging-job1-1-1", tmp_path / "model-w4g128-job1"
     staging.mkdir()
@@ -144,7 +144,7 @@ HOSTILE = ["../../etc/cron.d/x", "/etc/passwd", "..", ".", "a/../../b", "..\\..\
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_names_from_user_text_stay_in_the_artifact_directory(tmp_path, text):
-    from workers.artifacts import inside, safe_name
+    from qrun.workers.artifacts import inside, safe_name
 
     root = tmp_path / "artifacts"
     root.mkdir()
@@ -155,8 +155,8 @@ def test_names_from_user_text_stay_in_the_artifact_directory(tmp_path, text):
 
 @pytest.mark.parametrize("name", ["../outside", "/etc", "a/b", "a/../../b", ".."])
 def test_a_path_that_leaves_the_artifact_directory_is_refused(tmp_path, name):
-    from db.errors import BadInput
-    from workers.artifacts import inside
+    from qrun.db.errors import BadInput
+    from qrun.workers.artifacts import inside
 
     root = tmp_path / "artifacts"
     root.mkdir()
@@ -165,8 +165,8 @@ def test_a_path_that_leaves_the_artifact_directory_is_refused(tmp_path, name):
 
 
 def test_a_symlink_planted_in_the_artifact_directory_is_not_followed(tmp_path):
-    from db.errors import BadInput
-    from workers.artifacts import inside
+    from qrun.db.errors import BadInput
+    from qrun.workers.artifacts import inside
 
     root, elsewhere = tmp_path / "artifacts", tmp_path / "someone-elses"
     root.mkdir()
@@ -181,23 +181,23 @@ def test_a_symlink_planted_in_the_artifact_directory_is_not_followed(tmp_path):
 
 def test_every_job_records_its_real_submitter(qrun_home, tiny_qwen2):
     """$USER and $LOGNAME are the user's to set: the record comes from the process's uid."""
-    out = qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--json", check=True,
+    out = run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--json", check=True,
                env={"USER": "mallory", "LOGNAME": "mallory"})
     (job_id,) = json.loads(out.stdout)
-    (job,) = json.loads(qrun("status", "--json", check=True).stdout)
+    (job,) = json.loads(run_qrun("status", "--json", check=True).stdout)
     assert job["submitted_by"] == ME
-    history = qrun("logs", str(job_id), check=True).stdout
+    history = run_qrun("logs", str(job_id), check=True).stdout
     assert f"submit: - -> queued (by {ME})" in history
 
 
 def test_cancelling_another_users_job_needs_force(db, qrun_home):
     (job_id,) = queue.submit_jobs(db, [JobSpec(kind=Kind.QUANTIZE, model="/models/m", params={"bits": 4})],
                                   user="alice")
-    refused = qrun("cancel", str(job_id), env={"USER": "alice", "LOGNAME": "alice"})  # no way round it
+    refused = run_qrun("cancel", str(job_id), env={"USER": "alice", "LOGNAME": "alice"})  # no way round it
     assert refused.returncode == 2
     assert refused.stderr.strip() == f"Error: job {job_id} belongs to alice: add --force to cancel another user's job"
     assert queue.get_job(db, job_id).status == "queued"
-    forced = qrun("cancel", "--force", str(job_id))
+    forced = run_qrun("cancel", "--force", str(job_id))
     assert forced.returncode == 0, forced.stderr
     job = queue.get_job(db, job_id)
     assert job.status == "cancelled" and job.error == f"cancelled by {ME}"
@@ -207,7 +207,7 @@ def test_cancelling_another_users_job_needs_force(db, qrun_home):
 def test_database_files_are_group_writable_whatever_the_umask(qrun_home):
     """SQLite makes its -wal and -shm files as it needs them; each must stay writable by the group,
     even for a user whose umask is 077."""
-    from db.session import artifacts_root, logs_root, open_database
+    from qrun.db.session import artifacts_root, logs_root, open_database
 
     old = os.umask(0o077)
     try:

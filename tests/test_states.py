@@ -5,11 +5,11 @@ import re
 import pytest
 from sqlalchemy import text
 
-from db import queue
-from db.errors import JobLost, JobNotFound, TransitionError
-from db.queue import JobSpec
-from db.schema import Job
-from db.states import TRANSITIONS, Kind, Status
+from qrun.db import queue
+from qrun.db.errors import JobLost, JobNotFound, TransitionError
+from qrun.db.queue import JobSpec
+from qrun.db.schema import Job
+from qrun.db.states import TRANSITIONS, Kind, Status
 
 
 def _constraint_values(name: str) -> set[str]:

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from db.errors import BadInput
+from qrun.db.errors import BadInput
 
 # qrun writes weights as safetensors only; anything pickled in an output is refused.
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -6,7 +6,7 @@ samples go through the tokenizer's chat template (with their answer) when it has
 
 from __future__ import annotations
 
-from workers.datasets import Sample, load_samples
+from qrun.workers.datasets import Sample, load_samples
 
 # Used when a job names no calibration file: generic mixed Chinese/English prose and dialog.
 # In-domain data (--calib, or the --eval file) is better; qrun logs a warning when it falls back.

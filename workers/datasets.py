@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from db.errors import BadInput
+from qrun.db.errors import BadInput
 
 DEFAULT_INSTRUCTION = (
     "\n下面是一段对话文本, 请分析对话内容是否有诈骗风险，以json格式输出你的判断结果(is_fraud: true/false)。\n"

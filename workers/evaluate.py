@@ -26,12 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from db import queue
-from db.errors import BadInput
-from db.session import artifacts_root
-from workers import artifacts
-from workers.datasets import Sample, answer_text, load_labeled, load_samples, parse_answer
-from workers.metrics import classification_metrics
+from qrun.db import queue
+from qrun.db.errors import BadInput
+from qrun.db.session import artifacts_root
+from qrun.workers import artifacts
+from qrun.workers.datasets import Sample, answer_text, load_labeled, load_samples, parse_answer
+from qrun.workers.metrics import classification_metrics
 
 log = logging.getLogger("qrun.evaluate")
 

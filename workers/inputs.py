@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from db.errors import BadInput
+from qrun.db.errors import BadInput
 
 # Architectures qrun has run end to end (GPTQModel supports more; widen this list as they are tested).
 SUPPORTED_ARCHITECTURES = {

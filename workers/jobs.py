@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from db import queue
-from db.errors import BadInput, JobLost
-from db.schema import Job
-from db.session import Database, artifacts_root, logs_root
-from db.states import Kind, progress_unit
-from workers import artifacts
-from workers.limits import memory_cap
+from qrun.db import queue
+from qrun.db.errors import BadInput, JobLost
+from qrun.db.schema import Job
+from qrun.db.session import Database, artifacts_root, logs_root
+from qrun.db.states import Kind, progress_unit
+from qrun.workers import artifacts
+from qrun.workers.limits import memory_cap
 
 log = logging.getLogger("qrun.worker")
 
@@ -113,8 +113,8 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def run_quantize(ctx: JobContext, log_file) -> tuple[dict, list[queue.ArtifactRecord]]:
-    from workers.inputs import inspect_model
-    from workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.inputs import inspect_model
+    from qrun.workers.quantize import QuantizeParams, quantize_model
 
     job = ctx.job
     params = QuantizeParams.from_dict(job.params)
@@ -147,7 +147,7 @@ def run_kind(ctx: JobContext, log_file) -> tuple[dict, list[queue.ArtifactRecord
     if ctx.job.kind == Kind.QUANTIZE.value:
         return run_quantize(ctx, log_file)
     if ctx.job.kind == Kind.EVAL.value:
-        from workers.evaluate import run_eval
+        from qrun.workers.evaluate import run_eval
 
         return run_eval(ctx, log_file)
     raise ValueError(f"job {ctx.job.id} has unknown kind {ctx.job.kind!r}")

@@ -16,7 +16,7 @@ import os
 import resource
 from contextlib import contextmanager
 
-from db.errors import BadInput
+from qrun.db.errors import BadInput
 
 MEMORY_CAP_ENV = "QRUN_JOB_MEMORY_MB"
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-from workers.calibration import calibration_texts, tokenize_calibration
+from qrun.workers.calibration import calibration_texts, tokenize_calibration
 
 log = logging.getLogger("qrun.quantize")
 
