@@ -9,13 +9,21 @@ at once with "database is locked" when another writer got in between).
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from qrun.db.errors import BadInput, SchemaTooNew
@@ -199,6 +207,79 @@ class Database:
 
 def open_database(url: str | None = None) -> Database:
     return Database(url)
+
+
+# ---------------------------------------------------------------- transient errors
+
+# SQLite raises OperationalError for bugs too ("no such table", syntax errors): only these messages
+# mean the file is (maybe briefly) out of reach or unwritable.
+SQLITE_TRANSIENT_MESSAGES = (
+    "database is locked",
+    "database table is locked",
+    "database or disk is full",
+    "disk i/o error",
+    "unable to open database file",
+    "attempt to write a readonly database",
+)
+# What a server-side database says when the connection, not the statement, is the trouble.
+SERVER_TRANSIENT_MESSAGES = (
+    "connection refused",
+    "could not connect",
+    "connection timed out",
+    "server closed the connection",
+    "terminating connection",
+    "connection is closed",
+    "connection already closed",
+    "consuming input failed",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "no space left on device",
+)
+
+
+def _is_transient_one(exc: BaseException) -> bool:
+    if isinstance(exc, (DisconnectionError, PoolTimeout)):  # the pool could not get a live connection
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    driver_error = exc.orig if isinstance(exc, DBAPIError) else exc
+    message = str(driver_error).lower()
+    if isinstance(driver_error, sqlite3.Error):
+        return any(m in message for m in SQLITE_TRANSIENT_MESSAGES)
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        # Postgres (psycopg) keeps OperationalError for the connection, resources, operator
+        # intervention and serialization failures; bugs are ProgrammingError, constraint
+        # violations IntegrityError.
+        return True
+    if _is_driver_operational(driver_error):
+        return True
+    return any(m in message for m in SERVER_TRANSIENT_MESSAGES)
+
+
+def _is_driver_operational(exc: BaseException) -> bool:
+    """A DBAPI OperationalError/InterfaceError not (yet) wrapped by SQLAlchemy, e.g. psycopg's own."""
+    return any(cls.__name__ in ("OperationalError", "InterfaceError") for cls in type(exc).__mro__
+               if cls.__module__.split(".")[0] in ("psycopg", "psycopg2"))
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """Whether `exc` means the database is (maybe briefly) unreachable or unwritable — worth backing
+    off and retrying — as opposed to a bug or a constraint violation, which retrying cannot fix.
+
+    True for: SQLite "database is locked", "database or disk is full", "disk I/O error", "unable to
+    open database file", a read-only file; Postgres connection refused, terminated or closed, and
+    its other OperationalErrors/InterfaceErrors; a connection SQLAlchemy invalidated. Follows
+    `raise ... from` causes, so a BadInput raised from such an error counts too.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if _is_transient_one(current):
+            return True
+        seen.add(id(current))
+        current = current.__cause__
+    return False
 
 
 def artifacts_root() -> Path:
