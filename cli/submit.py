@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import click
 
@@ -27,20 +26,18 @@ def eval_params(data: str | None, mode: str, max_new_tokens: int, ppl: str | Non
             "batch_size": batch_size, "variant": variant, "trust_remote_code": trust_remote_code}
 
 
-def validate_eval_inputs(data: str | None, ppl: str | None, max_new_tokens: int, batch_size: int) -> None:
-    from qrun.workers.datasets import load_labeled, load_samples
+def validate_eval_inputs(data: str | None, ppl: str | None, max_new_tokens: int, batch_size: int,
+                         batch_option: str = "eval_batch_size") -> None:
+    """Every eval input, checked by the library functions that the job itself reads them with.
+    batch_option: the batch size's option as this command spells it (underscores for dashes)."""
+    from qrun.workers.datasets import check_eval_file, check_perplexity_file
+    from qrun.workers.inputs import check_job_counts
 
     if data:
-        samples = load_labeled(data)
-        if not samples:
-            raise BadInput(f"eval file {data} has no samples")
+        check_eval_file(data)
     if ppl:
-        if not load_samples(ppl):
-            raise BadInput(f"perplexity file {ppl} has no text")
-    if max_new_tokens <= 0:
-        raise BadInput(f"--max-new-tokens {max_new_tokens} must be positive")
-    if batch_size <= 0:
-        raise BadInput(f"--eval-batch-size {batch_size} must be positive")
+        check_perplexity_file(ppl)
+    check_job_counts(max_new_tokens=max_new_tokens, **{batch_option: batch_size})
 
 
 def build_specs(model: str, sweep: list[dict], priority: int, max_attempts: int, eval_args: dict | None,
@@ -102,15 +99,16 @@ def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_s
     """Add quantize jobs (one per combination of --bits, --group-size, --damp), and with --eval an
     eval job for each plus one for the unquantized baseline. Prints the new job ids."""
     from qrun.workers.datasets import check_calibration_file
-    from qrun.workers.inputs import check_quantize_settings, inspect_model
+    from qrun.workers.inputs import (check_job_counts, check_priority, check_quantizable, check_quantize_settings,
+                                     inspect_model)
 
     info = inspect_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    check_quantizable(info)
     for b, g, d in itertools.product(bits, group_size, damp):
         check_quantize_settings(info, b, g, d)
-    for name, value in (("--calib-samples", calib_samples), ("--calib-max-len", calib_max_len),
-                        ("--batch-size", batch_size), ("--max-attempts", max_attempts)):
-        if value <= 0:
-            raise BadInput(f"{name} {value} must be positive")
+    check_job_counts(calib_samples=calib_samples, calib_max_len=calib_max_len, batch_size=batch_size,
+                     max_attempts=max_attempts)
+    check_priority(priority)
     calib = _check_file(calib, "calibration file")
     eval_data = _check_file(eval_data, "eval file")
     eval_ppl = _check_file(eval_ppl, "perplexity file")
@@ -156,22 +154,21 @@ def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_s
 def eval_command(ctx, model_dir, data, ppl, mode, max_new_tokens, batch_size, priority, trust_remote_code, as_json):
     """Add an eval job for an existing model or artifact directory."""
     from qrun.db.queue import JobSpec, submit_jobs
-    from qrun.workers.inputs import inspect_model
+    from qrun.workers.inputs import check_priority, inspect_model, read_quantize_config
 
     if not data and not ppl:
         raise BadInput("qrun eval needs --data FILE (classification) or --ppl FILE (perplexity), or both")
     info = inspect_model(model_dir, trust_remote_code=trust_remote_code)
     data = _check_file(data, "eval file")
     ppl = _check_file(ppl, "perplexity file")
-    validate_eval_inputs(data, ppl, max_new_tokens, batch_size)
+    validate_eval_inputs(data, ppl, max_new_tokens, batch_size, batch_option="batch_size")
+    check_priority(priority)
     variant = "baseline"
-    quant_config = Path(info.path) / "quantize_config.json"
-    if quant_config.exists():
-        import json
-
+    quant_config = read_quantize_config(info.path)
+    if quant_config is not None:
         from qrun.workers.quantize import QuantizeParams
 
-        variant = QuantizeParams.from_dict(json.loads(quant_config.read_text())).label()
+        variant = QuantizeParams.from_dict(quant_config).label()
     params = eval_params(data, mode, max_new_tokens, ppl, batch_size, variant, trust_remote_code)
     ids = submit_jobs(open_db(ctx), [JobSpec(kind=Kind.EVAL, model=info.path, params=params, priority=priority)])
     print_json(ids) if as_json else click.echo(ids[0])

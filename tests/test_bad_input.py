@@ -80,13 +80,21 @@ def table(db, qrun_home):
     return qrun_home / "qrun.db"
 
 
+def safetensors_bytes(header: dict | None = None, data: bytes = b"\0" * 4) -> bytes:
+    """A safetensors file: 8-byte little-endian header length, the JSON header, the data.
+    By default one float32 tensor, whole: what submit's header check accepts."""
+    header = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}} if header is None else header
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
 @pytest.fixture
 def model(tmp_path, tiny_qwen2) -> Path:
-    """A model directory that passes every check: tiny_qwen2's config and a (never read) weights file."""
+    """A model directory that passes every check: tiny_qwen2's config and a whole (tiny) safetensors file."""
     out = tmp_path / "model"
     out.mkdir()
     shutil.copy(tiny_qwen2 / "config.json", out / "config.json")
-    (out / "model.safetensors").write_bytes(b"")
+    (out / "model.safetensors").write_bytes(safetensors_bytes())
     return out
 
 
@@ -99,7 +107,7 @@ def variant(model: Path, name: str, *, config: dict | None = None, weights: str 
     text = config_text if config_text is not None else json.dumps({**base, **(config or {})})
     (out / "config.json").write_text(text)
     if weights:
-        (out / weights).write_bytes(b"")
+        (out / weights).write_bytes(safetensors_bytes() if weights.endswith(".safetensors") else b"")
     return out
 
 
@@ -232,9 +240,18 @@ def test_bits_not_a_number(table, model):
 
 def test_group_size_that_does_not_divide_the_layer_width(table, model):
     before = table_snapshot(table)
-    line = assert_refused(invoke("submit", "--model", str(model), "--bits", "4", "--group-size", "48"),
-                          "--group-size 48", "hidden size 128")
+    line = assert_refused(invoke("submit", "--model", str(model), "--bits", "4", "--group-size", "256"),
+                          "--group-size 256", "hidden size 128")
     assert "pick a divisor" in line
+    assert table_snapshot(table) == before
+
+
+@pytest.mark.parametrize("group", ["8", "2", "48"])
+def test_group_size_gptqmodel_cannot_pack(table, model, group):
+    """GPTQModel quantizes with any group size but packs only these: an 8 failed at the end of the job."""
+    before = table_snapshot(table)
+    assert_refused(invoke("submit", "--model", str(model), "--bits", "4", "--group-size", group),
+                   f"--group-size {group}", "not supported by GPTQModel", "-1, 16, 32, 64, 128, 256, 512, 1024")
     assert table_snapshot(table) == before
 
 
@@ -296,7 +313,7 @@ def test_eval_file_on_submit(table, model, files, tmp_path, case, names):
     ((), ("--data", "--ppl")),
     (("--data", "{unlabeled}"), ("unlabeled.jsonl", "no label")),
     (("--ppl", "{empty}"), ("empty.jsonl", "is empty")),
-    (("--data", "{good}", "--batch-size", "0"), ("--eval-batch-size 0",)),
+    (("--data", "{good}", "--batch-size", "0"), ("--batch-size 0",)),  # as `qrun eval` spells it
     (("--data", "{good}", "--mode", "generate", "--max-new-tokens", "0"), ("--max-new-tokens 0",)),
 ])
 def test_eval_command(table, model, files, args, names):
@@ -439,3 +456,214 @@ def test_console_script_bad_bits(table, model):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == "Error: --bits 5 is not supported: use one of 2, 3, 4, 8"
     assert table_snapshot(table) == before
+
+
+# ---------------------------------------------------------------- malformed inputs, one table
+#
+# Each case builds one malformed model directory, data file or option from the good ones, and runs
+# the real entry point (cli.main.main). Every case must be refused as bad input: exit 2, one line
+# naming the input, the table untouched. An exception of any other class reaching the user exits 1
+# ("Error: TypeError: ...") and fails the case: that is a bug, not a refusal.
+
+
+def broken_model(model: Path, name: str, *, config=None, config_bytes: bytes | None = None,
+                 files: dict[str, bytes] | None = None) -> Path:
+    """A copy of the good `model` directory with config.json changed (merged keys, or raw bytes) and
+    files added or replaced."""
+    out = model.parent / name
+    shutil.copytree(model, out)
+    if config is not None:
+        base = json.loads((model / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**base, **config}))
+    if config_bytes is not None:
+        (out / "config.json").write_bytes(config_bytes)
+    for file_name, content in (files or {}).items():
+        (out / file_name).write_bytes(content)
+    return out
+
+
+def config_case(config=None, *, raw: bytes | None = None, names: tuple[str, ...] = ()):
+    """Submit a model whose config.json is changed; the line names config.json and `names`."""
+    def build(model: Path, tmp_path: Path):
+        out = broken_model(model, "m", config=config, config_bytes=raw)
+        return [*SUBMIT, "--model", str(out)], [str(out / "config.json"), *names]
+    return build
+
+
+def weights_case(content: bytes, *names: str, file_name: str = "model.safetensors",
+                 extra: dict[str, bytes] | None = None):
+    """Submit a model whose weights file `file_name` holds `content`; the line names that file."""
+    def build(model: Path, tmp_path: Path):
+        out = broken_model(model, "m", files={file_name: content, **(extra or {})})
+        return [*SUBMIT, "--model", str(out)], [str(out / file_name), *names]
+    return build
+
+
+def data_case(option: str, content: bytes | str, *names: str, suffix: str = ".jsonl", command=SUBMIT):
+    """Submit (or eval) with `option` naming a file that holds `content`; the line names the file."""
+    def build(model: Path, tmp_path: Path):
+        path = tmp_path / f"data{suffix}"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        return [*command, "--model", str(model), option, str(path)], [str(path), *names]
+    return build
+
+
+def rows(*items) -> str:
+    """JSONL of the given rows (dicts are dumped; strings are taken as the line itself)."""
+    return "".join((item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)) + "\n" for item in items)
+
+
+def options_case(*args: str, names: tuple[str, ...], command=SUBMIT):
+    def build(model: Path, tmp_path: Path):
+        return [*command, "--model", str(model), *args], list(names)
+    return build
+
+
+def artifact_case(quantize_config: bytes, *names: str):
+    """`qrun eval` of a quantized model whose quantize_config.json holds `quantize_config`."""
+    def build(model: Path, tmp_path: Path):
+        data = tmp_path / "good.jsonl"
+        data.write_text(rows(GOOD_ROW))
+        out = broken_model(model, "artifact", files={"quantize_config.json": quantize_config})
+        return ["eval", "--model", str(out), "--data", str(data)], [str(out / "quantize_config.json"), *names]
+    return build
+
+
+def shard_case(index: bytes, *names: str):
+    def build(model: Path, tmp_path: Path):
+        out = broken_model(model, "m", files={"model.safetensors.index.json": index})
+        return [*SUBMIT, "--model", str(out)], [str(out / "model.safetensors.index.json"), *names]
+    return build
+
+
+EVAL = ("eval",)
+DEEP = b"[" * 100_000 + b"]" * 100_000  # nested past the JSON parser's recursion limit
+LABELED = {"input": "发言人1: 您好，请告诉我验证码。", "label": True}
+MALFORMED = {
+    # config.json: the wrong shape
+    "config-a-list": config_case(raw=b"[1, 2]", names=("must be a JSON object", "found a list")),
+    "config-a-string": config_case(raw=b'"Qwen2ForCausalLM"', names=("found a string",)),
+    "config-null": config_case(raw=b"null", names=("found null",)),
+    "config-a-number": config_case(raw=b"42", names=("found a number",)),
+    "config-empty": config_case(raw=b"", names=("not valid JSON",)),
+    "config-not-utf8": config_case(raw=b'{"hidden_size": "\xff\xfe"}', names=("not valid JSON",)),
+    "config-nested-too-deeply": config_case(raw=DEEP, names=("nested too deeply",)),
+    # config.json: sizes that are not positive integers
+    "layers-a-string": config_case({"num_hidden_layers": "x"}, names=("num_hidden_layers", '"x"', "positive integer")),
+    "hidden-a-fraction": config_case({"hidden_size": 12.5}, names=("hidden_size", "12.5")),
+    "hidden-a-whole-float": config_case({"hidden_size": 128.0}, names=("hidden_size", "128.0")),
+    "hidden-a-boolean": config_case({"hidden_size": True}, names=("hidden_size", "true")),
+    "layers-negative": config_case({"num_hidden_layers": -2}, names=("num_hidden_layers", "-2")),
+    "layers-zero": config_case({"num_hidden_layers": 0}, names=("num_hidden_layers", "0")),
+    "intermediate-a-numeric-string": config_case({"intermediate_size": "256"}, names=("intermediate_size",)),
+    "vocab-null": config_case({"vocab_size": None}, names=("vocab_size", "null")),
+    "heads-a-list": config_case({"num_attention_heads": [4]}, names=("num_attention_heads",)),
+    "hidden-missing": config_case(raw=json.dumps({"architectures": ["Qwen2ForCausalLM"],
+                                                  "num_hidden_layers": 2}).encode(), names=("no hidden_size",)),
+    "text-config-a-list": config_case({"text_config": [1]}, names=("'text_config'", "found a list")),
+    # config.json: architectures
+    "architectures-a-string": config_case({"architectures": "Qwen2ForCausalLM"},
+                                          names=("'architectures' must be a list", '["Qwen2ForCausalLM"]')),
+    "architectures-of-numbers": config_case({"architectures": [1]}, names=("'architectures' must be a list",)),
+    "architectures-an-object": config_case({"architectures": {"a": 1}}, names=("'architectures' must be a list",)),
+    "already-quantized": lambda model, tmp: (
+        [*SUBMIT, "--model", str(broken_model(model, "q", config={"quantization_config": {"bits": 4}}))],
+        [str(model.parent / "q"), "already quantized", "quantization_config", "qrun eval"]),
+    # model.safetensors: empty, cut off, not safetensors
+    "weights-0-bytes": weights_case(b"", "0 bytes", "too short"),
+    "weights-5-bytes": weights_case(b"\x10\0\0\0\0", "5 bytes", "too short"),
+    "weights-header-cut-off": weights_case(safetensors_bytes()[:30], "claims", "the file has 30"),
+    "weights-data-cut-off": weights_case(safetensors_bytes()[:-2], "is truncated", "re-download"),
+    "weights-header-length-huge": weights_case((2**63).to_bytes(8, "little") + b"{}", "claims"),
+    "weights-header-not-json": weights_case((10).to_bytes(8, "little") + b"not json!!", "not JSON"),
+    "weights-header-not-utf8": weights_case((4).to_bytes(8, "little") + b"\xff\xfe\xfd\xfc", "not JSON"),
+    "weights-header-a-list": weights_case(safetensors_bytes([1, 2]), "a list, not an object"),
+    "weights-no-offsets": weights_case(safetensors_bytes({"w": {"dtype": "F32", "shape": [1]}}), "data_offsets"),
+    "weights-offsets-backwards": weights_case(
+        safetensors_bytes({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}), "data_offsets"),
+    "weights-no-tensors": weights_case(safetensors_bytes({"__metadata__": {"format": "pt"}}, b""), "no tensors"),
+    "weights-pickle-under-a-safetensors-name": weights_case(b"\x80\x04\x95" + b"\0" * 64, "claims"),
+    "second-shard-truncated": weights_case(safetensors_bytes()[:-1], "is truncated",
+                                           file_name="model-00002-of-00002.safetensors"),
+    "shard-index-names-a-missing-shard": shard_case(
+        json.dumps({"weight_map": {"w": "model.safetensors", "v": "model-00002.safetensors"}}).encode(),
+        "model-00002.safetensors", "incomplete"),
+    "shard-index-not-json": shard_case(b"{", "not valid JSON"),
+    "shard-index-names-a-path": shard_case(json.dumps({"weight_map": {"w": "../model.safetensors"}}).encode(),
+                                           "../model.safetensors"),
+    # options
+    "priority-above-int64": options_case("--priority", str(2**63), names=("--priority", str(2**63), "out of range")),
+    "priority-below-int64": options_case("--priority", str(-(2**63) - 1), names=("--priority", "out of range")),
+    "eval-priority-above-int64": options_case("--data", "{good}", "--priority", str(2**64), command=EVAL,
+                                              names=("--priority", str(2**64))),
+    "max-attempts-huge": options_case("--max-attempts", "1000000", names=("--max-attempts 1000000",)),
+    "group-size-8": options_case("--group-size", "8", names=("--group-size 8", "not supported")),
+    "damp-nan": options_case("--damp", "nan", names=("--damp nan", "between 0 and 1")),
+    "eval-batch-size-negative": options_case("--eval", "{good}", "--eval-batch-size", "-1",
+                                             names=("--eval-batch-size -1", "positive")),
+    # eval files: not text
+    "eval-binary-garbage": data_case("--eval", bytes(range(256)) * 4, "not UTF-8"),
+    "eval-latin1": data_case("--eval", '{"input": "café", "label": true}\n'.encode("latin-1"), "not UTF-8"),
+    "eval-nul-bytes": data_case("--eval", b'{"input": "a", "label": true}\n\0\0\0\n', "NUL bytes"),
+    "eval-empty": data_case("--eval", b"", "is empty"),
+    "eval-is-dev-null": lambda model, tmp: ([*SUBMIT, "--model", str(model), "--eval", "/dev/null"],
+                                            ["/dev/null", "is not a file"]),
+    # eval files: JSON of the wrong shape
+    "eval-array-of-numbers": data_case("--eval", "[1, 2, 3]", ":item 1", "found a number", suffix=".json"),
+    "eval-a-string": data_case("--eval", '"just text"', ":line 1", "found a string", suffix=".json"),
+    "eval-array-cut-off": data_case("--eval", '[{"input": "x", "label": true},', "not valid JSON", suffix=".json"),
+    "eval-empty-array": data_case("--eval", "[]", "no samples", suffix=".json"),
+    "eval-object-of-rows": data_case("--eval", json.dumps({"rows": [LABELED]}), ":1:", "input, messages, text"),
+    "eval-nested-too-deeply": data_case("--eval", DEEP, ":1:", "nested too deeply"),
+    "eval-input-a-number": data_case("--eval", rows({"input": 5, "label": True}), ":1:", "'input' must be a string"),
+    "eval-input-an-object": data_case("--eval", rows(LABELED, {"input": {"a": 1}, "label": True}), ":2:", "'input'"),
+    "eval-input-lone-surrogate": data_case("--eval", '{"input": "\\ud800", "label": true}\n', ":1:",
+                                           "invalid character"),
+    "eval-instruction-a-list": data_case("--eval", rows({**LABELED, "instruction": ["x"]}), "'instruction'"),
+    "eval-id-an-object": data_case("--eval", rows({**LABELED, "id": {"a": 1}}), ":1:", "'id'"),
+    # eval files: labels that are not booleans
+    "eval-label-1": data_case("--eval", rows({"input": "x", "label": 1}), ":1:", "'label' must be true or false"),
+    "eval-label-null": data_case("--eval", rows({"input": "x", "label": None}), "'label' must be true or false"),
+    "eval-label-yes": data_case("--eval", rows({"input": "x", "label": "yes"}), "'label' must be true or false"),
+    "eval-output-a-number": data_case("--eval", rows({"input": "x", "output": 5}), ":1:", "'output' must be a string"),
+    "eval-output-unparseable": data_case("--eval", rows({"input": "x", "output": "maybe"}), ":1:", "no label"),
+    "eval-plain-text": data_case("--eval", "a paragraph\n\nanother\n", ":1:", "no label", suffix=".txt"),
+    # eval files: chat rows of the wrong shape
+    "eval-messages-a-string": data_case("--eval", rows({"messages": "hi"}), ":1:", "'messages' must be a list"),
+    "eval-messages-empty": data_case("--eval", rows({"messages": []}), ":1:", "'messages' must be a list"),
+    "eval-message-without-role": data_case("--eval", rows({"messages": [{"content": "x"}]}), "'messages'"),
+    "eval-answer-a-number": data_case("--eval", rows({"messages": [{"role": "user", "content": "x"},
+                                                                   {"role": "assistant", "content": 5}]}),
+                                      ":1:", "'messages'"),
+    # calibration and perplexity files
+    "calib-binary-garbage": data_case("--calib", bytes(range(128, 256)) * 8, "not UTF-8", suffix=".bin"),
+    "calib-arrays": data_case("--calib", "[[1, 2], [3]]", ":item 1", "found a list", suffix=".json"),
+    "calib-text-a-list": data_case("--calib", rows(*[{"text": ["a"]}] * 4), ":1:", "'text' must be a string"),
+    "calib-nul-bytes": data_case("--calib", b"\0" * 64, "NUL bytes", suffix=".txt"),
+    "ppl-text-a-number": data_case("--eval-ppl", rows({"text": 3.14}), ":1:", "'text' must be a string"),
+    "eval-command-ppl-garbage": data_case("--ppl", bytes(range(256)), "not UTF-8", command=EVAL),
+    # a quantized model's own config, read by `qrun eval`
+    "quantize-config-not-json": artifact_case(b"{bits: 4", "not valid JSON"),
+    "quantize-config-a-list": artifact_case(b"[4]", "integer bits"),
+    "quantize-config-bits-a-string": artifact_case(b'{"bits": "4"}', "integer bits"),
+    "quantize-config-without-bits": artifact_case(b'{"group_size": 128}', "integer bits"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
+def test_every_malformed_input_is_refused_at_submit(table, model, files, tmp_path, case):
+    args, names = MALFORMED[case](model, tmp_path)
+    args = [a.format(good=files["good"]) for a in args]
+    before = table_snapshot(table)
+    artifacts = sorted(p.name for p in (table.parent).rglob("*"))
+    assert_refused(invoke(*args), *names)
+    assert table_snapshot(table) == before
+    assert sorted(p.name for p in (table.parent).rglob("*")) == artifacts  # no file created either
+
+
+def test_the_malformed_table_is_large_and_every_case_starts_from_good_input(table, model, files, tmp_path):
+    """The cases break one thing each: the unbroken inputs they start from are accepted."""
+    assert len(MALFORMED) >= 40
+    accepted = invoke(*SUBMIT, "--model", str(model), "--eval", str(files["good"]), "--calib", str(files["good"]),
+                      "--eval-ppl", str(files["good"]), "--priority", str(2**63 - 1), "--dry-run")
+    assert accepted.exit_code == 0, accepted.output

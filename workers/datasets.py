@@ -49,26 +49,50 @@ def require_file(path: str | Path, what: str = "data file") -> Path:
     return path
 
 
-def read_rows(path: str | Path) -> list[tuple[int, dict | str]]:
-    """(line number, row) pairs. JSON rows are dicts; plain-text paragraphs are strings."""
-    path = require_file(path)
+def read_text(path: Path) -> str:
+    """The file's text, or BadInput: unreadable, not UTF-8, binary (NUL bytes) or empty.
+
+    A UTF-8 byte-order mark (as Windows editors write) is dropped rather than refused.
+    """
     try:
-        content = path.read_text(encoding="utf-8")
+        content = path.read_text(encoding="utf-8-sig")
     except PermissionError as exc:
         raise BadInput(f"data file {path} is not readable: check its permissions") from exc
     except UnicodeDecodeError as exc:
-        raise BadInput(f"data file {path} is not UTF-8 text (byte {exc.start})") from exc
-    head = content.lstrip()[:1]
+        raise BadInput(f"data file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
+    except OSError as exc:
+        raise BadInput(f"data file {path} cannot be read ({exc.strerror or exc}): check the file") from exc
+    if "\x00" in content:  # valid UTF-8, but no text file holds NUL: a binary file under a text name
+        raise BadInput(f"data file {path} holds NUL bytes (at character {content.index(chr(0))}): "
+                       "is it a binary file? give JSONL, JSON or text")
     if not content.strip():
         raise BadInput(f"data file {path} is empty: give it one JSON object a line, or paragraphs of text")
+    return content
+
+
+def _parse_json(text: str):
+    """json.loads, with nesting too deep for the parser reported as the ValueError it is."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict | str]]:
+    """(line number, row) pairs. JSON rows are dicts; plain-text paragraphs are strings."""
+    path = require_file(path)
+    content = read_text(path)
+    head = content.lstrip()[:1]
     if not _is_json_file(path, head):
         paragraphs = re.split(r"\n\s*\n", content)
         return [(i + 1, p.strip()) for i, p in enumerate(paragraphs) if p.strip()]
     if head == "[":
         try:
-            rows = json.loads(content)
+            rows = _parse_json(content)
         except ValueError as exc:
             raise BadInput(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+        if not isinstance(rows, list):  # e.g. "[1] [2]" fails above; a lone array is the only other case
+            raise BadInput(f"{path}: expected a JSON array of objects")
         _check_objects(path, [(i + 1, r) for i, r in enumerate(rows)], what="item")
         return [(i + 1, r) for i, r in enumerate(rows)]
     out = []
@@ -76,7 +100,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict | str]]:
         if not line.strip():
             continue
         try:
-            out.append((lineno, json.loads(line)))
+            out.append((lineno, _parse_json(line)))
         except ValueError as exc:
             raise BadInput(f"{path}:{lineno}: not valid JSON ({exc.msg}): fix or remove the line") from exc
     _check_objects(path, out, what="line")
@@ -86,7 +110,49 @@ def read_rows(path: str | Path) -> list[tuple[int, dict | str]]:
 def _check_objects(path: Path, rows, what: str) -> None:
     for n, row in rows:
         if not isinstance(row, dict):
-            raise BadInput(f"{path}:{what} {n}: expected a JSON object, found {type(row).__name__}")
+            raise BadInput(f"{path}:{what} {n}: expected a JSON object, found {_json_name(row)}")
+
+
+def _json_name(value) -> str:
+    """The JSON name of a parsed value's type ('a list', 'a number', ...), for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _text_field(path: Path, lineno: int, row: dict, name: str, *, optional: bool = False) -> str | None:
+    """row[name] as a string, or BadInput naming the line and the field.
+
+    Text goes to a tokenizer in the job: a number or an object there is a mistake in the file, and
+    a lone surrogate (JSON's "\\ud800") cannot be encoded at all.
+    """
+    value = row.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise BadInput(f"{path}:{lineno}: '{name}' must be a string, found {_json_name(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInput(f"{path}:{lineno}: '{name}' holds an invalid character ({exc.reason}): fix the text") from exc
+    return value
+
+
+def _messages(path: Path, lineno: int, row: dict) -> list[dict]:
+    """row["messages"]: a non-empty list of {role, content} objects with string values, or BadInput."""
+    messages = row["messages"]
+    shape = f"{path}:{lineno}: 'messages' must be a list of {{role, content}} objects with string values"
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise BadInput(shape)
+    for m in messages:
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadInput(shape)
+        _text_field(path, lineno, m, "content")
+    return messages
 
 
 def parse_answer(text: str | None) -> bool | None:
@@ -120,17 +186,16 @@ def to_sample(path: Path, lineno: int, row: dict | str) -> Sample:
     sid = str(lineno)
     if isinstance(row, str):
         return Sample(id=sid, messages=(), answer=None, label=None, text=row)
-    sid = str(row.get("id", sid))
+    sid = _sample_id(path, lineno, row, sid)
     if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise BadInput(f"{path}:{lineno}: 'messages' must be a list of {{role, content}} objects")
+        messages = _messages(path, lineno, row)
         answer = next((m.get("content") for m in reversed(messages) if m["role"] == "assistant"), None)
         prompt = tuple(m for m in messages if m["role"] != "assistant")
         return Sample(id=sid, messages=prompt, answer=answer, label=parse_answer(answer))
     if "input" in row:
-        instruction = row.get("instruction") or DEFAULT_INSTRUCTION
-        messages = ({"role": "system", "content": SYSTEM_PROMPT}, _user_message(instruction, str(row["input"])))
+        text = _text_field(path, lineno, row, "input")
+        instruction = _text_field(path, lineno, row, "instruction", optional=True) or DEFAULT_INSTRUCTION
+        messages = ({"role": "system", "content": SYSTEM_PROMPT}, _user_message(instruction, text))
         if "label" in row:
             label = row["label"]
             if isinstance(label, str) and label.lower() in ("true", "false"):
@@ -138,14 +203,24 @@ def to_sample(path: Path, lineno: int, row: dict | str) -> Sample:
             if not isinstance(label, bool):
                 raise BadInput(f"{path}:{lineno}: 'label' must be true or false, found {row['label']!r}")
             return Sample(id=sid, messages=messages, answer=answer_text(label), label=label)
-        answer = row.get("output")
+        answer = _text_field(path, lineno, row, "output", optional=True)
         return Sample(id=sid, messages=messages, answer=answer, label=parse_answer(answer))
     if "text" in row:
-        return Sample(id=sid, messages=(), answer=None, label=None, text=str(row["text"]))
+        return Sample(id=sid, messages=(), answer=None, label=None, text=_text_field(path, lineno, row, "text"))
     raise BadInput(
         f"{path}:{lineno}: row has none of the fields qrun reads (input, messages, text): "
         f"found {', '.join(sorted(row)) or 'no fields'}"
     )
+
+
+def _sample_id(path: Path, lineno: int, row: dict, default: str) -> str:
+    """The row's id (a string or a number, as the seeds write it), else its line number."""
+    value = row.get("id")
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BadInput(f"{path}:{lineno}: 'id' must be a string or a number, found {_json_name(value)}")
+    return str(value)
 
 
 def load_samples(path: str | Path) -> list[Sample]:
@@ -175,4 +250,20 @@ def check_calibration_file(path: str | Path, min_samples: int) -> int:
             f"calibration file {path} has {len(samples)} samples, fewer than the {min_samples} needed: "
             "add samples or lower --calib-samples"
         )
+    return len(samples)
+
+
+def check_eval_file(path: str | Path) -> int:
+    """Count the labeled samples of an eval file, or BadInput naming the file (and the line)."""
+    samples = load_labeled(path)
+    if not samples:
+        raise BadInput(f"eval file {path} has no samples: give it one labeled dialog a line")
+    return len(samples)
+
+
+def check_perplexity_file(path: str | Path) -> int:
+    """Count the text samples of a perplexity file, or BadInput naming the file."""
+    samples = load_samples(path)
+    if not samples:
+        raise BadInput(f"perplexity file {path} has no text: give it paragraphs of text or {{\"text\": ...}} lines")
     return len(samples)

@@ -17,7 +17,22 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2MoeForCausalLM",
 }
 SUPPORTED_BITS = (2, 3, 4, 8)
+# The group sizes GPTQModel 7.7's kernels pack (TorchLinear.SUPPORTS_GROUP_SIZE); any other size
+# quantizes and then fails when the layer is packed, at the end of the job.
+SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Sizes in config.json that shape the model: each, when present, must be a positive integer.
+SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "vocab_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+REQUIRED_SIZE_FIELDS = ("num_hidden_layers", "hidden_size")
+# Input widths of the quantized linear layers: a group size must divide each one present.
+WIDTH_FIELDS = {"hidden size": "hidden_size", "intermediate size": "intermediate_size",
+                "MoE intermediate size": "moe_intermediate_size",
+                "shared-expert intermediate size": "shared_expert_intermediate_size"}
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library refuses larger headers too
+# Priorities are stored in a signed 64-bit column.
+PRIORITY_RANGE = (-(2**63), 2**63 - 1)
+MAX_ATTEMPTS_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,8 @@ class ModelInfo:
     intermediate_size: int
     has_safetensors: bool
     needs_remote_code: bool
+    widths: tuple[tuple[str, int], ...] = ()  # (name, input width) of the quantized layers
+    quantized: bool = False  # already a GPTQ (or other quantized) checkpoint
 
 
 def read_model_config(model_dir: Path) -> dict:
@@ -43,20 +60,136 @@ def read_model_config(model_dir: Path) -> dict:
     if not config_file.is_file():
         raise BadInput(f"model directory {model_dir} has no config.json: is it a Hugging Face model directory?")
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except PermissionError as exc:
         raise BadInput(f"model config {config_file} is not readable: check its permissions") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise BadInput(f"model config {config_file} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadInput(f"model config {config_file} is not valid JSON: nested too deeply") from exc
+    if not isinstance(config, dict):
+        raise BadInput(f"model config {config_file} must be a JSON object ({{...}}), found {_json_type(config)}: "
+                       "is it a Hugging Face config.json?")
+    return config
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def read_architecture(config: dict, config_file: Path) -> str:
+    """The model class named first in `architectures`, or "" when none is named.
+
+    A string instead of a list is refused, not read: transformers and GPTQModel index the field
+    (architectures[0]), so "Qwen2ForCausalLM" would reach the job as the class "Q".
+    """
+    architectures = config.get("architectures")
+    if architectures is None:
+        return ""
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise BadInput(f"model config {config_file}: 'architectures' must be a list of class names, like "
+                       f'["Qwen2ForCausalLM"], found {json.dumps(architectures)[:80]}')
+    return architectures[0] if architectures else ""
+
+
+def read_sizes(config: dict, config_file: Path, *, required: tuple[str, ...] = REQUIRED_SIZE_FIELDS) -> dict[str, int]:
+    """The model's shape from config.json (text_config for multimodal models), every size a positive integer.
+
+    `required`: the sizes that must be there (models with their own code may name them otherwise).
+    """
+    text = config.get("text_config")
+    text = config if text is None else text
+    if not isinstance(text, dict):
+        raise BadInput(f"model config {config_file}: 'text_config' must be a JSON object, found {_json_type(text)}")
+    sizes = {}
+    for name in SIZE_FIELDS:
+        if name not in text:
+            if name in required:
+                raise BadInput(f"model config {config_file} has no {name}: is it a complete Hugging Face config.json?")
+            continue
+        value = text[name]
+        # bool is an int in Python, and JSON's 12.0 is a float: neither is a layer count.
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise BadInput(f"model config {config_file}: {name} must be a positive integer, found "
+                           f"{json.dumps(value)[:40]}: fix config.json")
+        sizes[name] = value
+    return sizes
+
+
+def check_safetensors_file(path: Path) -> None:
+    """BadInput unless `path` is a whole safetensors file, judged by its header alone (no tensor is read).
+
+    Layout: 8 bytes (little-endian header length N), N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}, "__metadata__": {...}}, then the data, which must reach the
+    largest `end`. A 0-byte, cut-off or foreign file would otherwise pass submit and fail the job.
+    """
+    fix = "re-download or re-save the model"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            declared = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+            if declared is None or declared > min(size - 8, SAFETENSORS_MAX_HEADER):
+                header_bytes = None
+            else:
+                header_bytes = f.read(declared)
+    except PermissionError as exc:
+        raise BadInput(f"weights file {path} is not readable: check its permissions") from exc
+    except OSError as exc:
+        raise BadInput(f"weights file {path} cannot be read ({exc.strerror or exc}): {fix}") from exc
+    if declared is None:
+        raise BadInput(f"weights file {path} is {size} bytes, too short for a safetensors header: {fix}")
+    if header_bytes is None:
+        raise BadInput(f"weights file {path} is not a safetensors file or is truncated: its header claims "
+                       f"{declared} bytes, the file has {size}: {fix}")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise BadInput(f"weights file {path} has a header that is not JSON: is it a safetensors file? {fix}") from exc
+    if not isinstance(header, dict):
+        raise BadInput(f"weights file {path} has a header that is {_json_type(header)}, not an object: {fix}")
+    data_end = _safetensors_data_end(header, path)
+    if 8 + declared + data_end > size:
+        raise BadInput(f"weights file {path} is truncated: its header describes {8 + declared + data_end} bytes, "
+                       f"the file has {size}: {fix}")
+
+
+def _safetensors_data_end(header: dict, path: Path) -> int:
+    """Where the last tensor's data ends, relative to the end of the header."""
+    end = 0
+    tensors = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        valid = (isinstance(offsets, list) and len(offsets) == 2
+                 and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                 and offsets[0] <= offsets[1])
+        if not valid:
+            raise BadInput(f"weights file {path}: tensor {name[:60]!r} has no valid data_offsets in the header: "
+                           "the file is damaged, re-download or re-save the model")
+        end = max(end, offsets[1])
+        tensors += 1
+    if not tensors:
+        raise BadInput(f"weights file {path} holds no tensors: re-download or re-save the model")
+    return end
 
 
 def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
     """Everything a quantize or eval job needs to know about a model directory, or BadInput."""
     model_dir = Path(path)
     config = read_model_config(model_dir)
-    architectures = config.get("architectures") or []
-    arch = architectures[0] if architectures else ""
+    config_file = model_dir / "config.json"
+    arch = read_architecture(config, config_file)
     needs_remote_code = "auto_map" in config
+    sizes = read_sizes(config, config_file, required=() if needs_remote_code else REQUIRED_SIZE_FIELDS)
     if needs_remote_code and not trust_remote_code:
         raise BadInput(
             f"model {model_dir} ships its own code (auto_map in config.json): review it, then pass "
@@ -67,7 +200,7 @@ def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pi
             f"model {model_dir} has architecture {arch or 'unknown'!s}, which qrun does not support: "
             f"use one of {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
         )
-    weights = [p for p in model_dir.iterdir() if p.is_file()]
+    weights = sorted(p for p in model_dir.iterdir() if p.is_file())
     has_safetensors = any(p.suffix == ".safetensors" for p in weights)
     has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in weights)
     if not has_safetensors and not has_pickle:
@@ -77,25 +210,81 @@ def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pi
             f"model {model_dir} has only pickle weights (.bin), which can run code when loaded: convert them "
             "to safetensors, or pass --allow-pickle if you trust the source"
         )
-    text = config.get("text_config") or config
+    for weights_file in (p for p in weights if p.suffix == ".safetensors"):
+        check_safetensors_file(weights_file)
+    check_shard_index(model_dir)
     return ModelInfo(
         path=str(model_dir.resolve()),
         architecture=arch,
-        num_layers=int(text.get("num_hidden_layers", 0)),
-        hidden_size=int(text.get("hidden_size", 0)),
-        intermediate_size=int(text.get("intermediate_size", 0)),
+        num_layers=sizes.get("num_hidden_layers", 0),
+        hidden_size=sizes.get("hidden_size", 0),
+        intermediate_size=sizes.get("intermediate_size", 0),
         has_safetensors=has_safetensors,
         needs_remote_code=needs_remote_code,
+        widths=tuple((label, sizes[name]) for label, name in WIDTH_FIELDS.items() if name in sizes),
+        quantized="quantization_config" in config or (model_dir / "quantize_config.json").is_file(),
     )
 
 
+def check_quantizable(info: ModelInfo) -> None:
+    """A quantized checkpoint (a qrun artifact, a GPTQ download) cannot be quantized again."""
+    if info.quantized:
+        raise BadInput(f"model {info.path} is already quantized (quantization_config in config.json): "
+                       "quantize the original model, or evaluate this one with `qrun eval`")
+
+
+def read_quantize_config(model_dir: str | Path) -> dict | None:
+    """A quantized model's quantize_config.json ({bits, group_size, ...}), None if there is none, or BadInput."""
+    path = Path(model_dir) / "quantize_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as exc:
+        raise BadInput(f"quantize config {path} is not readable: check its permissions") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise BadInput(f"quantize config {path} is not valid JSON: re-save the quantized model") from exc
+    bits = config.get("bits") if isinstance(config, dict) else None
+    group_size = config.get("group_size", 128) if isinstance(config, dict) else None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, group_size)):
+        raise BadInput(f"quantize config {path} must be an object with integer bits and group_size: "
+                       "re-save the quantized model")
+    return config
+
+
+def check_shard_index(model_dir: Path) -> None:
+    """A sharded model's index (model.safetensors.index.json) must parse and every shard it names exist."""
+    index_file = model_dir / "model.safetensors.index.json"
+    if not index_file.is_file():
+        return
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except PermissionError as exc:
+        raise BadInput(f"shard index {index_file} is not readable: check its permissions") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise BadInput(f"shard index {index_file} is not valid JSON: re-download or re-save the model") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise BadInput(f"shard index {index_file} has no weight_map of tensor -> file names: "
+                       "re-download or re-save the model")
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard or not (model_dir / shard).is_file():
+            raise BadInput(f"shard index {index_file} names {shard[:80]!r}, which is not in {model_dir}: "
+                           "the model is incomplete, re-download it")
+
+
 def check_quantize_settings(info: ModelInfo, bits: int, group_size: int, damp: float) -> None:
+    """BadInput unless GPTQModel can quantize this model with these settings and load the result back."""
     if bits not in SUPPORTED_BITS:
         raise BadInput(f"--bits {bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
     if group_size != -1 and group_size <= 0:
         raise BadInput(f"--group-size {group_size} must be positive, or -1 for one group per column")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise BadInput(f"--group-size {group_size} is not supported by GPTQModel's kernels: use one of "
+                       f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
     if group_size != -1:
-        for name, width in (("hidden size", info.hidden_size), ("intermediate size", info.intermediate_size)):
+        for name, width in info.widths or (("hidden size", info.hidden_size),
+                                           ("intermediate size", info.intermediate_size)):
             if width and width % group_size:
                 raise BadInput(
                     f"--group-size {group_size} does not divide the model's {name} {width}: "
@@ -103,3 +292,22 @@ def check_quantize_settings(info: ModelInfo, bits: int, group_size: int, damp: f
                 )
     if not 0 < damp < 1:
         raise BadInput(f"--damp {damp} must lie between 0 and 1 (0.01 is the usual start)")
+
+
+def check_priority(priority: int) -> None:
+    """Priorities live in a signed 64-bit column: anything outside would fail inside the database."""
+    low, high = PRIORITY_RANGE
+    if not low <= priority <= high:
+        raise BadInput(f"--priority {priority} is out of range: use an integer from {low} to {high} "
+                       "(higher runs first)")
+
+
+def check_job_counts(**counts: int) -> None:
+    """Each count (keyword: the option's name without dashes, underscores for dashes) must be positive."""
+    for key, value in counts.items():
+        option = "--" + key.replace("_", "-")
+        if value <= 0:
+            raise BadInput(f"{option} {value} must be positive")
+        if key == "max_attempts" and value > MAX_ATTEMPTS_LIMIT:
+            raise BadInput(f"{option} {value} is more than {MAX_ATTEMPTS_LIMIT}: a job that fails that often "
+                           "will not succeed; use a small number like 3")
