@@ -23,6 +23,9 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["db_url"] = db_url
     ctx.obj["verbose"] = verbose
+    from qrun.db.session import pin_qrun_home
+
+    pin_qrun_home()  # a relative QRUN_HOME names one place for the whole run, workers included
 
 
 for module in (submit, status, control, run, results, compare, demo):

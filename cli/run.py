@@ -17,6 +17,7 @@ class _Display:
         self.db = db
         self.since = watched_from
         self.seen: dict[int, str] = {}
+        self.problem: str | None = None
         self.console = Console(stderr=True)
         self.live = None
         if is_tty():
@@ -25,11 +26,31 @@ class _Display:
             self.live = Live(console=self.console, auto_refresh=False)
             self.live.start()
 
-    def tick(self) -> None:
-        from qrun.cli.status import jobs_table, progress_text
-        from qrun.db import queue
+    def say(self, line: str) -> None:
+        """A line from the runner or a worker (a database outage, a worker that died), above the table."""
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-        jobs = [j for j in queue.list_jobs(self.db) if j.id >= self.since or j.status in ("queued", "running")]
+    def tick(self) -> None:
+        """Redraw. The table being out of reach is said once, not raised: workers wait it out too."""
+        from qrun.db import queue
+        from qrun.workers.jobs import describe_error
+
+        try:
+            jobs = [j for j in queue.list_jobs(self.db) if j.id >= self.since or j.status in ("queued", "running")]
+        except Exception as exc:  # noqa: BLE001 -- the runner goes on; workers back off and retry
+            problem = describe_error(exc)
+            if problem != self.problem:
+                self.say(f"qrun: cannot read the job table ({problem}); workers wait and retry")
+            self.problem = problem
+            return
+        if self.problem:
+            self.say("qrun: the job table can be read again")
+            self.problem = None
+        self._show(jobs)
+
+    def _show(self, jobs) -> None:
+        from qrun.cli.status import jobs_table, progress_text
+
         if self.live is not None:
             self.live.update(jobs_table(jobs), refresh=True)
             return
@@ -59,8 +80,8 @@ def drain(db, who: str, gpus: list[int] | None = None, cpu_workers: int | None =
         first_pending = min((j.id for j in queue.list_jobs(db) if j.status in ("queued", "running")), default=0)
         display = _Display(db, first_pending)
         try:
-            summary = run_queue(db.url, slots, burst=burst, lease_s=lease_s or queue.DEFAULT_LEASE_S,
-                                on_tick=display.tick)
+            summary = run_queue(db, slots, burst=burst, lease_s=lease_s or queue.DEFAULT_LEASE_S,
+                                on_tick=display.tick, say=display.say)
         finally:
             display.close()
     finally:

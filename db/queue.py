@@ -368,3 +368,10 @@ def pending_count(db: Database) -> int:
     with db.transaction() as s:
         return s.execute(select(func.count()).select_from(Job)
                          .where(Job.status.notin_([st.value for st in FINISHED]))).scalar()
+
+
+def jobs_held_by(db: Database, worker: str) -> list[int]:
+    """The running jobs that `worker` holds (to give them back when it is known to be dead)."""
+    with db.transaction() as s:
+        return list(s.execute(select(Job.id).where(Job.worker == worker,
+                                                   Job.status == Status.RUNNING.value)).scalars())

@@ -40,6 +40,13 @@ def qrun_home() -> Path:
     return Path(os.environ.get("QRUN_HOME") or Path.home() / ".qrun")
 
 
+def pin_qrun_home() -> None:
+    """Make a relative QRUN_HOME absolute, once, at start: a worker runs each job in a directory of
+    its own, where the relative path would name another place (every job failed so)."""
+    if os.environ.get("QRUN_HOME"):
+        os.environ["QRUN_HOME"] = str(Path(os.environ["QRUN_HOME"]).absolute())
+
+
 def database_url(explicit: str | None = None) -> str:
     """--db, else QRUN_DB, else $QRUN_HOME/qrun.db. A bare path is taken as a SQLite file."""
     url = explicit or os.environ.get("QRUN_DB")
@@ -47,6 +54,9 @@ def database_url(explicit: str | None = None) -> str:
         return f"sqlite:///{qrun_home() / 'qrun.db'}"
     if "://" not in url:
         return f"sqlite:///{Path(url).absolute()}"
+    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
+        # Relative to where the command ran, once: workers run jobs in other directories.
+        return f"sqlite:///{Path(url[len('sqlite:///'):]).absolute()}"
     return url
 
 

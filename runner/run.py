@@ -43,7 +43,9 @@ def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> 
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     # Ray prestarts one worker process per CPU it manages; qrun needs one per CPU worker (GPU workers
     # reserve no CPU), so announcing every core only slows start-up (ray.init took 9 s on 16 cores).
-    ray.init(num_cpus=cpu_workers + 1, include_dashboard=False, log_to_driver=False,
+    # address="local": always a Ray of our own; with no address ray.init joins a cluster that someone
+    # else started on this box (`ray start`) and then refuses num_cpus.
+    ray.init(address="local", num_cpus=cpu_workers + 1, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     return True
 
@@ -111,46 +113,184 @@ class RunSummary:
     interrupted: bool
 
 
-def run_queue(db_url: str, slots: list[Slot], burst: bool, lease_s: float = queue.DEFAULT_LEASE_S,
-              on_tick: Callable[[], None] | None = None, tick_s: float = 1.0) -> RunSummary:
-    """Drain the queue with one actor per slot. Ctrl-C: warm stop (release jobs); twice: cold stop."""
-    import ray
-    from ray.exceptions import RayActorError
+class Supervisor:
+    """Keeps one draining worker per slot for as long as `qrun run` runs.
 
-    threads = threads_per_worker(len(slots))
-    actors = {slot: create_worker(slot, db_url, lease_s, threads) for slot in slots}
-    pending = {actors[slot].drain.remote(burst): slot for slot in slots}
-    outcomes: list[tuple[int, str]] = []
-    restarts = 0
+    Nothing a worker meets ends the run: a worker process that dies is restarted by Ray (and replaced
+    by a fresh actor once Ray's restarts for it are spent), the job it held is given back at once
+    with the cause, and a drain that fails on a bug is started again after a pause. What workers
+    report (`take_notices`) is passed to `say`, so the run's output tells about database outages.
+    """
+
+    def __init__(self, db, slots: list[Slot], burst: bool, lease_s: float, say: Callable[[str], None]):
+        self.db, self.slots, self.burst, self.lease_s, self.say = db, slots, burst, lease_s, say
+        self.threads = threads_per_worker(len(slots))
+        self.actors = {slot: self._new_actor(slot) for slot in slots}
+        self.identities: dict[Slot, object] = {slot: self.actors[slot].identity.remote() for slot in slots}
+        self.names: dict[Slot, str] = {}
+        self.draining = {self.actors[slot].drain.remote(burst): slot for slot in slots}
+        self.notices: dict[Slot, object] = {}
+        self.failures = {slot: 0 for slot in slots}  # in a row, per slot
+        self.resume_at: dict[Slot, float] = {}  # slots that wait out a pause before draining again
+        self.started: set[Slot] = set()  # slots whose worker came up at least once
+        self.outcomes: list[tuple[int, str]] = []
+        self.restarts = 0
+        self.stopping = False
+
+    def _new_actor(self, slot: Slot):
+        return create_worker(slot, self.db.url, self.lease_s, self.threads)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.draining or self.resume_at)
+
+    def wait(self, timeout_s: float) -> None:
+        """Collect the drains that ended within timeout_s; restart what must go on."""
+        import ray
+
+        done, _ = ray.wait(list(self.draining), num_returns=1, timeout=timeout_s) if self.draining else ([], [])
+        if not self.draining:
+            time.sleep(timeout_s)
+        for ref in done:
+            self._drain_ended(self.draining.pop(ref), ref)
+        now = time.monotonic()
+        for slot, at in list(self.resume_at.items()):
+            if at <= now and not self.stopping:
+                del self.resume_at[slot]
+                self.draining[self.actors[slot].drain.remote(self.burst)] = slot
+        self._learn_names()
+        self._relay_notices()
+
+    def _drain_ended(self, slot: Slot, ref) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            self.outcomes.extend(ray.get(ref))
+            self.failures[slot] = 0
+            return
+        except RayActorError as exc:
+            if slot not in self.started and "creation task" in str(exc):
+                # Its constructor failed (a GPU worker that sees two GPUs): a fault of this start.
+                raise BadInput(f"worker {slot.name} could not start: {_creation_error(exc)}") from None
+            # The worker process died (OOM kill, segfault): Ray restarts it, and its job goes back
+            # to the queue now, with the cause, instead of after the lease as "lost".
+            self.restarts += 1
+            # Ray knows only that the process is gone (its words: "Socket closed", "unavailable");
+            # the kernel's reason is not ours to read, so say what it can be.
+            cause = "its process ended unexpectedly (killed, out of host memory, or crashed)"
+            self.say(f"worker {slot.name} died: {cause}; Ray restarts it")
+            self._give_back_jobs_of(slot, f"worker {slot.name} died while running it: {cause}")
+        except Exception as exc:  # noqa: BLE001 -- a bug in the worker's loop: say it, start it again
+            self.say(f"worker {slot.name} stopped on an error: {_first_sentence(str(exc))}")
+        if self.stopping:
+            return
+        self.failures[slot] += 1
+        if self.failures[slot] > MAX_ACTOR_RESTARTS:  # Ray's restarts are spent: a fresh actor
+            self._replace_actor(slot)
+        pause_s = min(30.0, 2.0 ** (self.failures[slot] - 1))
+        self.resume_at[slot] = time.monotonic() + pause_s
+
+    def _replace_actor(self, slot: Slot) -> None:
+        import ray
+
+        ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._new_actor(slot)
+        self.identities[slot] = self.actors[slot].identity.remote()
+        self.names.pop(slot, None)
+        self.failures[slot] = 1
+
+    def _learn_names(self) -> None:
+        """Each worker's name in the table (host:pid:slot), as soon as its actor is up."""
+        import ray
+
+        for slot, ref in list(self.identities.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                del self.identities[slot]
+                try:
+                    self.names[slot] = ray.get(ref)["name"]
+                    self.started.add(slot)
+                except Exception:  # noqa: BLE001 -- it died starting: its drain says why
+                    pass
+
+    def _give_back_jobs_of(self, slot: Slot, reason: str) -> None:
+        name = self.names.pop(slot, None)
+        # The restarted process has another pid, hence another name: ask for it again.
+        self.identities[slot] = self.actors[slot].identity.remote()
+        if name is None:
+            return
+        try:
+            for job in queue.jobs_held_by(self.db, name):
+                queue.fail_job(self.db, job, name, reason, retryable=True)
+        except Exception as exc:  # noqa: BLE001 -- the lease will give it back instead
+            self.say(f"could not give back the jobs of {name} now ({_first_sentence(str(exc))}); "
+                     "their lease will")
+
+    def _relay_notices(self) -> None:
+        import ray
+
+        for slot in self.slots:
+            ref = self.notices.get(slot)
+            if ref is not None:
+                ready, _ = ray.wait([ref], timeout=0)
+                if not ready:
+                    continue
+                try:
+                    for line in ray.get(ref):
+                        self.say(line)
+                except Exception:  # noqa: BLE001 -- a dead worker has nothing to say; its drain tells
+                    pass
+            self.notices[slot] = self.actors[slot].take_notices.remote()
+
+    def stop_warm(self) -> None:
+        """Ctrl-C once: workers finish their current layer and give their jobs back."""
+        self.stopping = True
+        self.resume_at.clear()
+        for actor in self.actors.values():
+            actor.request_stop.remote()
+
+    def stop_cold(self) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
+
+
+def _creation_error(exc: BaseException) -> str:
+    """The worker constructor's own error, out of Ray's report of a failed creation task."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [line for line in lines if not line.startswith(("File ", "Traceback", "^", "~"))
+              and ":" in line and line.split(":")[0].isidentifier()]
+    return (raised[-1] if raised else _first_sentence(str(exc)))[:300]
+
+
+def _first_sentence(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    return line[:300]
+
+
+def run_queue(db, slots: list[Slot], burst: bool, lease_s: float = queue.DEFAULT_LEASE_S,
+              on_tick: Callable[[], None] | None = None, tick_s: float = 1.0,
+              say: Callable[[str], None] = print) -> RunSummary:
+    """Drain the queue with one actor per slot. Ctrl-C: warm stop (release jobs); twice: cold stop."""
+    supervisor = Supervisor(db, slots, burst, lease_s, say)
     interrupts = 0
     previous_handler = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as warmly as Ctrl-C
     try:
-        while pending:
+        while supervisor.busy:
             try:
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=tick_s)
-                for ref in done:
-                    slot = pending.pop(ref)
-                    try:
-                        outcomes.extend(ray.get(ref))
-                    except RayActorError:
-                        # The worker process died mid-job; Ray restarts it. Its job comes back
-                        # through lease expiry, so only the draining has to be resumed here.
-                        restarts += 1
-                        if restarts > MAX_ACTOR_RESTARTS * len(slots) or interrupts:
-                            continue
-                        pending[actors[slot].drain.remote(burst)] = slot
+                supervisor.wait(tick_s)
                 if on_tick:
                     on_tick()
             except KeyboardInterrupt:
                 interrupts += 1
                 if interrupts == 1:
-                    for actor in actors.values():
-                        actor.request_stop.remote()
+                    supervisor.stop_warm()
                 else:
-                    for actor in actors.values():
-                        ray.kill(actor, no_restart=True)
+                    supervisor.stop_cold()
                     break
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    return RunSummary(outcomes=outcomes, restarts=restarts, interrupted=interrupts > 0)
+    return RunSummary(outcomes=supervisor.outcomes, restarts=supervisor.restarts, interrupted=interrupts > 0)

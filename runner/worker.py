@@ -4,22 +4,33 @@ Life of a worker (after python-rq): bootstrap (pin the device), then claim → e
 a heartbeat thread extending the lease of the job in hand, until the queue is drained (burst)
 or a stop is requested. With nothing to claim, it removes what dead workers left of finished jobs.
 A stop lets the job in hand reach its next layer, then releases it.
+
+A worker never stops because of an error outside a job's own code: a job's failure is recorded
+by `workers.jobs.execute`, and anything else that goes wrong in one round of the loop (the
+database out of reach, its disk full, a bug) makes the worker say so, wait (1 s, doubling up to
+30 s) and try again. What it says reaches the runner's output through `take_notices`.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 import shutil
 import socket
 import threading
-import time
 
 from qrun.db import queue
 from qrun.db.errors import JobLost
-from qrun.db.session import GROUP_UMASK, artifacts_root, open_database
+from qrun.db.session import GROUP_UMASK, artifacts_root, open_database, pin_qrun_home
 from qrun.workers import artifacts
+from qrun.workers.jobs import Backoff, JobContext, describe_error, execute
+
+log = logging.getLogger("qrun.worker")
 
 IDLE_POLL_S = 1.0
+DRAINED = "drained"  # what a round of the loop returns when a burst worker has nothing left
+IDLE = "idle"
 
 
 def describe_worker(slot: str) -> str:
@@ -33,11 +44,13 @@ class QueueWorker:
                  env: dict[str, str] | None = None):
         # Before anything imports torch: CUDA_DEVICE_ORDER and OMP_NUM_THREADS are read once, at load.
         os.environ.update(env or {})
+        pin_qrun_home()  # a relative QRUN_HOME means the same place after a job changes directory
         self.db_url = db_url
         self.slot = slot
         self.use_gpu = use_gpu
         self.lease_s = lease_s
         self._stop = threading.Event()
+        self._notices: collections.deque[str] = collections.deque(maxlen=200)
         self.device = self._bootstrap()
         # The physical GPU, as Ray pinned it: what `qrun status` shows in its GPU column.
         self.gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if use_gpu else None
@@ -70,6 +83,18 @@ class QueueWorker:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def notice(self, text: str) -> None:
+        """Something the people watching the runner should read (it prints them between jobs)."""
+        log.warning(text)
+        self._notices.append(f"{self.slot}: {text}")
+
+    def take_notices(self) -> list[str]:
+        """The notices since the last call, oldest first (the runner polls this)."""
+        taken = []
+        while self._notices:
+            taken.append(self._notices.popleft())
+        return taken
+
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         while not done.wait(self.lease_s / 3):
             try:
@@ -80,14 +105,12 @@ class QueueWorker:
                 continue
 
     def run_one(self, job) -> str:
-        from qrun.workers.jobs import JobContext, execute
-
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, done), daemon=True)
         beat.start()
         try:
             ctx = JobContext(db=self.db, job=job, worker=self.name, device=self.device,
-                             lease_s=self.lease_s, should_stop=self._stop.is_set)
+                             lease_s=self.lease_s, should_stop=self._stop.is_set, notice=self.notice)
             return execute(ctx)
         finally:
             done.set()
@@ -103,17 +126,38 @@ class QueueWorker:
                 for path in found[job_id]:
                     shutil.rmtree(path, ignore_errors=True)
 
+    def _one_round(self, burst: bool):
+        """Claim and run one job: (job id, outcome); or IDLE / DRAINED when there is none to claim."""
+        job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s)
+        if job is not None:
+            return job.id, self.run_one(job)
+        self._remove_staging_of_finished_jobs()
+        if burst and queue.pending_count(self.db) == 0:
+            return DRAINED
+        return IDLE
+
     def drain(self, burst: bool = True) -> list[tuple[int, str]]:
         """Run jobs until none is left (burst) or a stop is requested; returns (job id, outcome) pairs."""
         ran = []
+        backoff = Backoff()
         while not self._stop.is_set():
-            job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s)
-            if job is not None:
-                ran.append((job.id, self.run_one(job)))
+            try:
+                result = self._one_round(burst)
+            except Exception as exc:  # noqa: BLE001 -- outside any job: say so, wait, try again
+                wait_s = backoff.next_wait()
+                if backoff.failures == 1:
+                    log.exception("round of the worker loop failed")
+                self.notice(f"{describe_error(exc)}; trying again in {wait_s:.0f} s")
+                self._stop.wait(wait_s)
                 continue
-            self._remove_staging_of_finished_jobs()
-            if burst and queue.pending_count(self.db) == 0:
+            if backoff.failures:
+                self.notice("working again")
+                backoff.reset()
+            if result == DRAINED:
                 break
-            # Jobs are waiting on upstream jobs or on a lost worker's lease: look again shortly.
-            self._stop.wait(IDLE_POLL_S)
+            if result == IDLE:
+                # Jobs are waiting on upstream jobs or on a lost worker's lease: look again shortly.
+                self._stop.wait(IDLE_POLL_S)
+            else:
+                ran.append(result)
         return ran

@@ -64,20 +64,24 @@ def test_llama_architecture_quantizes(qrun_home, tiny_llama):
 
 
 def test_killed_worker_does_not_lose_the_job(qrun_home, deep_qwen2):
-    """SIGKILL the worker process mid-quantization: the job comes back after its lease and succeeds."""
+    """SIGKILL the worker process mid-quantization: the runner sees the worker die, gives its job back at
+    once with that cause (not after the 60 s lease, as "lost"), and the restarted worker finishes it."""
     import subprocess
     import sys
 
     (job_id,) = json.loads(run_qrun("submit", "--model", str(deep_qwen2), "--bits", "4", "--group-size", "64",
                                 "--calib-samples", "16", "--json", check=True).stdout)
     exe = Path(sys.executable).parent / "qrun"
-    runner = subprocess.Popen([str(exe), "run", "--until-empty", "--lease", "3"], stdout=subprocess.PIPE,
+    runner = subprocess.Popen([str(exe), "run", "--until-empty", "--lease", "60"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         job = wait_for(lambda: next((j for j in _status(job_id) if j["progress"]["done"] >= 2), None),
                         240, "the job to quantize two layers")
         worker_pid = int(job["worker"].split(":")[1])
         os.kill(worker_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: _status(job_id)[0]["attempts"] == 2, 50, "the job to be claimed again")
+        given_back_s = time.monotonic() - killed_at
         out, err = runner.communicate(timeout=400)
     finally:
         if runner.poll() is None:
@@ -86,7 +90,10 @@ def test_killed_worker_does_not_lose_the_job(qrun_home, deep_qwen2):
     (job,) = _status(job_id)
     assert job["status"] == "succeeded", job["error"]
     assert job["attempts"] == 2
+    assert given_back_s < 30, given_back_s  # well inside the 60 s lease
     history = run_qrun("logs", str(job_id), check=True).stdout
-    assert "lost (lease expired)" in history
+    assert "worker cpu0 died while running it: its process ended unexpectedly" in history, history
+    assert "lease expired" not in history
+    assert "worker cpu0 died" in err
     artifacts = qrun_home / "artifacts"
     assert [p.name for p in artifacts.iterdir()] == [Path(job["artifacts"][0]["path"]).name]

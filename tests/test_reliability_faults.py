@@ -16,12 +16,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from qrun.db.queue import current_user
+from qrun.db.states import FINISHED as FINISHED_STATES
 from conftest import run_qrun, wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -156,7 +158,7 @@ def test_full_disk_fails_the_job_cleanly_and_the_next_job_runs(qrun_home, tiny_q
     assert runner.returncode == 1, output  # one job failed
     failed = job(qrun_home, big)
     assert failed["status"] == "failed"
-    assert failed["error"].startswith(f"no space left on {small_artifact_disk}"), failed["error"]
+    assert failed["error"].startswith(f"no space left on device: {small_artifact_disk}"), failed["error"]
     assert "free space or move QRUN_HOME" in failed["error"]
     assert failed["attempts"] == 1  # a full disk is not retried: it would fail again
     assert artifact_rows(qrun_home, big) == []
@@ -164,6 +166,88 @@ def test_full_disk_fails_the_job_cleanly_and_the_next_job_runs(qrun_home, tiny_q
     (artifact,) = artifact_rows(qrun_home, small)
     assert [p.name for p in small_artifact_disk.iterdir()] == [Path(artifact["path"]).name]
     assert leftovers(small_artifact_disk) == []
+
+
+@pytest.fixture
+def small_home_disk(tmp_path, monkeypatch) -> Path:
+    """The whole QRUN_HOME -- job table, logs, artifacts, GPTQModel's offload files -- on a 1100 KiB
+    tmpfs: a w2 tiny model's job fits, a w8 one's does not."""
+    home = tmp_path / "small-home"
+    home.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k,mode=2775", "tmpfs", str(home)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    monkeypatch.setenv("QRUN_HOME", str(home))
+    monkeypatch.delenv("QRUN_DB", raising=False)
+    try:
+        yield home
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+class DiskFiller:
+    """Another process's runaway output: keeps the file system full (grabs every block freed)."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("ab")  # made while there is room for it
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._fill, daemon=True)
+        self.thread.start()
+
+    def _fill(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.file.write(b"\0" * 4096)
+                self.file.flush()
+            except OSError:
+                time.sleep(0.02)
+
+    def remove(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        Path(self.file.name).unlink()
+
+
+def test_a_full_disk_under_qrun_home_fails_the_job_and_the_runner_waits_for_its_table(small_home_disk, tiny_qwen2,
+                                                                                       tmp_path):
+    """The disk that holds QRUN_HOME fills up while a job runs (another process keeps it full): the job
+    fails with "no space left on device", cleans up its staging and offload directories; the worker
+    cannot record that while the job table cannot be written, says so, waits, and records it once
+    space returns; the runner never stops, and the next job that fits succeeds."""
+    big, small = submit("--model", str(tiny_qwen2), "--bits", "8", "--bits", "2", "--group-size", "32")
+    log = tmp_path / "run.log"
+    runner = start_runner("--serve", log=log)
+    try:
+        wait_for(lambda: job(small_home_disk, big)["status"] == "running", 120, "the big job to start")
+        filler = DiskFiller(small_home_disk / "filler")
+        try:
+            wait_for(lambda: "database unavailable: database or disk is full; trying again" in log.read_text(),
+                     120, "the worker to say that the job table cannot be written")
+            assert runner.poll() is None, log.read_text()  # still up
+            assert job(small_home_disk, big)["status"] == "running"  # its outcome waits, not lost
+        finally:
+            filler.remove()
+        wait_for(lambda: job(small_home_disk, small)["status"] in {s.value for s in FINISHED_STATES}, 120,
+                 "the small job to finish")
+        os.kill(runner.pid, signal.SIGTERM)
+        runner.wait(timeout=120)
+    finally:
+        stop(runner)
+    output = log.read_text()
+    failed = job(small_home_disk, big)
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith(f"no space left on device: {small_home_disk}"), failed["error"]
+    assert job(small_home_disk, small)["status"] == "succeeded", job(small_home_disk, small)["error"]
+    assert runner.returncode == 130, output  # stopped by SIGTERM, not by the full disk
+    assert not table(small_home_disk, "SELECT id FROM jobs WHERE status = 'running'")
+    assert leftovers(small_home_disk / "artifacts") == []
+    (artifact,) = artifact_rows(small_home_disk, small)
+    assert [p.name for p in (small_home_disk / "artifacts").iterdir()] == [Path(artifact["path"]).name]
 
 
 # ---------------------------------------------------------------- out of memory

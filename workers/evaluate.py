@@ -415,7 +415,7 @@ def predictions_path(job, variant: str) -> Path:
     return artifacts.inside(artifacts_root(), f"{name}.predictions.jsonl")
 
 
-def run_eval(ctx, log_file) -> tuple[dict[str, float | None], list[queue.ArtifactRecord]]:
+def run_eval(ctx) -> tuple[dict[str, float | None], list[queue.ArtifactRecord]]:
     import torch
 
     job = ctx.job

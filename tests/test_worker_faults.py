@@ -1,0 +1,186 @@
+"""Errors outside a job's own code never stop a worker (issue: the runner never falls over).
+
+A real worker (QueueWorker, in this process, no Ray) drains real quantize jobs on a tiny model.
+Each test breaks one place around the job -- claiming, recording progress, finishing, failing,
+the job's log, its working directory, freeing memory, the loop itself -- and asserts three
+things: the worker is still draining (it returns only when the queue is empty), the broken job's
+recorded error is the real cause, and the next job runs. Faults come in three kinds: real ones
+(a log path that is a directory, SQLite really locked by another connection), and, where a real
+one cannot be had on demand, an exception raised from the real function's place (monkeypatch).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from qrun.db import queue
+from qrun.db.queue import JobSpec
+from qrun.db.states import Kind
+from qrun.runner.worker import QueueWorker
+from qrun.workers import jobs as job_module
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+
+QUANTIZE = {"bits": 4, "group_size": 32, "calib_samples": 8, "calib_max_len": 64, "batch_size": 4}
+
+
+def database_is_locked() -> OperationalError:
+    """What SQLAlchemy raises when SQLite's busy timeout runs out: the database is out of reach."""
+    return OperationalError("UPDATE jobs ...", {}, sqlite3.OperationalError("database is locked"))
+
+
+def submit_two(db, model, **first_params) -> tuple[int, int]:
+    """Two quantize jobs; the first is the one each test breaks, the second must run regardless."""
+    first, second = queue.submit_jobs(db, [
+        JobSpec(kind=Kind.QUANTIZE, model=str(model), params=QUANTIZE | first_params, max_attempts=1),
+        JobSpec(kind=Kind.QUANTIZE, model=str(model), params=QUANTIZE | {"bits": 8}),
+    ])
+    return first, second
+
+
+def drain(db, worker: QueueWorker | None = None) -> dict[int, str]:
+    worker = worker or QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
+    return dict(worker.drain(burst=True))
+
+
+def fail_for_job(monkeypatch, target, name: str, job_id: int, error: Exception, times: int = 1) -> list[int]:
+    """Make target.name raise `error` the first `times` calls made for job_id (the job id is the
+    second positional argument of the queue's functions); every other call runs the real code."""
+    real = getattr(target, name)
+    calls = []
+
+    def broken(*args, **kwargs):
+        if len(args) > 1 and args[1] == job_id and len(calls) < times:
+            calls.append(job_id)
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, broken)
+    return calls
+
+
+def status_error(db, job_id: int) -> tuple[str, str | None]:
+    job = queue.get_job(db, job_id)
+    return job.status, job.error
+
+
+# ---------------------------------------------------------------- the database out of reach
+
+
+def test_a_locked_database_makes_the_worker_wait_not_stop(db, tiny_qwen2, monkeypatch):
+    """Real: another connection holds SQLite's write lock past the worker's busy timeout."""
+    monkeypatch.setattr("qrun.db.session.BUSY_TIMEOUT_S", 1)
+    first, second = submit_two(db, tiny_qwen2)
+    worker = QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
+    holder = sqlite3.connect(db.url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(3.5, lambda: (holder.rollback(), holder.close())).start()
+    started = time.monotonic()
+    outcomes = drain(db, worker)
+    assert time.monotonic() - started > 3.5  # it really waited for the lock
+    assert outcomes == {first: "succeeded", second: "succeeded"}
+    notices = worker.take_notices()
+    assert any("database unavailable: database is locked; trying again in" in n for n in notices), notices
+    assert notices[-1] == "cpu0: working again"
+
+
+def test_finishing_waits_out_a_database_outage_and_keeps_the_result(db, tiny_qwen2, monkeypatch):
+    first, second = submit_two(db, tiny_qwen2)
+    calls = fail_for_job(monkeypatch, queue, "finish_job", first, database_is_locked(), times=2)
+    worker = QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
+    assert drain(db, worker) == {first: "succeeded", second: "succeeded"}
+    assert calls == [first, first]
+    assert [a.kind for a in queue.artifacts_of(db, [first])[first]] == ["model"]
+    assert sum(f"job {first}: database unavailable: database is locked" in n for n in worker.take_notices()) == 2
+
+
+def test_failing_waits_out_a_database_outage_and_records_the_cause(db, tiny_qwen2, monkeypatch):
+    first, second = submit_two(db, tiny_qwen2, calib_samples=0)  # the job's own fault
+    calls = fail_for_job(monkeypatch, queue, "fail_job", first, database_is_locked())
+    assert drain(db) == {first: "failed", second: "succeeded"}
+    assert calls == [first]
+    status, error = status_error(db, first)
+    assert status == "failed" and "calibration" in error, error
+
+
+def test_progress_goes_on_while_the_database_is_out_of_reach(db, tiny_qwen2, monkeypatch):
+    first, second = submit_two(db, tiny_qwen2)
+    calls = fail_for_job(monkeypatch, queue, "record_progress", first, database_is_locked(), times=3)
+    assert drain(db) == {first: "succeeded", second: "succeeded"}
+    assert calls == [first] * 3
+
+
+# ---------------------------------------------------------------- errors that are not the database's
+
+
+@pytest.mark.parametrize("place", ["record_progress", "set_log_path"])
+def test_a_bug_around_the_job_fails_that_job_with_its_cause(db, tiny_qwen2, monkeypatch, place):
+    first, second = submit_two(db, tiny_qwen2)
+    fail_for_job(monkeypatch, queue, place, first, ValueError(f"injected into {place}"))
+    assert drain(db) == {first: "failed", second: "succeeded"}
+    assert status_error(db, first) == ("failed", f"ValueError: injected into {place}")
+
+
+def test_a_result_that_cannot_be_recorded_fails_the_job_and_removes_its_output(db, qrun_home, tiny_qwen2,
+                                                                                monkeypatch):
+    first, second = submit_two(db, tiny_qwen2)
+    fail_for_job(monkeypatch, queue, "finish_job", first, ValueError("metric name too long"))
+    assert drain(db) == {first: "failed", second: "succeeded"}
+    status, error = status_error(db, first)
+    assert (status, error) == ("failed", "RuntimeError: recording the result failed: ValueError: metric name too long")
+    (kept,) = [p.name for p in (qrun_home / "artifacts").iterdir()]
+    assert kept.endswith(f"job{second}")  # the first job's artifact went with its failure
+
+
+def test_a_log_path_that_is_a_directory_fails_the_job_not_the_worker(db, qrun_home, tiny_qwen2):
+    first, second = submit_two(db, tiny_qwen2)
+    (qrun_home / "logs" / f"job-{first}.log").mkdir(parents=True)  # real: open() raises IsADirectoryError
+    assert drain(db) == {first: "failed", second: "succeeded"}
+    status, error = status_error(db, first)
+    assert status == "failed"
+    assert error.startswith("IsADirectoryError:") and f"job-{first}.log" in error, error
+
+
+def test_a_working_directory_that_cannot_be_made_fails_the_job_not_the_worker(db, qrun_home, tiny_qwen2):
+    first, second = submit_two(db, tiny_qwen2)
+    logs = qrun_home / "logs"
+    logs.mkdir(parents=True)
+    (logs / f"job-{first}.d").write_text("a file where the job's directory goes")
+    assert drain(db) == {first: "failed", second: "succeeded"}
+    status, error = status_error(db, first)
+    assert status == "failed"
+    assert error.startswith("FileExistsError:") and f"job-{first}.d" in error, error
+
+
+def test_freeing_memory_that_fails_leaves_the_worker_running(db, tiny_qwen2, monkeypatch):
+    first, second = submit_two(db, tiny_qwen2)
+
+    def broken():
+        raise RuntimeError("a library changed its internals")
+
+    monkeypatch.setattr(job_module, "drop_kept_tracebacks", broken)
+    assert drain(db) == {first: "succeeded", second: "succeeded"}
+
+
+def test_a_failing_round_of_the_loop_is_retried(db, tiny_qwen2, monkeypatch):
+    """Claiming itself raises (a bug, not the database): the worker says so, waits, tries again."""
+    first, second = submit_two(db, tiny_qwen2)
+    real = queue.claim_job
+    raised = []
+
+    def claim_that_fails_once(*args, **kwargs):
+        if not raised:
+            raised.append(True)
+            raise KeyError("claim bug")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "claim_job", claim_that_fails_once)
+    worker = QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
+    assert drain(db, worker) == {first: "succeeded", second: "succeeded"}
+    assert worker.take_notices()[0] == "cpu0: KeyError: 'claim bug'; trying again in 1 s"
+
