@@ -68,7 +68,8 @@ def build_specs(model: str, sweep: list[dict], priority: int, max_attempts: int,
 @click.option("--model", "model_dir", required=True, metavar="DIR", help="Local model directory (safetensors).")
 @click.option("--bits", type=int, multiple=True, required=True, help="Bits per weight (2, 3, 4, 8); repeat to sweep.")
 @click.option("--group-size", type=int, multiple=True, default=(128,), show_default=True,
-              help="Columns sharing one scale; -1 for one group; repeat to sweep.")
+              help="Columns sharing one scale: 16, 32, 64, 128, 256, 512 or 1024 (dividing the layer widths), "
+                   "or -1 for one group per column; repeat to sweep.")
 @click.option("--desc-act/--no-desc-act", default=False, show_default=True, help="Quantize columns by activation order.")
 @click.option("--sym/--no-sym", default=True, show_default=True, help="Symmetric quantization.")
 @click.option("--damp", type=float, multiple=True, default=(0.01,), show_default=True,
@@ -99,15 +100,15 @@ def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_s
     """Add quantize jobs (one per combination of --bits, --group-size, --damp), and with --eval an
     eval job for each plus one for the unquantized baseline. Prints the new job ids."""
     from qrun.workers.datasets import check_calibration_file
-    from qrun.workers.inputs import (check_job_counts, check_priority, check_quantizable, check_quantize_settings,
-                                     inspect_model)
+    from qrun.workers.inputs import (check_calibration_settings, check_job_counts, check_priority, check_quantizable,
+                                     check_quantize_settings, inspect_model)
 
     info = inspect_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     check_quantizable(info)
     for b, g, d in itertools.product(bits, group_size, damp):
         check_quantize_settings(info, b, g, d)
-    check_job_counts(calib_samples=calib_samples, calib_max_len=calib_max_len, batch_size=batch_size,
-                     max_attempts=max_attempts)
+    check_calibration_settings(calib_samples, calib_max_len)
+    check_job_counts(batch_size=batch_size, max_attempts=max_attempts)
     check_priority(priority)
     calib = _check_file(calib, "calibration file")
     eval_data = _check_file(eval_data, "eval file")

@@ -33,6 +33,9 @@ SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library refuses larger h
 # Priorities are stored in a signed 64-bit column.
 PRIORITY_RANGE = (-(2**63), 2**63 - 1)
 MAX_ATTEMPTS_LIMIT = 100
+# Calibration samples shorter than this many tokens are dropped (workers/calibration.py, as GPTQModel
+# does): with --calib-max-len below it no sample is left and every job fails.
+MIN_CALIB_TOKENS = 10
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,14 @@ def check_quantize_settings(info: ModelInfo, bits: int, group_size: int, damp: f
                 )
     if not 0 < damp < 1:
         raise BadInput(f"--damp {damp} must lie between 0 and 1 (0.01 is the usual start)")
+
+
+def check_calibration_settings(calib_samples: int, calib_max_len: int) -> None:
+    """Counts that make a calibration set: positive, and samples long enough for GPTQModel to keep."""
+    check_job_counts(calib_samples=calib_samples, calib_max_len=calib_max_len)
+    if calib_max_len < MIN_CALIB_TOKENS:
+        raise BadInput(f"--calib-max-len {calib_max_len} is below {MIN_CALIB_TOKENS}: samples shorter than "
+                       f"{MIN_CALIB_TOKENS} tokens are dropped, so none would be left; use 256 or more")
 
 
 def check_priority(priority: int) -> None:

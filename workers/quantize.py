@@ -78,6 +78,19 @@ def _layer_losses(quant_log: Path, in_memory: list | None) -> list[float]:
     return [x for x in losses if x == x]  # drop NaN
 
 
+def act_group_aware_option(params: QuantizeParams) -> dict:
+    """GPTQModel's act_group_aware setting for these params, where its default cannot work.
+
+    GPTQModel 7.7 turns act_group_aware on by default for GPTQ, and that ordering needs groups:
+    with group_size -1 (one group per column) every job failed at its first module ("act_group_aware=True
+    requires group_size > 0"). With desc_act it is switched off anyway (with a warning); say so
+    explicitly. Otherwise GPTQModel's default stands.
+    """
+    if params.group_size == -1 or params.desc_act:
+        return {"act_group_aware": False}
+    return {}
+
+
 def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device: str, num_layers: int,
                    progress: Progress, offload_dir: Path | None = None) -> dict[str, float]:
     """Quantize model_dir into out_dir (which must exist); return the job's metrics.
@@ -104,6 +117,7 @@ def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device
     config = QuantizeConfig(bits=params.bits, group_size=params.group_size, desc_act=params.desc_act,
                             sym=params.sym, damp_percent=params.damp_percent,
                             true_sequential=params.true_sequential, static_groups=params.static_groups,
+                            **act_group_aware_option(params),
                             **({"offload_to_disk_path": str(offload_dir)} if offload_dir else {}))
     progress(0, num_layers, "loading model")
     load_start = time.perf_counter()
