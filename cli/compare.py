@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -79,15 +80,25 @@ def _quantized_bits(job, upstream) -> tuple[int | None, int | None]:
     return params.get("bits"), params.get("group_size")
 
 
-def read_predictions(path: str | None) -> dict[str, object] | None:
-    """id -> prediction (True, False or "invalid") from a predictions artifact; None if unreadable."""
+def read_predictions(path: str | None, warn: Callable[[str], None] = stderr_line) -> dict[str, object] | None:
+    """id -> prediction (True, False or "invalid") from a predictions artifact.
+
+    An unreadable one gives None (its agreement columns show `-`) and one warning line naming the
+    file and why: a silent `-` looked like "no predictions", not like a permission or a lost file.
+    """
     if not path:
         return None
     try:
         with open(path, encoding="utf-8") as f:
             return {str(r["id"]): r["prediction"] for r in map(json.loads, filter(str.strip, f))}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    except ValueError as exc:  # UnicodeDecodeError included
+        reason = f"not JSONL ({str(exc).splitlines()[0][:80]})"
+    except (KeyError, TypeError):
+        reason = "a row lacks its id or prediction"
+    warn(f"cannot read predictions {path}: {reason}")
+    return None
 
 
 def agreement(baseline: dict | None, variant: dict | None) -> dict[str, float | int | None]:

@@ -4,6 +4,7 @@ every output format, the plot, and one end-to-end sweep through the real console
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,69 @@ def test_failed_quantize_fails_its_eval(qrun_home, tiny_qwen2, tmp_path):
     assert jobs[evaluation]["error"] == f"upstream job {quantize} failed"
     empty = run_qrun("compare", "--format", "json", check=True)
     assert json.loads(empty.stdout) == [] and "No succeeded eval jobs" in empty.stderr
+
+
+# ---------------------------------------------------------------- predictions that cannot be read
+
+
+def _w4_predictions(sweep, tmp_path) -> Path:
+    return tmp_path / f"job{sweep['w4']}.predictions.jsonl"
+
+
+def _warning_and_agreement(result, path: Path) -> tuple[str, object]:
+    """The one stderr line, and the w4 row's agreement from the JSON on stdout."""
+    rows = {r["variant"]: r for r in json.loads(result.stdout)}
+    assert rows["w8g128"]["agreement"] == 1.0  # the readable files still count
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"cannot read predictions {path}: "), line
+    return line, rows["w4g128"]["agreement"]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("damage, reason", [
+    ("directory", "Is a directory"),
+    ("missing", "No such file or directory"),
+    ("not_json", "not JSONL"),
+    ("no_id", "lacks its id or prediction"),
+])
+def test_unreadable_predictions_are_named_not_silent(db, sweep, tmp_path, damage, reason):
+    """Before, each of these printed `-` in the agreement columns and nothing else."""
+    path = _w4_predictions(sweep, tmp_path)
+    path.unlink()
+    if damage == "directory":
+        path.mkdir()
+    elif damage == "not_json":
+        path.write_bytes(b'{"id": "a", "prediction": tr\n')
+    elif damage == "no_id":
+        path.write_text('{"prediction": true}\n')
+    result = _compare("--data", str(sweep["data"]), "--format", "json")
+    line, agreement = _warning_and_agreement(result, path)
+    assert reason in line and agreement is None
+    table = _compare("--data", str(sweep["data"]))
+    assert f"cannot read predictions {path}" in table.stderr and "w4g128" in table.stdout
+
+
+@pytest.mark.reliability
+def test_predictions_without_read_permission_are_named(db, sweep, tmp_path):
+    """A file made unreadable (chmod 000), read by the real console script without root's power to
+    read anything (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH)."""
+    import shutil
+    import subprocess
+    import sys
+
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root and setpriv (util-linux) is missing: cannot make a file unreadable")
+        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    path = _w4_predictions(sweep, tmp_path)
+    path.chmod(0o000)
+    try:
+        result = subprocess.run([*prefix, str(Path(sys.executable).parent / "qrun"), "compare", "--data",
+                                 str(sweep["data"]), "--format", "json"],
+                                capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    finally:
+        path.chmod(0o644)
+    assert result.returncode == 0, result.stderr
+    line, agreement = _warning_and_agreement(result, path)
+    assert line.endswith("Permission denied") and agreement is None

@@ -126,6 +126,43 @@ def test_real_artifact_is_safetensors_only_and_shared_with_the_group(group_home,
             assert mode(item) == 0o664, (item, oct(mode(item)))
 
 
+def test_predictions_of_a_real_eval_are_shared_with_the_group(group_home, tiny_qwen2, tmp_path, restore_umask):
+    """Predictions were written 0600 (tempfile.mkstemp): a teammate's `qrun compare` lost its agreement
+    columns. Now 0664 under the workers' umask 002, group-owned, like every other file there."""
+    from conftest import write_labeled
+    from qrun.db.session import open_database
+
+    data = write_labeled(tmp_path / "dialogs.jsonl")
+    database = open_database()
+    try:
+        (job_id,) = queue.submit_jobs(database, [JobSpec(kind=Kind.EVAL, model=str(tiny_qwen2),
+                                                         params={"data": str(data), "variant": "baseline"})])
+        assert run_worker_here(database) == [(job_id, "succeeded")]
+        (artifact,) = queue.artifacts_of(database, [job_id])[job_id]
+    finally:
+        database.dispose()
+    path = Path(artifact.path)
+    assert artifact.kind == "predictions" and path.parent == group_home / "artifacts"
+    assert (oct(mode(path)), path.stat().st_gid) == ("0o664", group_home.stat().st_gid)
+    everything = [p for p in group_home.rglob("*") if p.is_file()]
+    assert path in everything
+    assert all(mode(p) & 0o040 for p in everything), {str(p): oct(mode(p)) for p in everything}
+
+
+@pytest.mark.parametrize("umask, expected", [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
+def test_predictions_honour_the_umask(tmp_path, umask, expected):
+    """0666 less the umask, as for any file a process creates (mkstemp ignored it: always 0600)."""
+    from qrun.workers.evaluate import write_predictions
+
+    old = os.umask(umask)
+    try:
+        record = write_predictions([{"id": "a", "prediction": True}], tmp_path / "p.jsonl", job_id=7)
+    finally:
+        os.umask(old)
+    assert mode(Path(record.path)) == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["p.jsonl"]  # the temporary name was renamed away
+
+
 def test_publish_refuses_pickle_files(tmp_path):
     from qrun.workers.artifacts import publish
 

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -321,9 +321,25 @@ def window_nll(model, ids: list[int], windows: Sequence[tuple[int, int, int]], p
 # ---------------------------------------------------------------- the job
 
 
+def create_shared_file(directory: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file with a unique name in `directory`, opened for writing: (fd, path).
+
+    Unlike tempfile.mkstemp (always 0600, so a teammate's `qrun compare` could not read the
+    predictions), the mode is 0666 less the umask, as for any file: 0664 under the workers' group
+    umask 002, like the artifacts and logs beside it.
+    """
+    for _ in range(100):
+        path = directory / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {directory}")
+
+
 def write_predictions(rows: Sequence[dict], path: Path, job_id: int) -> queue.ArtifactRecord:
     """Write JSONL atomically: a temporary file beside `path`, renamed over it when complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=artifacts.staging_prefix(job_id), suffix=".jsonl")
+    fd, tmp = create_shared_file(path.parent, artifacts.staging_prefix(job_id), ".jsonl")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
