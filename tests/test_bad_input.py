@@ -667,3 +667,12 @@ def test_the_malformed_table_is_large_and_every_case_starts_from_good_input(tabl
     accepted = invoke(*SUBMIT, "--model", str(model), "--eval", str(files["good"]), "--calib", str(files["good"]),
                       "--eval-ppl", str(files["good"]), "--priority", str(2**63 - 1), "--dry-run")
     assert accepted.exit_code == 0, accepted.output
+
+
+def test_a_utf8_byte_order_mark_is_dropped_not_refused(table, model, tmp_path):
+    """Windows editors start UTF-8 files with a BOM; the JSON parser would call line 1 invalid."""
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes("\ufeff".encode() + rows(*[{**GOOD_ROW, "id": i} for i in range(4)]).encode())
+    accepted = invoke(*SUBMIT, "--model", str(model), "--eval", str(data), "--json")
+    assert accepted.exit_code == 0, accepted.output
+    assert len(json.loads(accepted.output)) == 3  # baseline eval, quantize, its eval
