@@ -3,6 +3,12 @@
 A worker proves it still holds a job on every write (`worker = :me AND status = 'running'`):
 a job that was cancelled, or whose lease expired and was handed to another worker, can no
 longer be progressed or finished by the old holder, so finishing is idempotent under retries.
+
+Housekeeping that any claimer does on the side (requeueing expired leases, failing orphans) reads
+rows and then changes them. On SQLite every transaction holds the write lock from its start
+(BEGIN IMMEDIATE), so claimers take turns. On Postgres they run at once: the rows are read with
+`FOR UPDATE SKIP LOCKED`, so each is settled by one claimer while the others pass it by, and a
+row that changed anyway is skipped rather than reported as an error.
 """
 
 from __future__ import annotations
@@ -13,11 +19,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from qrun.db.errors import JobLost, JobNotFound, TransitionError
-from qrun.db.schema import Artifact, Event, Job, Metric
+from qrun.db.errors import BadInput, JobLost, JobNotFound, TransitionError
+from qrun.db.schema import INT64_MAX, INT64_MIN, Artifact, Event, Job, Metric
 from qrun.db.session import Database
 from qrun.db.states import FINISHED, Kind, Status, allowed_from, target_of
 
@@ -61,13 +67,21 @@ def _transition(
     values: dict | None = None,
     worker: str | None = None,
     detail: str | None = None,
-) -> None:
-    """Move one job along `name`, or raise naming the job and the state it is really in."""
+    guard=None,
+    lost_race_ok: bool = False,
+) -> bool:
+    """Move one job along `name`, or raise naming the job and the state it is really in.
+
+    guard: one more condition the row must still meet. lost_race_ok: housekeeping that found the
+    job in a state another process has since changed returns False instead of raising (the other
+    process settled it)."""
     allowed = allowed_from(name)
     target = target_of(name)
     conditions = [Job.id == job_id, Job.status.in_([s.value for s in allowed])]
     if worker is not None:
         conditions.append(Job.worker == worker)
+    if guard is not None:
+        conditions.append(guard)
     before = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
     result = session.execute(
         update(Job).where(*conditions).values(status=target.value, **(values or {}))
@@ -75,19 +89,35 @@ def _transition(
     if result.rowcount == 1:
         session.add(Event(job_id=job_id, transition=name, from_status=before, to_status=target.value,
                           at=utcnow(), detail=detail))
-        return
-    if before is None:
+        return True
+    if lost_race_ok:
+        return False
+    # Read again: on Postgres the UPDATE may have waited for another transaction that changed the
+    # job after `before` was read, and the message must name the state that refused the change.
+    now_status = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
+    if now_status is None:
         raise JobNotFound(f"job {job_id} does not exist: see `qrun status` for job ids")
     if worker is not None:  # the job moved on without this worker: cancelled, reaped or finished
-        raise JobLost(f"job {job_id} is {before} and no longer held by {worker}")
-    raise TransitionError(f"job {job_id} is {before}: cannot {name} it")
+        raise JobLost(f"job {job_id} is {now_status} and no longer held by {worker}")
+    raise TransitionError(f"job {job_id} is {now_status}: cannot {name} it")
 
 
 # ---------------------------------------------------------------- submitting
 
 
+def check_priority(priority) -> int:
+    """The priority if the job table can hold it (a signed 64-bit integer), else BadInput naming --priority.
+    SQLite would raise OverflowError past 64 bits, Postgres 'bigint out of range'."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not INT64_MIN <= priority <= INT64_MAX:
+        raise BadInput(f"--priority {priority} is out of range: give a whole number between {INT64_MIN} and "
+                       f"{INT64_MAX} (higher runs first; 0 is the default)")
+    return priority
+
+
 def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None) -> list[int]:
     """Insert a batch of jobs in one transaction: all of them, or none."""
+    for spec in specs:
+        check_priority(spec.priority)
     user = user or current_user()
     now = utcnow()
     ids: list[int] = []
@@ -246,6 +276,14 @@ def is_cancelled(db: Database, job_id: int) -> bool:
 # ---------------------------------------------------------------- keeping the table honest
 
 
+def _locking_unclaimed(s: Session, query: Select) -> Select:
+    """On Postgres, lock the jobs rows the query returns and pass over rows another transaction has
+    locked (it is settling them). SQLite needs nothing: the transaction already holds the write lock."""
+    if s.get_bind().dialect.name == "sqlite":
+        return query
+    return query.with_for_update(skip_locked=True, of=Job)
+
+
 def reap_expired_leases(db: Database, now: datetime | None = None) -> list[int]:
     """Requeue running jobs whose worker stopped heartbeating; fail those out of attempts."""
     with db.transaction() as s:
@@ -253,36 +291,46 @@ def reap_expired_leases(db: Database, now: datetime | None = None) -> list[int]:
 
 
 def _reap_expired_leases(s: Session, now: datetime) -> list[int]:
-    expired = s.execute(
+    """Requeue (or fail, out of attempts) the running jobs whose lease expired; the ids this call settled."""
+    expired = s.execute(_locking_unclaimed(s, (
         select(Job.id, Job.worker, Job.attempts, Job.max_attempts)
         .where(Job.status == Status.RUNNING.value, Job.lease_expires_at < now)
-    ).all()
+    ))).all()
+    settled = []
+    # Still expired when updated: a job that another claimer requeued and a worker took up again
+    # meanwhile is running too, but under a fresh lease, and must not be taken from its new holder.
+    still_expired = Job.lease_expires_at < now
     for job in expired:
         reason = f"worker {job.worker} lost (lease expired) on attempt {job.attempts}/{job.max_attempts}"
         if job.attempts < job.max_attempts:
-            _transition(s, job.id, "release", detail=reason,
-                        values={"worker": None, "lease_expires_at": None, "error": reason})
+            done = _transition(s, job.id, "release", detail=reason, guard=still_expired, lost_race_ok=True,
+                               values={"worker": None, "lease_expires_at": None, "error": reason})
         else:
-            _transition(s, job.id, "fail", detail=reason,
-                        values={"finished_at": now, "lease_expires_at": None,
-                                "error": f"{reason}; no attempts left"})
-    return [job.id for job in expired]
+            done = _transition(s, job.id, "fail", detail=reason, guard=still_expired, lost_race_ok=True,
+                               values={"finished_at": now, "lease_expires_at": None,
+                                       "error": f"{reason}; no attempts left"})
+        if done:
+            settled.append(job.id)
+    return settled
 
 
 def fail_orphans(db: Database) -> list[int]:
     """Fail queued jobs whose upstream job failed or was cancelled: they can never run."""
     upstream = aliased(Job)
+    failed = []
     with db.transaction() as s:
-        orphans = s.execute(
+        orphans = s.execute(_locking_unclaimed(s, (
             select(Job.id, upstream.id.label("up"), upstream.status.label("up_status"))
             .join(upstream, Job.depends_on == upstream.id)
             .where(Job.status == Status.QUEUED.value,
                    upstream.status.in_([Status.FAILED.value, Status.CANCELLED.value]))
-        ).all()
+        ))).all()
         for o in orphans:
             reason = f"upstream job {o.up} {o.up_status}"
-            _transition(s, o.id, "fail", detail=reason, values={"finished_at": utcnow(), "error": reason})
-    return [o.id for o in orphans]
+            if _transition(s, o.id, "fail", detail=reason, lost_race_ok=True,
+                           values={"finished_at": utcnow(), "error": reason}):
+                failed.append(o.id)
+    return failed
 
 
 # ---------------------------------------------------------------- the user's side

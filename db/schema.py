@@ -6,6 +6,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     DateTime,
     Float,
@@ -21,7 +22,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from qrun.db.states import Kind, Status
 
 # Bump when a table changes, and add a step to db.session.MIGRATIONS.
-SCHEMA_VERSION = 1
+# 2: 64-bit priority and artifact sizes, unbounded worker and progress texts (Postgres enforces both).
+SCHEMA_VERSION = 2
+
+# Postgres' INTEGER is 32-bit and enforces VARCHAR(n); SQLite stores up to 64 bits in any INTEGER and
+# ignores lengths. So sizes and free-form numbers are BigInteger, and texts whose length the user's
+# model or host decides (module lists of MoE layers run past 350 characters) are Text.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _sql_list(values) -> str:
@@ -51,15 +58,15 @@ class Job(Base):
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     model: Mapped[str] = mapped_column(Text)  # source model directory
     depends_on: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
-    priority: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[int] = mapped_column(BigInteger, default=0)  # any signed 64-bit value
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    worker: Mapped[str | None] = mapped_column(Text, nullable=True)  # host:pid:slot, host names vary
     gpu: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     progress_done: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
-    progress_module: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    progress_module: Mapped[str | None] = mapped_column(Text, nullable=True)  # "layer 3: a, b, ..." (MoE: long)
     submitted_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -91,7 +98,7 @@ class Artifact(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32))  # "model", "predictions"
     path: Mapped[str] = mapped_column(Text)
-    bytes: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)  # an 8 GB artifact is ordinary
     sha256: Mapped[str] = mapped_column(String(64))
 
 

@@ -9,13 +9,15 @@ at once with "database is locked" when another writer got in between).
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import stat
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, inspect, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, inspect, make_url, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -30,6 +32,13 @@ from qrun.db.errors import BadInput, SchemaTooNew
 from qrun.db.schema import SCHEMA_VERSION, Base, Meta
 
 BUSY_TIMEOUT_S = 60
+# How long a Postgres connection attempt may take before "unreachable" (libpq would wait forever
+# on a host that drops packets).
+CONNECT_TIMEOUT_S = 10
+# Any constant shared by every qrun: the Postgres advisory lock that serialises schema creation and
+# migration between processes opening one database at the same moment.
+SCHEMA_LOCK_KEY = 0x7172756E  # "qrun"
+POSTGRES_EXTRA = "pip install 'qrun-quant[postgres]'"
 # File systems on which SQLite's WAL locking does not work (it needs shared memory between processes).
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "fuse.sshfs", "9p"}
 # Shared-group defaults: members of the group can read and write the queue and its artifacts.
@@ -60,15 +69,42 @@ def database_url(explicit: str | None = None) -> str:
     return url
 
 
+def url_source(explicit: str | None = None) -> str:
+    """Which setting named the database, for error messages: "--db", "QRUN_DB" or "QRUN_HOME".
+
+    The CLI's --db option also reads QRUN_DB (click's envvar), so an explicit URL equal to
+    $QRUN_DB most likely came from the environment."""
+    env = os.environ.get("QRUN_DB")
+    if explicit:
+        return "QRUN_DB" if explicit == env else "--db"
+    return "QRUN_DB" if env else "QRUN_HOME"
+
+
+def masked_url(url: str) -> str:
+    """The URL with any password replaced by ***, fit for an error message."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _make_group_dir(path: Path, adopt_existing: bool = True) -> None:
+    """Create `path` usable by the whole group (setgid, group-writable); OSError if we cannot write it.
+    adopt_existing: also give an existing directory of ours that mode (QRUN_HOME and its folders are
+    qrun's; the directory of a --db file is the user's, left as it is unless qrun creates it)."""
+    existed = path.is_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    if (adopt_existing or not existed) and path.stat().st_uid == os.getuid():
+        path.chmod(0o2775)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.touch()
+    probe.unlink()
+
+
 def ensure_home(path: Path) -> Path:
     """Create a qrun directory usable by the whole group (setgid, group-writable)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        if path.stat().st_uid == os.getuid():
-            path.chmod(0o2775)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        _make_group_dir(path)
     except OSError as exc:
         raise BadInput(
             f"QRUN_HOME {path} is not writable ({exc.strerror}): set QRUN_HOME to a directory you can write"
@@ -97,8 +133,19 @@ def _sqlite_file(url: str) -> Path | None:
     return None
 
 
-def _check_sqlite_location(db_file: Path) -> None:
-    ensure_home(db_file.parent)
+def _check_sqlite_location(db_file: Path, source: str) -> None:
+    """The database's directory must be writable (SQLite writes its -wal/-shm files beside it) and local.
+    A refusal names the setting the user gave: --db, QRUN_DB, or QRUN_HOME for the default file."""
+    if source == "QRUN_HOME":
+        ensure_home(db_file.parent)
+    else:
+        try:
+            _make_group_dir(db_file.parent, adopt_existing=False)
+        except OSError as exc:
+            raise BadInput(
+                f"{source} {db_file}: its directory {db_file.parent} is not writable ({exc.strerror}): point "
+                f"{source} at a SQLite file in a directory you can write, or at a postgresql:// URL"
+            ) from exc
     fstype = filesystem_type(db_file.parent)
     if fstype in NETWORK_FILESYSTEMS:
         raise BadInput(
@@ -117,13 +164,34 @@ def share_with_group(db_file: Path) -> None:
             pass
 
 
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    return "database is locked" in str(exc) or "database table is locked" in str(exc)
+
+
+def _set_wal_mode(cursor, timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    """Switch the file to WAL, waiting for other openers. Changing the journal mode needs an exclusive
+    lock, and SQLite answers "database is locked" at once, busy timeout or not, while another process
+    creates the same new file: so retry until the busy timeout has passed."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
-        cur.execute("PRAGMA journal_mode = WAL")
+        _set_wal_mode(cur)
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
@@ -133,36 +201,102 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
+def _sqlite_unopenable(db_file: Path, source: str, exc: OperationalError) -> BadInput:
+    if source == "QRUN_HOME":
+        return BadInput(f"database {db_file} (in QRUN_HOME) cannot be opened ({exc.orig}): set QRUN_HOME to a "
+                        "directory you can write, or point --db or QRUN_DB at another database")
+    return BadInput(f"{source} {db_file}: database cannot be opened ({exc.orig}): point --db or QRUN_DB at a "
+                    "SQLite file you can write, or unset them to use $QRUN_HOME/qrun.db")
+
+
+def _sqlite_engine(url: str, db_file: Path, source: str) -> Engine:
+    _check_sqlite_location(db_file, source)
+    old_umask = os.umask(GROUP_UMASK)
+    try:
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
+        _configure_sqlite(engine)
+        try:
+            with engine.connect():
+                pass  # creates the file
+        except OperationalError as exc:  # a directory, a file we may not write, a corrupt file
+            raise _sqlite_unopenable(db_file, source, exc) from exc
+    finally:
+        os.umask(old_umask)
+    share_with_group(db_file)
+    return engine
+
+
+def _missing_driver(url: str, exc: ImportError) -> BadInput:
+    """A URL whose driver module is not installed: name the pip command that brings it."""
+    shown = masked_url(url)
+    try:
+        backend, driver = make_url(url).get_backend_name(), make_url(url).get_driver_name()
+    except ArgumentError:
+        backend, driver = "", ""
+    if backend == "postgresql" and driver not in ("", "psycopg"):
+        return BadInput(f"database URL {shown} needs the {driver} driver, which is not installed ({exc}): "
+                        f"use postgresql+psycopg://... after {POSTGRES_EXTRA}, or install {driver}")
+    if backend == "postgresql":
+        return BadInput(f"database URL {shown} needs the Postgres driver psycopg, which is not installed: "
+                        f"{POSTGRES_EXTRA}")
+    return BadInput(f"database URL {shown} is not usable ({exc}): give a SQLite path or a postgresql:// URL "
+                    f"({POSTGRES_EXTRA})")
+
+
+def _server_engine(url: str) -> Engine:
+    """Postgres (or any server database): pings each pooled connection before use, so a server restart
+    costs one reconnect instead of an error; a connection attempt gives up after CONNECT_TIMEOUT_S."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError as exc:
+        raise BadInput(f"database URL {masked_url(url)!r} is not usable ({exc}): give a SQLite path or a "
+                       "postgresql:// URL") from exc
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if backend == "postgresql" else {}
+    try:
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    except ImportError as exc:  # the dialect is known, its driver module is not installed
+        raise _missing_driver(url, exc) from exc
+    except ArgumentError as exc:  # an unknown dialect or driver name
+        raise BadInput(f"database URL {masked_url(url)!r} is not usable ({exc}): give a SQLite path or a "
+                       "postgresql:// URL") from exc
+
+
+def make_engine(url: str, source: str | None = None) -> Engine:
     db_file = _sqlite_file(url)
     if db_file is not None:
-        _check_sqlite_location(db_file)
-        old_umask = os.umask(GROUP_UMASK)
-        try:
-            engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
-            _configure_sqlite(engine)
-            try:
-                with engine.connect():
-                    pass  # creates the file
-            except OperationalError as exc:  # a directory, a file we may not write, a corrupt file
-                raise BadInput(
-                    f"database {db_file} cannot be opened ({exc.orig}): point --db or QRUN_DB at a SQLite file "
-                    "you can write, or unset them to use $QRUN_HOME/qrun.db"
-                ) from exc
-        finally:
-            os.umask(old_umask)
-        share_with_group(db_file)
-        return engine
-    try:
-        return create_engine(url, pool_pre_ping=True)
-    except (ArgumentError, ImportError) as exc:
-        raise BadInput(
-            f"database URL {url!r} is not usable ({exc}): give a SQLite path or a postgresql:// URL"
-        ) from exc
+        return _sqlite_engine(url, db_file, source or url_source(url))
+    return _server_engine(url)
 
 
-# Steps from version N to N+1, applied in order to an older database.
-MIGRATIONS: dict[int, callable] = {}
+def _one_line(exc: BaseException) -> str:
+    """A driver's message on one line (libpq's spans several: a reason, then a tab-indented hint)."""
+    return re.sub(r"\s+", " ", str(exc)).strip()
+
+
+def _unreachable(url: str, exc: DBAPIError) -> BadInput:
+    return BadInput(f"database {masked_url(url)} cannot be reached ({_one_line(exc.orig)}): check that the server "
+                    "runs and the URL's host, port, user and password, or point --db or QRUN_DB elsewhere")
+
+
+def _migrate_1_to_2(session: Session) -> None:
+    """64-bit priority and artifact sizes, unbounded worker and progress texts.
+
+    SQLite needs no change: its INTEGER already holds 64 bits and it never enforces VARCHAR
+    lengths (and it has no ALTER COLUMN). Postgres alters the four columns in place. Both get the
+    claim index in its current order (status, priority DESC, id): databases made before it had
+    (status, priority, id) under the same name.
+    """
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("ALTER TABLE jobs ALTER COLUMN priority TYPE BIGINT, "
+                          "ALTER COLUMN worker TYPE TEXT, ALTER COLUMN progress_module TYPE TEXT"))
+        conn.execute(text("ALTER TABLE artifacts ALTER COLUMN bytes TYPE BIGINT"))
+    conn.execute(text("DROP INDEX IF EXISTS ix_jobs_claim"))
+    conn.execute(text("CREATE INDEX ix_jobs_claim ON jobs (status, priority DESC, id)"))
+
+
+# Steps from version N to N+1, applied in order to an older database, in one transaction.
+MIGRATIONS: dict[int, callable] = {1: _migrate_1_to_2}
 
 
 def _stored_version(session: Session) -> int | None:
@@ -170,13 +304,31 @@ def _stored_version(session: Session) -> int | None:
     return int(row.value) if row else None
 
 
+def _lock_schema(conn: Connection) -> None:
+    """Serialise schema creation and migration between processes opening the database together.
+    SQLite: the transaction's BEGIN IMMEDIATE already holds the write lock. Postgres: an advisory
+    lock held until the transaction ends (two create_all at once would both try CREATE TABLE)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+
+
 def prepare_schema(engine: Engine, url: str) -> None:
-    """Create the tables on a new database, migrate an older one, refuse a newer one."""
+    """Create the tables on a new database, migrate an older one, refuse a newer one.
+
+    Everything happens in one transaction that first takes the schema lock, so processes that
+    open a new database at the same moment create it once, and the others find it made."""
     try:
-        has_meta = inspect(engine).has_table(Meta.__tablename__)
-    except OperationalError as exc:
-        raise BadInput(f"database {url} cannot be opened: {exc.orig}") from exc
+        _prepare_schema_locked(engine, url)
+    except (OperationalError, InterfaceError) as exc:
+        if engine.dialect.name == "sqlite":
+            raise BadInput(f"database {url} cannot be opened: {_one_line(exc.orig)}") from exc
+        raise _unreachable(url, exc) from exc
+
+
+def _prepare_schema_locked(engine: Engine, url: str) -> None:
     with Session(engine) as session, session.begin():
+        _lock_schema(session.connection())
+        has_meta = inspect(session.connection()).has_table(Meta.__tablename__)
         version = _stored_version(session) if has_meta else None
         if version is None:
             Base.metadata.create_all(session.connection())
@@ -184,7 +336,7 @@ def prepare_schema(engine: Engine, url: str) -> None:
             return
         if version > SCHEMA_VERSION:
             raise SchemaTooNew(
-                f"database {url} has schema version {version}, newer than this qrun's {SCHEMA_VERSION}: "
+                f"database {masked_url(url)} has schema version {version}, newer than this qrun's {SCHEMA_VERSION}: "
                 "upgrade qrun (pip install -U qrun) or point --db elsewhere"
             )
         while version < SCHEMA_VERSION:
@@ -198,7 +350,7 @@ class Database:
 
     def __init__(self, url: str | None = None):
         self.url = database_url(url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, url_source(url))
         prepare_schema(self.engine, self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 

@@ -103,3 +103,186 @@ def write_labeled(path: Path) -> Path:
         for i, line in enumerate(lines):
             f.write(json.dumps({"id": f"d{i}", "input": line, "label": i % 2 == 0}, ensure_ascii=False) + "\n")
     return path
+
+
+# ---------------------------------------------------------------- Postgres for the database layer
+#
+# The db layer's tests run on SQLite and on a real PostgreSQL server: `any_db` is a fresh database
+# of each kind (test ids [sqlite] and [postgres]). For Postgres, one throwaway cluster is started per
+# test session (initdb into a temporary directory, a unix socket only, fsync off) and every test gets
+# a database of its own. Other tests can ask for `postgres_url` (a fresh, empty database's URL, e.g.
+# for `qrun --db URL ...`) or `postgres_server` (the session's server: `.fresh_url()`).
+#
+# Where no server can be had, the Postgres cases are skipped with a reason that says how to get one;
+# with CI set (CI=true) they fail instead, so a CI run can never pass without them.
+# QRUN_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@host/db uses an existing server instead (the
+# user must be allowed to CREATE DATABASE).
+
+POSTGRES_HOW_TO = ("apt-get install postgresql (Debian/Ubuntu; .ci/run does it), "
+                   "or set QRUN_TEST_POSTGRES_URL to a server where you may CREATE DATABASE")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "postgres: runs against a real PostgreSQL server (the [postgres] cases)")
+
+
+def _ci_requires_postgres() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _postgres_unavailable(reason: str):
+    if _ci_requires_postgres():
+        pytest.fail(f"PostgreSQL is required when CI is set, and {reason}: {POSTGRES_HOW_TO}", pytrace=False)
+    pytest.skip(f"PostgreSQL cases skipped: {reason}. To run them: {POSTGRES_HOW_TO}")
+
+
+def _postgres_bin_dir() -> Path | None:
+    """Where initdb, pg_ctl and postgres live: on PATH, or Debian's /usr/lib/postgresql/<version>/bin."""
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return versions[-1].parent if versions else None
+
+
+class PostgresServer:
+    """A PostgreSQL server the tests may create databases on."""
+
+    def __init__(self, admin_url: str):
+        from sqlalchemy import create_engine
+
+        self.admin_url = admin_url
+        self._admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=_null_pool())
+        self._count = 0
+
+    def fresh_url(self) -> str:
+        """The URL of a new, empty database."""
+        from sqlalchemy import make_url, text
+
+        self._count += 1
+        name = f"qrun_test_{os.getpid()}_{self._count}"
+        with self._admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        return make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop(self, url: str) -> None:
+        """Drop a database fresh_url made, whoever is still connected to it (PG 13+: WITH (FORCE))."""
+        from sqlalchemy import make_url, text
+
+        with self._admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+
+    def close(self) -> None:
+        self._admin.dispose()
+
+
+def _null_pool():
+    from sqlalchemy.pool import NullPool
+
+    return NullPool
+
+
+class _LocalCluster:
+    """initdb + pg_ctl in a temporary directory. As root, the server runs as the `postgres` user
+    (Debian's package makes it; else `nobody`): postgres refuses to run as root."""
+
+    SETTINGS = ("-c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                "-c max_connections=200 -c shared_buffers=32MB")
+
+    def __init__(self, bin_dir: Path):
+        import pwd
+        import tempfile
+
+        self.bin_dir = bin_dir
+        self.base = Path(tempfile.mkdtemp(prefix="qrun-pg-"))  # short: a socket path has ~100 bytes
+        self.data, self.socket_dir, self.log = self.base / "data", self.base / "sock", self.base / "server.log"
+        self.socket_dir.mkdir()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = "postgres"
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                user, entry = "nobody", pwd.getpwnam("nobody")
+            for path in (self.base, self.socket_dir):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+            self.as_user = ["runuser", "-u", user, "--"]
+
+    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> str:
+        """Start the cluster; its admin URL. Raises RuntimeError with the tool's output on failure."""
+        steps = [
+            (str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+             "--no-sync", "-E", "UTF8", "--locale=C"),
+            (str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+             "-o", f"-k {self.socket_dir} {self.SETTINGS}", "start"),
+        ]
+        for step in steps:
+            result = self._run(*step)
+            if result.returncode != 0:
+                log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+                raise RuntimeError(f"{Path(step[0]).name} failed: {result.stdout}{result.stderr}{log}".strip())
+        return f"postgresql+psycopg://postgres@/postgres?host={self.socket_dir}"
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.data.exists():
+            self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop",
+                      timeout=60)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's PostgreSQL server (started on first use), or a loud skip (a failure with CI set)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _postgres_unavailable("the driver psycopg is not installed (pip install 'qrun-quant[postgres]')")
+    existing = os.environ.get("QRUN_TEST_POSTGRES_URL")
+    cluster = None
+    if existing:
+        admin_url = existing
+    else:
+        bin_dir = _postgres_bin_dir()
+        if bin_dir is None:
+            _postgres_unavailable("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+        cluster = _LocalCluster(bin_dir)
+        try:
+            admin_url = cluster.start()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            cluster.stop()
+            _postgres_unavailable(f"a throwaway PostgreSQL cluster did not start ({exc})")
+    server = PostgresServer(admin_url)
+    yield server
+    server.close()
+    if cluster is not None:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty Postgres database for this test (dropped after it); its SQLAlchemy URL."""
+    url = postgres_server.fresh_url()
+    yield url
+    postgres_server.drop(url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_db(request, qrun_home, monkeypatch):
+    """A fresh, opened job table on SQLite ($QRUN_HOME/qrun.db) and on Postgres (QRUN_DB set to it)."""
+    from qrun.db.session import open_database
+
+    url = None
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        monkeypatch.setenv("QRUN_DB", url)
+    database = open_database(url)
+    yield database
+    database.dispose()

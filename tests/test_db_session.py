@@ -1,7 +1,14 @@
-"""db.session: which database errors are transient (a worker backs off and retries) and which are bugs."""
+"""db.session: which database errors are transient (a worker backs off and retries) and which are bugs;
+what a user sees when the database named cannot be opened."""
 
+import importlib.util
+import os
+import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -80,3 +87,75 @@ def test_a_refused_postgres_connection_is_transient():
     assert "refused" in str(exc).lower()
     assert is_transient_db_error(exc)
     assert is_transient_db_error(exc.orig)
+
+
+# ---------------------------------------------------------------- opening errors, through the real console script
+#
+# Each is bad input: exit 2, one line that names the setting the user gave and the fix, no traceback.
+
+
+def _qrun(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (),
+          python_first: str | None = None) -> subprocess.CompletedProcess:
+    """The real `qrun` console script; python_first: Python run in the same process before the CLI."""
+    if python_first is None:
+        command = [*prefix, str(Path(sys.executable).parent / "qrun"), *args]
+    else:
+        command = [*prefix, sys.executable, "-c",
+                   f"{python_first}\nimport sys\nfrom qrun.cli.main import main\nsys.argv = ['qrun', *sys.argv[1:]]\n"
+                   "main()", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def _refusal(result: subprocess.CompletedProcess) -> str:
+    """The one line of a bad-input refusal."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    return lines[0]
+
+
+def _without_dac() -> tuple[str, ...]:
+    """As root, drop the capabilities that let root write anywhere, so a 0555 directory refuses us too."""
+    if os.geteuid() != 0:
+        return ()
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root and setpriv (util-linux) is missing: cannot make a directory read-only to root")
+    return ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--")
+
+
+@pytest.mark.reliability
+def test_database_in_a_read_only_directory_names_the_setting_used(tmp_path, qrun_home):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    db_file = read_only / "qrun.db"
+    by_option = _refusal(_qrun("--db", str(db_file), "status", prefix=_without_dac()))
+    assert by_option.startswith(f"Error: --db {db_file}: its directory {read_only} is not writable (Permission denied)")
+    assert "point --db at a SQLite file in a directory you can write" in by_option
+    by_env = _refusal(_qrun("status", env={"QRUN_DB": str(db_file)}, prefix=_without_dac()))
+    assert by_env.startswith(f"Error: QRUN_DB {db_file}: its directory {read_only} is not writable")
+    assert "QRUN_HOME" not in by_option + by_env
+    assert not db_file.exists()
+
+
+@pytest.mark.reliability
+def test_postgres_url_without_its_driver_names_the_extra(qrun_home):
+    # A driver that is not installed here (psycopg2), and psycopg itself made unimportable.
+    url = "postgresql+psycopg2://qrun:s3cret@db.example/queue"
+    if importlib.util.find_spec("psycopg2") is None:
+        line = _refusal(_qrun("--db", url, "status"))
+        assert "needs the psycopg2 driver, which is not installed" in line
+        assert "pip install 'qrun-quant[postgres]'" in line and "s3cret" not in line
+    hidden = "import sys\nsys.modules['psycopg'] = None\nsys.modules['psycopg2'] = None"
+    line = _refusal(_qrun("--db", "postgresql://qrun:s3cret@db.example/queue", "status", python_first=hidden))
+    assert line == ("Error: database URL postgresql://qrun:***@db.example/queue needs the Postgres driver psycopg, "
+                    "which is not installed: pip install 'qrun-quant[postgres]'")
+
+
+@pytest.mark.reliability
+def test_unreachable_postgres_server_is_one_line_naming_the_url(qrun_home):
+    pytest.importorskip("psycopg", reason="pip install 'qrun-quant[postgres]' to test Postgres URLs")
+    port = _free_port()
+    line = _refusal(_qrun("--db", f"postgresql+psycopg://qrun:s3cret@127.0.0.1:{port}/queue", "status"))
+    assert line.startswith(f"Error: database postgresql+psycopg://qrun:***@127.0.0.1:{port}/queue cannot be reached (")
+    assert "Connection refused" in line and "s3cret" not in line

@@ -1,4 +1,5 @@
-"""The queue's transitions on a real SQLite file: claim, leases, attempts, cancel, dependencies, schema."""
+"""The queue's transitions on a real SQLite file and a real Postgres database: claim, leases, attempts,
+cancel, dependencies, schema."""
 
 from datetime import timedelta
 
@@ -6,11 +7,17 @@ import pytest
 from sqlalchemy import update
 
 from qrun.db import queue
-from qrun.db.errors import JobLost, SchemaTooNew
+from qrun.db.errors import BadInput, JobLost, SchemaTooNew
 from qrun.db.queue import JobSpec
 from qrun.db.schema import SCHEMA_VERSION, Job, Meta
 from qrun.db.session import open_database
 from qrun.db.states import Kind, Status
+
+
+@pytest.fixture
+def db(any_db):
+    """Every test here runs on SQLite and on Postgres (conftest's any_db)."""
+    return any_db
 
 
 def spec(**kw) -> JobSpec:
@@ -137,6 +144,19 @@ def test_retry_resets_attempts(db):
     assert (job.status, job.attempts, job.error) == ("queued", 0, None)
 
 
+@pytest.mark.reliability
+def test_priority_must_fit_in_64_bits(db):
+    """The column is signed 64-bit: beyond it SQLite raises OverflowError and Postgres 'bigint out of
+    range'. The db layer refuses first, naming --priority, and writes nothing."""
+    for bad in (2**63, -(2**63) - 1, 10**30):
+        with pytest.raises(BadInput, match=rf"--priority {bad} is out of range: give a whole number between"):
+            queue.submit_jobs(db, [spec(), spec(priority=bad)])
+    assert queue.list_jobs(db) == []  # not even the batch's valid job
+    low, high = queue.submit_jobs(db, [spec(priority=-(2**63)), spec(priority=2**63 - 1)])
+    assert [queue.claim_job(db, "w", None).id for _ in range(2)] == [high, low]
+    assert (queue.get_job(db, high).priority, queue.get_job(db, low).priority) == (2**63 - 1, -(2**63))
+
+
 def test_submit_is_all_or_nothing(db):
     with pytest.raises(Exception):
         queue.submit_jobs(db, [spec(), spec(after=7)])  # index 7 does not exist
@@ -163,6 +183,8 @@ def test_older_schema_is_migrated(db, monkeypatch):
     assert applied == [True]
 
 
-def test_sqlite_is_in_wal_mode(db):
-    with db.engine.connect() as conn:
+def test_sqlite_is_in_wal_mode(qrun_home):
+    database = open_database()
+    with database.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    database.dispose()
