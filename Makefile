@@ -7,7 +7,7 @@ export GPTQMODEL_CPU_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean postgres
 
 $(BIN)/qrun: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,17 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The db layer's tests also run on PostgreSQL: they start a throwaway cluster with the server's own
+# programs (initdb, pg_ctl), which Debian's postgresql package puts under /usr/lib/postgresql/<v>/bin.
+# Installed only where they are missing; without them those cases skip (with CI set, they fail).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL server programs found"; \
+	else \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
+	fi
 
 clean:
 	rm -rf $(VENV) .qrun-demo .pytest_cache
