@@ -71,17 +71,23 @@ def drain(db, who: str, gpus: list[int] | None = None, cpu_workers: int | None =
     """Start (or join) Ray, run workers until the queue is drained (or Ctrl-C with burst=False), stop
     the Ray it started, print one summary line; returns the ids of failed jobs. Ctrl-C exits 130."""
     from qrun.db import queue
-    from qrun.runner.run import plan_slots, run_queue, start_ray, stop_ray
+    from qrun.db.session import qrun_home
+    from qrun.runner.run import alive_nodes, plan_slots, run_queue, start_ray, stop_ray
+    from qrun.workers.artifacts import runner_marked
 
     owns_ray = start_ray(ray_address, gpus, cpu_workers or 1)
     try:
-        slots = plan_slots(gpus, cpu_workers)
+        refuse_sqlite_on_a_cluster(db, len(alive_nodes()))
+        on_cluster = bool(ray_address)
+        slots = plan_slots(gpus, cpu_workers, on_cluster)
         stderr_line(f"{who}: {len(slots)} worker(s): {', '.join(s.name for s in slots)}{note}")
         first_pending = min((j.id for j in queue.list_jobs(db) if j.status in ("queued", "running")), default=0)
         display = _Display(db, first_pending)
         try:
-            summary = run_queue(db, slots, burst=burst, lease_s=lease_s or queue.DEFAULT_LEASE_S,
-                                on_tick=display.tick, say=display.say)
+            with runner_marked(qrun_home()) as token:
+                summary = run_queue(db, lambda: plan_slots(gpus, cpu_workers, on_cluster), burst=burst,
+                                    lease_s=lease_s or queue.DEFAULT_LEASE_S, on_tick=display.tick,
+                                    say=display.say, home_token=token)
         finally:
             display.close()
     finally:
@@ -94,6 +100,15 @@ def drain(db, who: str, gpus: list[int] | None = None, cpu_workers: int | None =
     if summary.interrupted:
         click.get_current_context().exit(130)
     return failed
+
+
+def refuse_sqlite_on_a_cluster(db, nodes: int) -> None:
+    """SQLite's lock does not cross machines (and its WAL does not work on network file systems)."""
+    if db.is_sqlite and nodes > 1:
+        raise BadInput(
+            f"the job table {db.url} is a SQLite file, which cannot serve a Ray cluster of {nodes} nodes (its "
+            "lock does not cross machines): use a Postgres job table, --db postgresql+psycopg://USER@HOST/DB"
+        )
 
 
 @click.command()

@@ -24,8 +24,9 @@ MAX_ACTOR_RESTARTS = 5  # per slot, per `qrun run`: a worker that keeps dying is
 
 @dataclass(frozen=True)
 class Slot:
-    name: str  # "gpu0", "cpu1": which worker this is, in logs and status
+    name: str  # "gpu0", "cpu1" (on a cluster "cpu0@1a2b3c": its node): which worker this is
     use_gpu: bool
+    node_id: str | None = None  # the Ray node it is pinned to (None: wherever Ray puts it)
 
 
 def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> bool:
@@ -36,7 +37,7 @@ def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        join_cluster(address)
         return True
     if gpus is not None:
         # Ray hands out GPUs from CUDA_VISIBLE_DEVICES: restricting it here restricts what qrun uses.
@@ -50,6 +51,22 @@ def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> 
     return True
 
 
+def join_cluster(address: str) -> None:
+    """Connect to the Ray cluster at `address`, or say in one line why not."""
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="warning", configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 -- Ray's errors here are of many types, all about the start
+        text = str(exc)
+        if "InvalidAuthToken" in text or "Authentication" in text:
+            raise BadInput(
+                f"--ray-address {address}: the cluster wants token authentication: export RAY_AUTH_MODE=token "
+                "(Ray reads the cluster's token from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            ) from None
+        raise BadInput(f"--ray-address {address}: cannot join the Ray cluster ({_first_sentence(text)})") from None
+
+
 def stop_ray() -> None:
     """Leave (or stop the local) Ray now: left to interpreter exit, Ray first sleeps 0.5 s."""
     import ray
@@ -57,16 +74,33 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
-def plan_slots(gpus: list[int] | None, cpu_workers: int | None) -> list[Slot]:
-    """One slot per GPU Ray has; CPU slots where it has none (or when --cpu-workers is given)."""
+def alive_nodes() -> list[dict]:
+    """Ray's live nodes, in a stable order (the head first, as Ray lists it)."""
     import ray
 
-    available = int(ray.cluster_resources().get("GPU", 0))
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def plan_slots(gpus: list[int] | None, cpu_workers: int | None, on_cluster: bool = False) -> list[Slot]:
+    """One slot per GPU of every node; where the cluster has no GPU (or --cpu-workers is given),
+    `cpu_workers` (default 1) CPU slots per node. Each slot is pinned to its node, so a node that
+    leaves takes only its own slots with it, and one that joins gets its own. On a cluster
+    (on_cluster, or several nodes) a slot's name says its node: cpu0@1a2b3c."""
+    nodes = alive_nodes()
+    available = sum(int(n["Resources"].get("GPU", 0)) for n in nodes)
     if gpus is not None and len(gpus) > available:
         raise BadInput(f"--gpus {','.join(map(str, gpus))} asks for {len(gpus)} GPUs but Ray found {available}")
-    if cpu_workers is not None or available == 0:
-        return [Slot(f"cpu{i}", use_gpu=False) for i in range(cpu_workers or 1)]
-    return [Slot(f"gpu{i}", use_gpu=True) for i in range(available)]
+    use_gpu = cpu_workers is None and available > 0
+    several = on_cluster or len(nodes) > 1
+    slots = []
+    for node in nodes:
+        resources = node["Resources"]
+        count = int(resources.get("GPU", 0)) if use_gpu else (cpu_workers or 1) * (resources.get("CPU", 0) >= 1)
+        for i in range(count):
+            kind = "gpu" if use_gpu else "cpu"
+            where = f"@{node['NodeID'][:6]}" if several else ""
+            slots.append(Slot(f"{kind}{i}{where}", use_gpu=use_gpu, node_id=node["NodeID"]))
+    return slots
 
 
 def threads_per_worker(n_slots: int) -> int:
@@ -92,10 +126,13 @@ def worker_env(threads: int) -> dict[str, str]:
     return env
 
 
-def create_worker(slot: Slot, db_url: str, lease_s: float, threads: int = 1):
+def create_worker(slot: Slot, db_url: str, lease_s: float, threads: int = 1, home_token: str | None = None):
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     resources = {"num_gpus": 1} if slot.use_gpu else {"num_cpus": 1}
+    if slot.node_id:
+        resources["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot.node_id, soft=False)
     actor_class = ray.remote(QueueWorker)
     # The environment travels as an argument, not as a runtime_env: a runtime_env makes Ray start a
     # fresh process for the actor (~1 s) where it could take one of the workers it prestarted.
@@ -103,7 +140,7 @@ def create_worker(slot: Slot, db_url: str, lease_s: float, threads: int = 1):
         **resources,
         max_restarts=MAX_ACTOR_RESTARTS,
         max_concurrency=2,  # one thread drains, the other can take request_stop
-    ).remote(db_url, slot.name, slot.use_gpu, lease_s, worker_env(threads))
+    ).remote(db_url, slot.name, slot.use_gpu, lease_s, worker_env(threads), home_token)
 
 
 @dataclass
@@ -118,27 +155,53 @@ class Supervisor:
 
     Nothing a worker meets ends the run: a worker process that dies is restarted by Ray (and replaced
     by a fresh actor once Ray's restarts for it are spent), the job it held is given back at once
-    with the cause, and a drain that fails on a bug is started again after a pause. What workers
+    with the cause, and a drain that fails on a bug is started again after a pause. Every few
+    seconds the slots are planned again from the cluster's live nodes: a node that left takes its
+    workers along (their jobs are given back), a node that joined (or came back) gets workers. A
+    worker that cannot start (it does not see QRUN_HOME) is left out, with its reason. What workers
     report (`take_notices`) is passed to `say`, so the run's output tells about database outages.
     """
 
-    def __init__(self, db, slots: list[Slot], burst: bool, lease_s: float, say: Callable[[str], None]):
-        self.db, self.slots, self.burst, self.lease_s, self.say = db, slots, burst, lease_s, say
-        self.threads = threads_per_worker(len(slots))
-        self.actors = {slot: self._new_actor(slot) for slot in slots}
-        self.identities: dict[Slot, object] = {slot: self.actors[slot].identity.remote() for slot in slots}
-        self.names: dict[Slot, str] = {}
-        self.draining = {self.actors[slot].drain.remote(burst): slot for slot in slots}
+    REPLAN_S = 5.0
+
+    def __init__(self, db, plan: Callable[[], list[Slot]], burst: bool, lease_s: float,
+                 say: Callable[[str], None], home_token: str | None = None):
+        self.db, self.plan, self.burst, self.lease_s, self.say = db, plan, burst, lease_s, say
+        self.home_token = home_token
+        self.actors: dict[Slot, object] = {}
+        self.identities: dict[Slot, object] = {}  # identity() calls not yet answered
+        self.names: dict[Slot, str] = {}  # each live worker's name in the table (host:pid:slot)
+        self.draining: dict[object, Slot] = {}
         self.notices: dict[Slot, object] = {}
-        self.failures = {slot: 0 for slot in slots}  # in a row, per slot
+        self.failures: dict[Slot, int] = {}  # in a row, per slot
         self.resume_at: dict[Slot, float] = {}  # slots that wait out a pause before draining again
         self.started: set[Slot] = set()  # slots whose worker came up at least once
+        self.refused: dict[Slot, str] = {}  # slots whose worker could not start, and why
         self.outcomes: list[tuple[int, str]] = []
         self.restarts = 0
         self.stopping = False
+        slots = plan()
+        self.threads = threads_per_worker(len(slots))
+        for slot in slots:
+            self._add(slot)
+        self.planned_at = time.monotonic()
 
-    def _new_actor(self, slot: Slot):
-        return create_worker(slot, self.db.url, self.lease_s, self.threads)
+    def _add(self, slot: Slot, drain: bool = True) -> None:
+        self.actors[slot] = create_worker(slot, self.db.url, self.lease_s, self.threads, self.home_token)
+        self.identities[slot] = self.actors[slot].identity.remote()
+        self.failures.setdefault(slot, 0)
+        if drain:
+            self.draining[self.actors[slot].drain.remote(self.burst)] = slot
+
+    def _drop(self, slot: Slot) -> None:
+        import ray
+
+        self.resume_at.pop(slot, None)
+        self.identities.pop(slot, None)
+        self.notices.pop(slot, None)
+        actor = self.actors.pop(slot, None)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
 
     @property
     def busy(self) -> bool:
@@ -148,11 +211,15 @@ class Supervisor:
         """Collect the drains that ended within timeout_s; restart what must go on."""
         import ray
 
-        done, _ = ray.wait(list(self.draining), num_returns=1, timeout=timeout_s) if self.draining else ([], [])
-        if not self.draining:
+        if self.draining:
+            done, _ = ray.wait(list(self.draining), num_returns=1, timeout=timeout_s)
+        else:
+            done = []
             time.sleep(timeout_s)
         for ref in done:
             self._drain_ended(self.draining.pop(ref), ref)
+        if not self.stopping and time.monotonic() - self.planned_at >= self.REPLAN_S:
+            self._replan()
         now = time.monotonic()
         for slot, at in list(self.resume_at.items()):
             if at <= now and not self.stopping:
@@ -160,24 +227,56 @@ class Supervisor:
                 self.draining[self.actors[slot].drain.remote(self.burst)] = slot
         self._learn_names()
         self._relay_notices()
+        if not self.actors and self.refused:
+            raise BadInput(f"no worker could start: {next(iter(self.refused.values()))}")
+
+    def _replan(self) -> None:
+        """Follow the cluster: slots of nodes that left go, slots of nodes that joined come."""
+        self.planned_at = time.monotonic()
+        try:
+            planned = set(self.plan())
+        except Exception as exc:  # noqa: BLE001 -- Ray's view of the cluster is briefly unavailable
+            self.say(f"cannot list the cluster's nodes now ({_first_sentence(str(exc))})")
+            return
+        for slot in list(self.actors):
+            if slot not in planned:
+                self.say(f"worker {slot.name}: its node left the cluster")
+                self._give_back_jobs_of(slot, f"worker {slot.name} lost with its node")
+                self._drop(slot)
+        if self.burst and not self.draining and not self.resume_at:
+            return  # a drained burst run is over; new nodes are not waited for
+        for slot in planned - set(self.actors) - set(self.refused):
+            self.say(f"worker {slot.name}: a node joined the cluster")
+            self._add(slot)
 
     def _drain_ended(self, slot: Slot, ref) -> None:
         import ray
         from ray.exceptions import RayActorError
 
+        if slot not in self.actors:
+            return  # dropped with its node
+        if slot.node_id and not self._node_alive(slot.node_id):
+            self.say(f"worker {slot.name}: its node left the cluster")
+            self._give_back_jobs_of(slot, f"worker {slot.name} lost with its node")
+            self._drop(slot)
+            return
         try:
             self.outcomes.extend(ray.get(ref))
             self.failures[slot] = 0
             return
         except RayActorError as exc:
             if slot not in self.started and "creation task" in str(exc):
-                # Its constructor failed (a GPU worker that sees two GPUs): a fault of this start.
-                raise BadInput(f"worker {slot.name} could not start: {_creation_error(exc)}") from None
-            # The worker process died (OOM kill, segfault): Ray restarts it, and its job goes back
-            # to the queue now, with the cause, instead of after the lease as "lost".
-            self.restarts += 1
+                # Its constructor failed (it does not see QRUN_HOME, a GPU worker that sees two GPUs).
+                reason = f"worker {slot.name} could not start: {_creation_error(exc)}"
+                self.say(reason)
+                self.refused[slot] = reason
+                self._drop(slot)
+                return
+            # The worker process died (OOM kill, segfault, its node went down): Ray restarts it, and
+            # its job goes back to the queue now, with the cause, instead of after the lease as "lost".
             # Ray knows only that the process is gone (its words: "Socket closed", "unavailable");
             # the kernel's reason is not ours to read, so say what it can be.
+            self.restarts += 1
             cause = "its process ended unexpectedly (killed, out of host memory, or crashed)"
             self.say(f"worker {slot.name} died: {cause}; Ray restarts it")
             self._give_back_jobs_of(slot, f"worker {slot.name} died while running it: {cause}")
@@ -187,18 +286,17 @@ class Supervisor:
             return
         self.failures[slot] += 1
         if self.failures[slot] > MAX_ACTOR_RESTARTS:  # Ray's restarts are spent: a fresh actor
-            self._replace_actor(slot)
+            self._drop(slot)
+            self._add(slot, drain=False)  # it drains once the pause below is over
+            self.failures[slot] = 1
         pause_s = min(30.0, 2.0 ** (self.failures[slot] - 1))
         self.resume_at[slot] = time.monotonic() + pause_s
 
-    def _replace_actor(self, slot: Slot) -> None:
-        import ray
-
-        ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self._new_actor(slot)
-        self.identities[slot] = self.actors[slot].identity.remote()
-        self.names.pop(slot, None)
-        self.failures[slot] = 1
+    def _node_alive(self, node_id: str) -> bool:
+        try:
+            return any(n["NodeID"] == node_id for n in alive_nodes())
+        except Exception:  # noqa: BLE001 -- not knowable now: assume it is, the next plan will tell
+            return True
 
     def _learn_names(self) -> None:
         """Each worker's name in the table (host:pid:slot), as soon as its actor is up."""
@@ -216,8 +314,9 @@ class Supervisor:
 
     def _give_back_jobs_of(self, slot: Slot, reason: str) -> None:
         name = self.names.pop(slot, None)
-        # The restarted process has another pid, hence another name: ask for it again.
-        self.identities[slot] = self.actors[slot].identity.remote()
+        if slot in self.actors:
+            # The restarted process has another pid, hence another name: ask for it again.
+            self.identities[slot] = self.actors[slot].identity.remote()
         if name is None:
             return
         try:
@@ -230,7 +329,7 @@ class Supervisor:
     def _relay_notices(self) -> None:
         import ray
 
-        for slot in self.slots:
+        for slot in list(self.actors):
             ref = self.notices.get(slot)
             if ref is not None:
                 ready, _ = ray.wait([ref], timeout=0)
@@ -270,11 +369,11 @@ def _first_sentence(text: str) -> str:
     return line[:300]
 
 
-def run_queue(db, slots: list[Slot], burst: bool, lease_s: float = queue.DEFAULT_LEASE_S,
+def run_queue(db, plan: Callable[[], list[Slot]], burst: bool, lease_s: float = queue.DEFAULT_LEASE_S,
               on_tick: Callable[[], None] | None = None, tick_s: float = 1.0,
-              say: Callable[[str], None] = print) -> RunSummary:
-    """Drain the queue with one actor per slot. Ctrl-C: warm stop (release jobs); twice: cold stop."""
-    supervisor = Supervisor(db, slots, burst, lease_s, say)
+              say: Callable[[str], None] = print, home_token: str | None = None) -> RunSummary:
+    """Drain the queue with one actor per planned slot. Ctrl-C: warm stop (release jobs); twice: cold stop."""
+    supervisor = Supervisor(db, plan, burst, lease_s, say, home_token)
     interrupts = 0
     previous_handler = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as warmly as Ctrl-C

@@ -22,8 +22,9 @@ import threading
 
 from qrun.db import queue
 from qrun.db.errors import JobLost
-from qrun.db.session import GROUP_UMASK, artifacts_root, open_database, pin_qrun_home
+from qrun.db.session import GROUP_UMASK, artifacts_root, open_database, pin_qrun_home, qrun_home
 from qrun.workers import artifacts
+from qrun.workers.artifacts import runner_marker
 from qrun.workers.jobs import Backoff, JobContext, describe_error, execute
 
 log = logging.getLogger("qrun.worker")
@@ -37,14 +38,27 @@ def describe_worker(slot: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{slot}"
 
 
+def check_sees_runners_home(token: str) -> None:
+    """Refuse to work on a node that does not see the runner's QRUN_HOME: its artifacts and logs
+    would be invisible to every other node (an eval there would find no model to load)."""
+    marker = runner_marker(qrun_home(), token)
+    if not marker.is_file():
+        raise RuntimeError(
+            f"node {socket.gethostname()} does not see the runner's QRUN_HOME {qrun_home()} (no {marker.name} "
+            "there): mount the shared QRUN_HOME at the same path on every node"
+        )
+
+
 class QueueWorker:
     """Plain class; `runner.run` wraps it with ray.remote so it can also be tested without Ray."""
 
     def __init__(self, db_url: str, slot: str, use_gpu: bool, lease_s: float = queue.DEFAULT_LEASE_S,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, home_token: str | None = None):
         # Before anything imports torch: CUDA_DEVICE_ORDER and OMP_NUM_THREADS are read once, at load.
         os.environ.update(env or {})
         pin_qrun_home()  # a relative QRUN_HOME means the same place after a job changes directory
+        if home_token is not None:
+            check_sees_runners_home(home_token)
         self.db_url = db_url
         self.slot = slot
         self.use_gpu = use_gpu

@@ -12,9 +12,13 @@ import hashlib
 import os
 import re
 import shutil
+import socket
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from qrun.db.errors import BadInput
+from qrun.db.session import ensure_home
 
 # qrun writes weights as safetensors only; anything pickled in an output is refused.
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -103,3 +107,26 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the runner's mark in QRUN_HOME
+
+RUNS = ".runs"  # one marker file per running `qrun run`, read back by its workers on every node
+
+
+def runner_marker(home: Path, token: str) -> Path:
+    return home / RUNS / token
+
+
+@contextmanager
+def runner_marked(home: Path):
+    """A marker file that exists while this runner runs; its name (the token) goes to the workers,
+    which refuse to start where they cannot read it (QRUN_HOME not shared with their node)."""
+    token = uuid.uuid4().hex
+    marker = runner_marker(home, token)
+    ensure_home(marker.parent)  # group-writable: every teammate's runner marks itself here
+    marker.write_text(f"{socket.gethostname()} pid {os.getpid()}\n")
+    try:
+        yield token
+    finally:
+        marker.unlink(missing_ok=True)

@@ -1,0 +1,169 @@
+"""Cluster mode on one box: a Ray head and a second node started with `ray start`, a Postgres job
+table, `qrun run --ray-address`. Jobs spread over both nodes; killing the second node's raylet
+mid-job loses no job; a node that comes back is used again; SQLite is refused on a cluster.
+
+Each node is a real raylet with its own resources (one CPU each: one qrun worker per node). The
+cluster uses Ray's token authentication, as Ray 2.60 turns it on: every node and client runs with
+RAY_AUTH_MODE=token and reads the token from ~/.ray/auth_token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_qrun, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+
+BIN = Path(sys.executable).parent
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayCluster:
+    """`ray start --head` and `ray start --address` nodes, stopped by killing exactly their processes
+    (`ray stop` would stop every Ray on the box, the test session's own too)."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, **RAY_ENV}
+        self.log = tmp / "ray-start.log"
+        self._ray("start", "--head", f"--port={self.port}", "--num-cpus=1", "--include-dashboard=false")
+        self.session = Path("/tmp/ray/session_latest").resolve().name
+
+    def _ray(self, *args: str) -> None:
+        with self.log.open("a") as log:
+            subprocess.run([str(BIN / "ray"), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                           check=True, timeout=120)
+
+    def add_node(self) -> None:
+        self._ray("start", f"--address={self.address}", "--num-cpus=1")
+
+    def nodes(self) -> list[dict]:
+        """The live nodes as Ray lists them, asked from a fresh process (no Ray in the test's own)."""
+        code = ("import json, ray; ray.init(address=%r, log_to_driver=False, logging_level='error'); "
+                "print(json.dumps([n for n in ray.nodes() if n['Alive']]))" % self.address)
+        result = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
+                                timeout=120, check=True)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def raylet_pid(self, node: dict) -> int:
+        """The raylet of one node: the process started with that node's raylet socket."""
+        socket_arg = f"--raylet_socket_name={node['RayletSocketName']}"
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    args = (proc / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if args and args[0].endswith(b"raylet") and socket_arg.encode() in args:
+                    return int(proc.name)
+        raise AssertionError(f"no raylet with {socket_arg}")
+
+    def stop(self) -> None:
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                try:
+                    if self.session.encode() in (proc / "cmdline").read_bytes():
+                        os.kill(int(proc.name), signal.SIGKILL)
+                except (OSError, ProcessLookupError):
+                    pass
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    ray_cluster = RayCluster(tmp_path)
+    try:
+        ray_cluster.add_node()
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()
+
+
+def qrun_env(db_url: str, home: Path) -> dict:
+    return {**RAY_ENV, "QRUN_DB": db_url, "QRUN_HOME": str(home)}
+
+
+def submit(env: dict, *args: str) -> list[int]:
+    return json.loads(run_qrun("submit", *args, "--json", env=env, check=True).stdout)
+
+
+def jobs(env: dict) -> dict[int, dict]:
+    return {j["id"]: j for j in json.loads(run_qrun("status", "--json", env=env, check=True).stdout)}
+
+
+def node_of(job: dict) -> str:
+    return job["worker"].split("@")[-1]  # host:pid:cpu0@<node id prefix>
+
+
+def test_jobs_spread_over_the_nodes_of_a_cluster(cluster, postgres_url, tiny_qwen2, qrun_home, tmp_path):
+    env = qrun_env(postgres_url, qrun_home)
+    ids = submit(env, "--model", str(tiny_qwen2), "--group-size", "32",
+                 *[a for b in ("2", "3", "4", "8") for a in ("--bits", b)])
+    result = run_qrun("run", "--until-empty", "--ray-address", cluster.address, env=env, timeout=400)
+    assert result.returncode == 0, result.stderr
+    assert "2 worker(s)" in result.stderr  # one per node: none given by --cpu-workers
+    done = jobs(env)
+    assert {done[i]["status"] for i in ids} == {"succeeded"}
+    assert len({node_of(done[i]) for i in ids}) == 2, [done[i]["worker"] for i in ids]
+
+
+def test_losing_a_node_loses_no_job_and_a_node_that_comes_back_is_used(cluster, postgres_url, deep_qwen2,
+                                                                        tiny_qwen2, qrun_home, tmp_path):
+    env = qrun_env(postgres_url, qrun_home)
+    deep = ("--model", str(deep_qwen2), "--group-size", "64", "--calib-samples", "16")
+    ids = submit(env, *deep, "--bits", "4", "--bits", "8")
+    log = tmp_path / "run.log"
+    runner = subprocess.Popen([str(BIN / "qrun"), "run", "--serve", "--ray-address", cluster.address],
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **env},
+                              start_new_session=True)
+    try:
+        head, second = cluster.nodes()[0], cluster.nodes()[1]
+        on_second = wait_for(lambda: next((j for j in jobs(env).values() if j["status"] == "running"
+                                           and j["progress"]["done"] >= 2
+                                           and node_of(j) == second["NodeID"][:6]), None),
+                             240, "a job to quantize two layers on the second node")
+        os.kill(cluster.raylet_pid(second), signal.SIGKILL)
+        wait_for(lambda: {jobs(env)[i]["status"] for i in ids} == {"succeeded"}, 400, "both jobs to succeed")
+        lost = jobs(env)[on_second["id"]]
+        assert lost["attempts"] == 2
+        assert node_of(lost) == head["NodeID"][:6]  # finished once, on the other node
+        history = run_qrun("logs", str(on_second["id"]), env=env, check=True).stdout
+        assert history.count("succeed:") == 1
+        assert runner.poll() is None, log.read_text()  # still serving
+
+        cluster.add_node()  # the node comes back (a new raylet, a new node id)
+        wait_for(lambda: "a node joined the cluster" in log.read_text(), 60, "the runner to see the new node")
+        more = submit(env, "--model", str(tiny_qwen2), "--group-size", "32",
+                      *[a for b in ("2", "3", "4", "8") for a in ("--bits", b)])
+        wait_for(lambda: {jobs(env)[i]["status"] for i in more} == {"succeeded"}, 300, "the new jobs")
+        new_nodes = {node_of(jobs(env)[i]) for i in more} - {head["NodeID"][:6], second["NodeID"][:6]}
+        assert new_nodes, [jobs(env)[i]["worker"] for i in more]  # the node that came back took jobs
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGTERM)
+            runner.wait(timeout=120)
+    output = log.read_text()
+    assert "its node left the cluster" in output or "died" in output, output
+
+
+def test_sqlite_is_refused_on_a_cluster(cluster, qrun_home):
+    result = run_qrun("run", "--ray-address", cluster.address, env=RAY_ENV)
+    assert result.returncode == 2, result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert "SQLite" in line and "cluster of 2 nodes" in line and "postgresql" in line
