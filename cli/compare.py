@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +102,16 @@ def read_predictions(path: str | None, warn: Callable[[str], None] = stderr_line
     return None
 
 
+def read_predictions_artifact(artifact) -> dict[str, object] | None:
+    """read_predictions of an artifact row; where it cannot be read, the warning also names the node
+    that wrote it if that is another machine (a cluster whose QRUN_HOME is not shared)."""
+    if artifact is None:
+        return None
+    here = socket.gethostname()
+    elsewhere = f" (written on node {artifact.node}, read on {here})" if artifact.node and artifact.node != here else ""
+    return read_predictions(artifact.path, warn=lambda line: stderr_line(line + elsewhere))
+
+
 def agreement(baseline: dict | None, variant: dict | None) -> dict[str, float | int | None]:
     """Share of samples predicted identically, and how many flipped each way (invalid is neither class)."""
     common = sorted(set(baseline or {}) & set(variant or {}))
@@ -172,7 +183,7 @@ def comparison_rows(db, model: str | None = None, data: str | None = None) -> li
     upstreams = {j.id: j for j in queue.list_jobs(db, upstream_ids)} if upstream_ids else {}
     metrics = queue.metrics_of(db, [j.id for j in jobs] + upstream_ids)
     artifacts = queue.artifacts_of(db, [j.id for j in jobs])
-    predictions = {j.id: read_predictions(next((a.path for a in artifacts[j.id] if a.kind == "predictions"), None))
+    predictions = {j.id: read_predictions_artifact(next((a for a in artifacts[j.id] if a.kind == "predictions"), None))
                    for j in jobs}
     groups: dict[tuple, list[dict]] = {}
     for job in jobs:

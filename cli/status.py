@@ -51,7 +51,7 @@ def job_row(job, metrics: dict | None = None, artifacts: list | None = None) -> 
         "submitted_by": job.submitted_by, "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "elapsed_s": elapsed_s(job), "error": job.error,
         "log": job.log_path, "metrics": metrics or {},
-        "artifacts": [{"kind": a.kind, "path": a.path, "bytes": a.bytes, "sha256": a.sha256}
+        "artifacts": [{"kind": a.kind, "path": a.path, "bytes": a.bytes, "sha256": a.sha256, "node": a.node}
                       for a in (artifacts or [])],
     }
 

@@ -23,7 +23,7 @@ from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from qrun.db.errors import BadInput, JobLost, JobNotFound, TransitionError
-from qrun.db.schema import INT64_MAX, INT64_MIN, Artifact, Event, Job, Metric
+from qrun.db.schema import INT64_MAX, INT64_MIN, Artifact, Event, Job, Metric, Worker
 from qrun.db.session import Database
 from qrun.db.states import FINISHED, Kind, Status, allowed_from, target_of
 
@@ -230,6 +230,7 @@ class ArtifactRecord:
     path: str
     bytes: int
     sha256: str
+    node: str | None = None  # the host that wrote it
 
 
 def finish_job(db: Database, job_id: int, worker: str, metrics: dict[str, float],
@@ -242,7 +243,7 @@ def finish_job(db: Database, job_id: int, worker: str, metrics: dict[str, float]
         s.execute(delete(Metric).where(Metric.job_id == job_id))
         s.execute(delete(Artifact).where(Artifact.job_id == job_id))
         s.add_all(Metric(job_id=job_id, name=k, value=float(v)) for k, v in metrics.items() if v is not None)
-        s.add_all(Artifact(job_id=job_id, kind=a.kind, path=a.path, bytes=a.bytes, sha256=a.sha256)
+        s.add_all(Artifact(job_id=job_id, kind=a.kind, path=a.path, bytes=a.bytes, sha256=a.sha256, node=a.node)
                   for a in artifacts)
 
 
@@ -423,3 +424,38 @@ def jobs_held_by(db: Database, worker: str) -> list[int]:
     with db.transaction() as s:
         return list(s.execute(select(Job.id).where(Job.worker == worker,
                                                    Job.status == Status.RUNNING.value)).scalars())
+
+
+# ---------------------------------------------------------------- the workers' own rows (`qrun workers`)
+
+
+def register_worker(db: Database, name: str, node: str, slot: str, device: str, gpu: str | None) -> None:
+    """A worker says it is up (a restarted process has a new pid, so a new row)."""
+    now = utcnow()
+    with db.transaction() as s:
+        s.merge(Worker(name=name, node=node, slot=slot, device=device, gpu=gpu, started_at=now,
+                       heartbeat_at=now, stopped_at=None, current_job=None, jobs_done=0))
+
+
+def worker_heartbeat(db: Database, name: str, *, job: int | None, finished_one: bool = False) -> None:
+    """A worker says it is alive, and which job it holds (None: idle)."""
+    values = {"heartbeat_at": utcnow(), "current_job": job, "stopped_at": None}
+    if finished_one:
+        values["jobs_done"] = Worker.jobs_done + 1
+    with db.transaction() as s:
+        s.execute(update(Worker).where(Worker.name == name).values(**values))
+
+
+def worker_stopped(db: Database, name: str) -> None:
+    with db.transaction() as s:
+        s.execute(update(Worker).where(Worker.name == name)
+                  .values(stopped_at=utcnow(), heartbeat_at=utcnow(), current_job=None))
+
+
+def list_workers(db: Database, since: datetime | None = None) -> list[Worker]:
+    """Workers that reported since `since` (all when None), the newest first."""
+    query = select(Worker).order_by(Worker.heartbeat_at.desc(), Worker.name)
+    if since is not None:
+        query = query.where(Worker.heartbeat_at >= since)
+    with db.transaction() as s:
+        return list(s.scalars(query))

@@ -100,6 +100,26 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(Text)
     bytes: Mapped[int] = mapped_column(BigInteger)  # an 8 GB artifact is ordinary
     sha256: Mapped[str] = mapped_column(String(64))
+    # The host whose worker wrote it: on a cluster, where to look when another node cannot read it.
+    node: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Worker(Base):
+    """A worker of some `qrun run`, as it last reported itself (`qrun workers`). One row per worker
+    process; a worker that stopped heartbeating without saying goodbye shows as lost."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)  # host:pid:slot, as in jobs.worker
+    node: Mapped[str] = mapped_column(Text)
+    slot: Mapped[str] = mapped_column(Text)
+    device: Mapped[str] = mapped_column(Text)
+    gpu: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    current_job: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Event(Base):

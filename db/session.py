@@ -29,7 +29,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from qrun.db.errors import BadInput, SchemaTooNew
-from qrun.db.schema import SCHEMA_VERSION, Base, Meta
+from qrun.db.schema import SCHEMA_VERSION, Base, Meta, Worker
 
 BUSY_TIMEOUT_S = 60
 # How long a Postgres connection attempt may take before "unreachable" (libpq would wait forever
@@ -279,7 +279,8 @@ def _unreachable(url: str, exc: DBAPIError) -> BadInput:
 
 
 def _migrate_1_to_2(session: Session) -> None:
-    """64-bit priority and artifact sizes, unbounded worker and progress texts.
+    """64-bit priority and artifact sizes, unbounded worker and progress texts; the node of each
+    artifact and a table of workers (cluster mode).
 
     SQLite needs no change: its INTEGER already holds 64 bits and it never enforces VARCHAR
     lengths (and it has no ALTER COLUMN). Postgres alters the four columns in place. Both get the
@@ -293,6 +294,9 @@ def _migrate_1_to_2(session: Session) -> None:
         conn.execute(text("ALTER TABLE artifacts ALTER COLUMN bytes TYPE BIGINT"))
     conn.execute(text("DROP INDEX IF EXISTS ix_jobs_claim"))
     conn.execute(text("CREATE INDEX ix_jobs_claim ON jobs (status, priority DESC, id)"))
+    # Cluster mode: the node that wrote each artifact, and the workers' own table.
+    conn.execute(text("ALTER TABLE artifacts ADD COLUMN node TEXT"))
+    Worker.__table__.create(conn)
 
 
 # Steps from version N to N+1, applied in order to an older database, in one transaction.

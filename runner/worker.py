@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 
 from qrun.db import queue
 from qrun.db.errors import JobLost
@@ -30,6 +31,7 @@ from qrun.workers.jobs import Backoff, JobContext, describe_error, execute
 log = logging.getLogger("qrun.worker")
 
 IDLE_POLL_S = 1.0
+WORKER_REPORT_S = 10.0  # an idle worker's heartbeat in its row; `qrun workers` calls it lost after 3 missed
 DRAINED = "drained"  # what a round of the loop returns when a burst worker has nothing left
 IDLE = "idle"
 
@@ -70,6 +72,8 @@ class QueueWorker:
         self.gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if use_gpu else None
         self.name = describe_worker(slot)
         self.db = open_database(db_url)
+        self._last_report = 0.0
+        self._report(queue.register_worker, self.name, socket.gethostname(), slot, self.device, self.gpu)
 
     def _bootstrap(self) -> str:
         """Pin the device. Imports torch only now, after Ray set CUDA_VISIBLE_DEVICES for this process."""
@@ -109,8 +113,18 @@ class QueueWorker:
             taken.append(self._notices.popleft())
         return taken
 
+    def _report(self, write, *args, **kwargs) -> None:
+        """Keep this worker's row (`qrun workers`) current. It is a view, not the queue: a write
+        that fails is logged and dropped, never a reason to stop."""
+        self._last_report = time.monotonic()
+        try:
+            write(self.db, *args, **kwargs)
+        except Exception:  # noqa: BLE001
+            log.warning("could not update worker %s's row", self.name, exc_info=True)
+
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
-        while not done.wait(self.lease_s / 3):
+        while not done.wait(min(self.lease_s / 3, WORKER_REPORT_S)):
+            self._report(queue.worker_heartbeat, self.name, job=job_id)
             try:
                 queue.heartbeat(self.db, job_id, self.name, self.lease_s)
             except JobLost:
@@ -144,7 +158,12 @@ class QueueWorker:
         """Claim and run one job: (job id, outcome); or IDLE / DRAINED when there is none to claim."""
         job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s)
         if job is not None:
-            return job.id, self.run_one(job)
+            self._report(queue.worker_heartbeat, self.name, job=job.id)
+            outcome = self.run_one(job)
+            self._report(queue.worker_heartbeat, self.name, job=None, finished_one=True)
+            return job.id, outcome
+        if time.monotonic() - self._last_report >= WORKER_REPORT_S:
+            self._report(queue.worker_heartbeat, self.name, job=None)
         self._remove_staging_of_finished_jobs()
         if burst and queue.pending_count(self.db) == 0:
             return DRAINED
@@ -174,4 +193,5 @@ class QueueWorker:
                 self._stop.wait(IDLE_POLL_S)
             else:
                 ran.append(result)
+        self._report(queue.worker_stopped, self.name)
         return ran

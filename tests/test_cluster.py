@@ -121,6 +121,10 @@ def test_jobs_spread_over_the_nodes_of_a_cluster(cluster, postgres_url, tiny_qwe
     done = jobs(env)
     assert {done[i]["status"] for i in ids} == {"succeeded"}
     assert len({node_of(done[i]) for i in ids}) == 2, [done[i]["worker"] for i in ids]
+    workers = json.loads(run_qrun("workers", "--json", env=env, check=True).stdout)
+    assert sorted(w["slot"].split("@")[1] for w in workers) == sorted(n["NodeID"][:6] for n in cluster.nodes())
+    assert {w["state"] for w in workers} == {"stopped"}
+    assert sum(w["jobs_done"] for w in workers) == 4
 
 
 def test_losing_a_node_loses_no_job_and_a_node_that_comes_back_is_used(cluster, postgres_url, deep_qwen2,
@@ -145,6 +149,8 @@ def test_losing_a_node_loses_no_job_and_a_node_that_comes_back_is_used(cluster, 
         assert node_of(lost) == head["NodeID"][:6]  # finished once, on the other node
         history = run_qrun("logs", str(on_second["id"]), env=env, check=True).stdout
         assert history.count("succeed:") == 1
+        wait_for(lambda: {w["slot"]: w["state"] for w in json.loads(run_qrun("workers", "--json", env=env).stdout)}
+                 .get(on_second["worker"].split(":")[2]) == "lost", 60, "qrun workers to show the lost worker")
         assert runner.poll() is None, log.read_text()  # still serving
 
         cluster.add_node()  # the node comes back (a new raylet, a new node id)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -71,6 +72,11 @@ def resolve_model_dir(db, job) -> Path:
         raise BadInput(f"upstream job {job.depends_on} recorded no model artifact: retry job {job.depends_on}")
     path = Path(model.path)
     if not path.is_dir():
+        here = socket.gethostname()
+        if model.node and model.node != here:  # a cluster whose QRUN_HOME is not shared
+            raise BadInput(f"model artifact {path} of job {job.depends_on} was written on node {model.node} and "
+                           f"cannot be read on node {here}: mount the shared QRUN_HOME at the same path on "
+                           "every node")
         raise BadInput(f"model artifact {path} of job {job.depends_on} is gone: retry job {job.depends_on}")
     return path
 

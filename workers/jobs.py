@@ -11,11 +11,12 @@ import errno
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 import traceback
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -358,6 +359,8 @@ def _record_failure(ctx: JobContext, exc: BaseException) -> str:
 
 
 def _record_success(ctx: JobContext, metrics: dict, records: list[queue.ArtifactRecord]) -> str:
+    node = socket.gethostname()  # on a cluster: where the files were written
+    records = [replace(r, node=r.node or node) for r in records]
     try:
         return _record(ctx, lambda: queue.finish_job(ctx.db, ctx.job.id, ctx.worker, metrics, records)
                        or "succeeded")
