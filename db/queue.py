@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -114,11 +115,14 @@ def check_priority(priority) -> int:
     return priority
 
 
-def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None) -> list[int]:
-    """Insert a batch of jobs in one transaction: all of them, or none."""
+def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None, *,
+                sweep: str | None = None, sweep_name: str | None = None) -> list[int]:
+    """Insert a batch of jobs in one transaction: all of them, or none. sweep: the id they share
+    (a fresh one when None); sweep_name: that sweep's optional name."""
     for spec in specs:
         check_priority(spec.priority)
     user = user or current_user()
+    sweep = sweep or new_sweep_id()
     now = utcnow()
     ids: list[int] = []
     with db.transaction() as s:
@@ -126,7 +130,7 @@ def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None)
             depends_on = ids[spec.after] if spec.after is not None else spec.depends_on
             job = Job(kind=spec.kind.value, status=Status.QUEUED.value, params=spec.params, model=spec.model,
                       depends_on=depends_on, priority=spec.priority, max_attempts=spec.max_attempts,
-                      submitted_by=user, created_at=now)
+                      submitted_by=user, created_at=now, sweep=sweep, sweep_name=sweep_name)
             s.add(job)
             s.flush()
             s.add(Event(job_id=job.id, transition="submit", from_status=None, to_status=Status.QUEUED.value,
@@ -137,14 +141,53 @@ def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None)
 
 def find_equivalent_job(db: Database, kind: Kind, model: str, params: dict) -> int | None:
     """A job of the same kind, model and parameters that has not failed, if any (to avoid duplicates)."""
+    job = equivalent_job(db, kind, model, params)
+    return None if job is None else job.id
+
+
+def equivalent_job(db: Database, kind: Kind, model: str, params: dict, upstream: int | None = None):
+    """The first job of the same kind, model and parameters that is queued, running or succeeded (a
+    plain row: id, status, ...), or None. upstream: only jobs that depend on that job (an eval of one
+    quantized variant; its params name the variant only by a label)."""
+    query = select(Job.id, Job.status, Job.params, Job.depends_on).where(
+        Job.kind == kind.value, Job.model == model,
+        Job.status.in_([Status.QUEUED.value, Status.RUNNING.value, Status.SUCCEEDED.value]),
+    ).order_by(Job.id)
+    if upstream is not None:
+        query = query.where(Job.depends_on == upstream)
     with db.transaction() as s:
-        rows = s.execute(
-            select(Job.id, Job.params).where(
-                Job.kind == kind.value, Job.model == model,
-                Job.status.in_([Status.QUEUED.value, Status.RUNNING.value, Status.SUCCEEDED.value]),
-            ).order_by(Job.id)
-        ).all()
-    return next((row.id for row in rows if row.params == params), None)
+        rows = s.execute(query).all()
+    return next((row for row in rows if row.params == params), None)
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def new_sweep_id() -> str:
+    """A sweep's id: 8 hex characters, short enough to type, random so that no two submits share one."""
+    return secrets.token_hex(4)
+
+
+def sweep_filter(sweep: str):
+    """The condition on jobs that `--sweep ID|NAME` means: the sweep's id, or its name."""
+    return or_(Job.sweep == sweep, Job.sweep_name == sweep)
+
+
+def sweep_named(db: Database, name: str) -> str | None:
+    """The id of the newest sweep called `name`, or None (a name given again adds to its sweep)."""
+    with db.transaction() as s:
+        return s.execute(select(Job.sweep).where(Job.sweep_name == name).order_by(Job.id.desc()).limit(1)).scalar()
+
+
+def jobs_of_sweep(db: Database, sweep: str, *, plain: bool = False) -> list[Job]:
+    """The jobs of a sweep, given by id or name, ordered by id; BadInput when it has none.
+    plain: read-only rows, as list_jobs gives them."""
+    query = (select(*Job.__table__.columns) if plain else select(Job)).where(sweep_filter(sweep)).order_by(Job.id)
+    with db.transaction() as s:
+        jobs = list(s.execute(query).all() if plain else s.scalars(query))
+    if not jobs:
+        raise BadInput(f"--sweep {sweep!r} matches no job: give a sweep id or name from `qrun status --json`")
+    return jobs
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -342,20 +385,27 @@ def cancel_jobs(db: Database, job_ids: Sequence[int], user: str | None = None, f
     user = user or current_user()
     with db.transaction() as s:
         for job_id in job_ids:
-            owner = s.execute(select(Job.submitted_by).where(Job.id == job_id)).scalar()
-            if owner is None:
-                raise JobNotFound(f"job {job_id} does not exist: see `qrun status` for job ids")
-            if owner != user and not force:
-                raise TransitionError(f"job {job_id} belongs to {owner}: add --force to cancel another user's job")
+            _check_owner(s, job_id, user, force, "cancel")
             _transition(s, job_id, "cancel", detail=f"by {user}",
                         values={"finished_at": utcnow(), "lease_expires_at": None, "error": f"cancelled by {user}"})
 
 
-def retry_jobs(db: Database, job_ids: Sequence[int]) -> None:
-    """Put failed or cancelled jobs back in the queue with fresh attempts."""
+def _check_owner(s: Session, job_id: int, user: str, force: bool, verb: str) -> None:
+    """Only the job's submitter may change it, unless forced: a shared queue holds other people's work."""
+    owner = s.execute(select(Job.submitted_by).where(Job.id == job_id)).scalar()
+    if owner is None:
+        raise JobNotFound(f"job {job_id} does not exist: see `qrun status` for job ids")
+    if owner != user and not force:
+        raise TransitionError(f"job {job_id} belongs to {owner}: add --force to {verb} another user's job")
+
+
+def retry_jobs(db: Database, job_ids: Sequence[int], user: str | None = None, force: bool = False) -> None:
+    """Put failed or cancelled jobs back in the queue with fresh attempts (another user's only if forced)."""
+    user = user or current_user()
     with db.transaction() as s:
         for job_id in job_ids:
-            _transition(s, job_id, "retry",
+            _check_owner(s, job_id, user, force, "retry")
+            _transition(s, job_id, "retry", detail=f"by {user}",
                         values={"attempts": 0, "error": None, "worker": None, "gpu": None,
                                 "finished_at": None, "started_at": None, "progress_done": 0,
                                 "progress_module": None})

@@ -23,7 +23,8 @@ from qrun.db.states import Kind, Status
 
 # Bump when a table changes, and add a step to db.session.MIGRATIONS.
 # 2: 64-bit priority and artifact sizes, unbounded worker and progress texts (Postgres enforces both).
-SCHEMA_VERSION = 2
+# 3: each job's sweep (the submit that added it) and the sweep's optional name.
+SCHEMA_VERSION = 3
 
 # Postgres' INTEGER is 32-bit and enforces VARCHAR(n); SQLite stores up to 64 bits in any INTEGER and
 # ignores lengths. So sizes and free-form numbers are BigInteger, and texts whose length the user's
@@ -73,11 +74,18 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     log_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The sweep: every job one `qrun submit` added shares its id (8 hex characters) and its --name,
+    # if given (a name given again adds to that sweep). NULL for jobs older than schema 3.
+    sweep: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    sweep_name: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 # The claim takes the first queued job in (priority DESC, id) order: with this index SQLite reads it
 # straight off the index instead of sorting every queued job on every claim. Status lists use it too.
 Index("ix_jobs_claim", Job.status, Job.priority.desc(), Job.id)
+# `--sweep ID|NAME` picks a sweep's jobs by either.
+Index("ix_jobs_sweep", Job.sweep)
+Index("ix_jobs_sweep_name", Job.sweep_name)
 
 
 class Metric(Base):

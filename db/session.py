@@ -299,8 +299,18 @@ def _migrate_1_to_2(session: Session) -> None:
     Worker.__table__.create(conn)
 
 
+def _migrate_2_to_3(session: Session) -> None:
+    """Sweeps: each job's sweep id and name, both NULL for the jobs already there, and their indexes.
+    ADD COLUMN of a nullable column is the same statement on SQLite and Postgres and rewrites no row."""
+    conn = session.connection()
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN sweep VARCHAR(16)"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN sweep_name TEXT"))
+    conn.execute(text("CREATE INDEX ix_jobs_sweep ON jobs (sweep)"))
+    conn.execute(text("CREATE INDEX ix_jobs_sweep_name ON jobs (sweep_name)"))
+
+
 # Steps from version N to N+1, applied in order to an older database, in one transaction.
-MIGRATIONS: dict[int, callable] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, callable] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def _stored_version(session: Session) -> int | None:

@@ -1,5 +1,5 @@
 """Schema migrations on real databases: a version-1 job table (written here as qrun 0.1 made it, with
-rows in it) opened by today's qrun, on SQLite and on Postgres."""
+rows in it), and a version-2 one, opened by today's qrun, on SQLite and on Postgres."""
 
 from datetime import datetime
 
@@ -116,7 +116,7 @@ def test_version_1_database_is_migrated_with_its_data(v1_database):
     database = open_database(v1_database)
     try:
         with database.transaction() as s:
-            assert s.get(Meta, "schema_version").value == str(SCHEMA_VERSION) == "2"
+            assert s.get(Meta, "schema_version").value == str(SCHEMA_VERSION) == "3"
         # The rows survived, every column of them.
         first, second = queue.list_jobs(database)
         assert (first.kind, first.status, first.params, first.priority, first.worker, first.progress_module,
@@ -156,4 +156,52 @@ def test_a_migrated_database_opens_again_without_change(v1_database):
     with database.transaction() as s:
         assert s.get(Meta, "schema_version").value == str(SCHEMA_VERSION)
     assert len(queue.list_jobs(database)) == 2
+    database.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def v2_database(request, qrun_home):
+    """The URL of a version-2 database with rows, as qrun 0.2 left one: version 1's tables migrated by
+    its step (MIGRATIONS[1]), no sweep columns."""
+    from sqlalchemy.orm import Session
+
+    from qrun.db.session import MIGRATIONS
+
+    if request.param == "sqlite":
+        qrun_home.mkdir(parents=True)
+        url = f"sqlite:///{qrun_home / 'v2.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in v1_ddl(request.param) + V1_ROWS:
+            conn.execute(text(statement))
+    with Session(engine) as session, session.begin():
+        MIGRATIONS[1](session)
+        session.execute(text("UPDATE qrun_meta SET value = '2' WHERE key = 'schema_version'"))
+    engine.dispose()
+    return url
+
+
+def test_version_2_database_gains_sweeps_and_keeps_its_jobs(v2_database):
+    engine = create_engine(v2_database)
+    assert "sweep" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    engine.dispose()
+    database = open_database(v2_database)
+    try:
+        with database.transaction() as s:
+            assert s.get(Meta, "schema_version").value == "3"
+        old = queue.list_jobs(database)
+        assert [(j.kind, j.status, j.sweep, j.sweep_name) for j in old] == [
+            ("quantize", "succeeded", None, None), ("eval", "queued", None, None)]
+        indexes = {i["name"]: i["column_names"] for i in inspect(database.engine).get_indexes("jobs")}
+        assert indexes["ix_jobs_sweep"] == ["sweep"] and indexes["ix_jobs_sweep_name"] == ["sweep_name"]
+        new = queue.submit_jobs(database, [JobSpec(kind=Kind.QUANTIZE, model="/models/m", params={"bits": 8})],
+                                sweep="0badcafe", sweep_name="after-upgrade")
+        assert [j.id for j in queue.jobs_of_sweep(database, "after-upgrade")] == new
+        assert [j.id for j in queue.jobs_of_sweep(database, "0badcafe")] == new
+    finally:
+        database.dispose()
+    database = open_database(v2_database)  # version 3 now: no step runs again
+    assert len(queue.list_jobs(database)) == 3
     database.dispose()
