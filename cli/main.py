@@ -9,10 +9,13 @@ import traceback
 import click
 
 from qrun.cli import compare, control, demo, results, run, status, submit, workers
+from qrun import DISTRIBUTION
 from qrun.db.errors import QrunError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name=DISTRIBUTION, prog_name="qrun", message="%(prog)s %(version)s",
+                      help="Print qrun's version and exit.")
 @click.option("--db", "db_url", envvar="QRUN_DB", metavar="URL",
               help="Job table: a SQLAlchemy URL or a SQLite path (default $QRUN_HOME/qrun.db).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of unexpected errors.")

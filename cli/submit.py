@@ -1,67 +1,77 @@
-"""`qrun submit` and `qrun eval`: validate everything, then add jobs to the table in one transaction."""
+"""`qrun submit` and `qrun eval`: parse the options, call the library (qrun.api, qrun.sweeps), print
+what it returns."""
 
 from __future__ import annotations
 
-import itertools
-
 import click
 
-from qrun.cli.common import open_db, print_json
+from qrun.cli.common import open_db, print_json, stderr_line
 from qrun.db.errors import BadInput
 from qrun.db.states import Kind
-
-EVAL_MODES = ("score", "generate")
-
-
-def _check_file(path: str | None, what: str) -> str | None:
-    """The absolute path of an optional input file, checked now so that no job gets a missing one."""
-    from qrun.workers.datasets import require_file
-
-    return None if path is None else str(require_file(path, what).resolve())
+# The demo builds its jobs with these; they live in the library now.
+from qrun.sweeps import EVAL_MODES, build_specs, check_file, eval_params, validate_eval_inputs  # noqa: F401
 
 
-def eval_params(data: str | None, mode: str, max_new_tokens: int, ppl: str | None, batch_size: int,
-                variant: str, trust_remote_code: bool) -> dict:
-    return {"data": data, "mode": mode, "max_new_tokens": max_new_tokens, "ppl_data": ppl,
-            "batch_size": batch_size, "variant": variant, "trust_remote_code": trust_remote_code}
+def _params_that_matter(kind: str, params: dict) -> str:
+    """A planned job's settings in a few words: what tells the jobs of a sweep apart."""
+    from pathlib import Path
+
+    if kind == Kind.QUANTIZE.value:
+        calib = Path(params["calib"]).name if params.get("calib") else "built-in text"
+        return (f"bits={params['bits']} group={params['group_size']} damp={params['damp_percent']:g}"
+                + (" desc_act" if params.get("desc_act") else "") + ("" if params.get("sym", True) else " asym")
+                + f" calib={calib}×{params['calib_samples']}")
+    what = [f"data={Path(params['data']).name} ({params.get('mode', 'score')})"] if params.get("data") else []
+    what += [f"ppl={Path(params['ppl_data']).name}"] if params.get("ppl_data") else []
+    return " ".join(what)
 
 
-def validate_eval_inputs(data: str | None, ppl: str | None, max_new_tokens: int, batch_size: int,
-                         batch_option: str = "eval_batch_size") -> None:
-    """Every eval input, checked by the library functions that the job itself reads them with.
-    batch_option: the batch size's option as this command spells it (underscores for dashes)."""
-    from qrun.workers.datasets import check_eval_file, check_perplexity_file
-    from qrun.workers.inputs import check_job_counts
-
-    if data:
-        check_eval_file(data)
-    if ppl:
-        check_perplexity_file(ppl)
-    check_job_counts(max_new_tokens=max_new_tokens, **{batch_option: batch_size})
+def _after_text(row: dict) -> str:
+    if row["after"] is not None:
+        return f"#{row['after']}"
+    return f"job {row['depends_on']}" if row["depends_on"] is not None else ""
 
 
-def build_specs(model: str, sweep: list[dict], priority: int, max_attempts: int, eval_args: dict | None,
-                db) -> list:
-    """Quantize specs (one per sweep point), each followed by its eval; plus the baseline eval once."""
-    from qrun.db.queue import JobSpec, find_equivalent_job
+def print_plan(submission) -> None:
+    """The jobs a dry run would add, as a table: #, kind, variant, the params that matter, what it waits for."""
+    import sys
 
-    specs: list[JobSpec] = []
-    if eval_args is not None:
-        baseline = eval_params(variant="baseline", **eval_args)
-        if find_equivalent_job(db, Kind.EVAL, model, baseline) is None:
-            specs.append(JobSpec(kind=Kind.EVAL, model=model, params=baseline, priority=priority,
-                                 max_attempts=max_attempts))
-    for params in sweep:
-        specs.append(JobSpec(kind=Kind.QUANTIZE, model=model, params=params, priority=priority,
-                             max_attempts=max_attempts))
-        if eval_args is not None:
-            from qrun.workers.quantize import QuantizeParams
+    from rich.console import Console
+    from rich.table import Table
 
-            label = QuantizeParams.from_dict(params).label()
-            specs.append(JobSpec(kind=Kind.EVAL, model=model, after=len(specs) - 1, priority=priority,
-                                 max_attempts=max_attempts,
-                                 params=eval_params(variant=label, **eval_args) | {"from_upstream": True}))
-    return specs
+    rows = submission.plan_rows()
+    if not rows:
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("#", "KIND", "VARIANT", "PARAMS", "AFTER"):
+        table.add_column(column, no_wrap=column != "PARAMS")
+    for row in rows:
+        table.add_row(str(row["n"]), row["kind"], row["variant"], _params_that_matter(row["kind"], row["params"]),
+                      _after_text(row))
+    Console(width=None if sys.stdout.isatty() else 200, highlight=False, soft_wrap=False).print(table)
+
+
+def report_existing(submission, rerun_hint: bool = True) -> None:
+    """One line per job that already has a planned result, on stderr (stdout carries the new ids)."""
+    for job in submission.existing:
+        what = "baseline eval" if job.label == "baseline" else f"{job.kind} {job.label}"
+        stderr_line(f"{what} already in job {job.id} ({job.status})"
+                    + (": pass --rerun to run it again" if rerun_hint else ""))
+
+
+def finished_line(row: dict) -> str:
+    """`submit --wait`'s line for a finished job."""
+    from types import SimpleNamespace
+
+    from qrun.cli.status import short_params
+
+    job = SimpleNamespace(kind=row["kind"], params=row["params"])  # short_params reads a job's attributes
+    line = f"job {row['id']} {row['kind']} {short_params(job)} {row['status']}"
+    if row.get("elapsed_s") is not None:
+        line += f" in {row['elapsed_s']:.1f}s"
+    if row["status"] != "succeeded" and row.get("error"):
+        line += f": {row['error'].splitlines()[0][:200]}"
+    return line
 
 
 @click.command()
@@ -91,54 +101,57 @@ def build_specs(model: str, sweep: list[dict], priority: int, max_attempts: int,
 @click.option("--max-attempts", type=int, default=3, show_default=True, help="Attempts before a job fails for good.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (off by default).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin (pickle) weights, which can run code when loaded.")
-@click.option("--dry-run", is_flag=True, help="Validate and show the jobs without adding them.")
-@click.option("--json", "as_json", is_flag=True, help="Print the job ids as JSON.")
+@click.option("--name", default=None, metavar="NAME",
+              help="Name the sweep (`--sweep NAME` then selects its jobs); a name used before adds to that sweep.")
+@click.option("--rerun", is_flag=True,
+              help="Add jobs even where an equal job is already queued, running or succeeded (else that one is used).")
+@click.option("--dry-run", is_flag=True, help="Validate and show the jobs as a table, without adding them.")
+@click.option("--wait", "wait_", is_flag=True,
+              help="Wait for the sweep's jobs (a `qrun run` must work the queue), one line per finished job; "
+                   "exit 1 if one failed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new job ids (with --dry-run: the planned jobs) as JSON.")
 @click.pass_context
 def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_samples, calib_max_len, batch_size,
            eval_data, eval_mode, eval_ppl, max_new_tokens, eval_batch_size, priority, max_attempts,
-           trust_remote_code, allow_pickle, dry_run, as_json):
+           trust_remote_code, allow_pickle, name, rerun, dry_run, wait_, as_json):
     """Add quantize jobs (one per combination of --bits, --group-size, --damp), and with --eval an
-    eval job for each plus one for the unquantized baseline. Prints the new job ids."""
-    from qrun.workers.datasets import check_calibration_file
-    from qrun.workers.inputs import (check_calibration_settings, check_job_counts, check_priority, check_quantizable,
-                                     check_quantize_settings, inspect_model)
+    eval job for each plus one for the unquantized baseline: one sweep, with an id of its own.
+    A job equal to one already queued, running or succeeded is not added (unless --rerun).
+    Prints the new job ids."""
+    import qrun
 
-    info = inspect_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    check_quantizable(info)
-    for b, g, d in itertools.product(bits, group_size, damp):
-        check_quantize_settings(info, b, g, d)
-    check_calibration_settings(calib_samples, calib_max_len)
-    check_job_counts(batch_size=batch_size, max_attempts=max_attempts)
-    check_priority(priority)
-    calib = _check_file(calib, "calibration file")
-    eval_data = _check_file(eval_data, "eval file")
-    eval_ppl = _check_file(eval_ppl, "perplexity file")
-    if calib:
-        check_calibration_file(calib, min_samples=min(calib_samples, 4))
-    validate_eval_inputs(eval_data, eval_ppl, max_new_tokens, eval_batch_size)
-    sweep = [
-        {"bits": b, "group_size": g, "desc_act": desc_act, "sym": sym, "damp_percent": d,
-         "calib": calib or eval_data, "calib_samples": calib_samples, "calib_max_len": calib_max_len,
-         "batch_size": batch_size, "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
-        for b, g, d in dict.fromkeys(itertools.product(bits, group_size, damp))
-    ]
-    eval_args = None
-    if eval_data or eval_ppl:
-        eval_args = dict(data=eval_data, mode=eval_mode, max_new_tokens=max_new_tokens, ppl=eval_ppl,
-                         batch_size=eval_batch_size, trust_remote_code=trust_remote_code)
-    db = open_db(ctx)
-    specs = build_specs(info.path, sweep, priority, max_attempts, eval_args, db)
+    result = qrun.submit(
+        model_dir, list(bits), group_size=list(group_size), desc_act=desc_act, sym=sym, damp=list(damp),
+        calib=calib, calib_samples=calib_samples, calib_max_len=calib_max_len, batch_size=batch_size,
+        eval=eval_data, eval_mode=eval_mode, eval_ppl=eval_ppl, max_new_tokens=max_new_tokens,
+        eval_batch_size=eval_batch_size, priority=priority, max_attempts=max_attempts,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, name=name, rerun=rerun,
+        dry_run=dry_run, db=ctx.obj.get("db_url"))
+    report_existing(result)
     if dry_run:
-        rows = [{"kind": s.kind.value, "model": s.model, "params": s.params} for s in specs]
-        print_json(rows) if as_json else [click.echo(f"would add {r['kind']} {r['params']}") for r in rows]
+        print_json(result.plan_rows()) if as_json else print_plan(result)
+        if not result.planned:
+            stderr_line("nothing to add")
         return
-    from qrun.db.queue import submit_jobs
-
-    ids = submit_jobs(db, specs)
     if as_json:
-        print_json(ids)
+        print_json(result.ids)
+    elif result.ids:
+        click.echo("\n".join(map(str, result.ids)))
+    if result.ids:
+        named = f" ({result.name})" if result.name else ""
+        stderr_line(f"sweep {result.sweep}{named}: added {len(result.ids)} job(s)")
     else:
-        click.echo("\n".join(map(str, ids)))
+        stderr_line("nothing new to add: every job of this sweep is already in the queue")
+    if wait_:
+        ctx.exit(wait_for_jobs(ctx, result.all_ids))
+
+
+def wait_for_jobs(ctx, ids: list[int]) -> int:
+    """Wait for `ids`, printing each as it finishes; the exit code: 0 if all succeeded, else 1."""
+    import qrun
+
+    rows = qrun.wait(ids, db=ctx.obj.get("db_url"), on_finish=lambda row: click.echo(finished_line(row)))
+    return 0 if all(row["status"] == "succeeded" for row in rows) else 1
 
 
 @click.command("eval")
@@ -160,8 +173,8 @@ def eval_command(ctx, model_dir, data, ppl, mode, max_new_tokens, batch_size, pr
     if not data and not ppl:
         raise BadInput("qrun eval needs --data FILE (classification) or --ppl FILE (perplexity), or both")
     info = inspect_model(model_dir, trust_remote_code=trust_remote_code)
-    data = _check_file(data, "eval file")
-    ppl = _check_file(ppl, "perplexity file")
+    data = check_file(data, "eval file")
+    ppl = check_file(ppl, "perplexity file")
     validate_eval_inputs(data, ppl, max_new_tokens, batch_size, batch_option="batch_size")
     check_priority(priority)
     variant = "baseline"

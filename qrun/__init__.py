@@ -1,5 +1,12 @@
 """qrun: a job queue for quantizing a model on a shared GPU server, and a record of what each variant costs.
 
+The top level is the Python API (qrun/api.py), which the `qrun` command is a thin layer over:
+
+    import qrun
+    sweep = qrun.submit("./qwen2-1.5b", bits=[4, 8], eval="test.jsonl")
+    qrun.wait(sweep.ids)
+    qrun.compare(sweep=sweep.sweep)
+
 Installed, the repository's role folders live under this one import package:
 `qrun.cli` (parsing and printing), `qrun.db` (the job table and its transitions),
 `qrun.runner` (Ray and scheduling), `qrun.workers` (what a job does), `qrun.demo`.
@@ -13,3 +20,23 @@ try:
     __version__ = version(DISTRIBUTION)
 except PackageNotFoundError:  # running from a checkout that was never installed
     __version__ = "0+unknown"
+
+# Loaded on first use, so that `import qrun` stays cheap (no SQLAlchemy, never torch).
+API = ("submit", "status", "compare", "wait", "cancel", "retry", "to_frame", "Submission", "WaitTimeout")
+__all__ = [*API, "variant_label", "variant_key", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in API:
+        from qrun import api
+
+        return getattr(api, name)
+    if name in ("variant_label", "variant_key"):
+        from qrun import variants
+
+        return getattr(variants, name)
+    raise AttributeError(f"module 'qrun' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

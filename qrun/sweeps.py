@@ -1,0 +1,212 @@
+"""What one submit adds: its inputs checked, its sweep expanded into jobs, and the jobs that already
+exist offered instead of added again.
+
+No torch here: `workers.inputs` and `workers.datasets` read model directories and files with plain
+Python, so bad input is refused before the database is opened.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+
+from qrun.db.errors import BadInput
+from qrun.db.queue import JobSpec
+from qrun.db.states import Kind
+from qrun.variants import variant_labels
+
+EVAL_MODES = ("score", "generate")
+BASELINE = "baseline"
+# A sweep name must not read as a sweep id, which `--sweep` also takes.
+SWEEP_ID_PATTERN = re.compile(r"[0-9a-f]{8}")
+MAX_NAME_LENGTH = 64
+
+
+# ---------------------------------------------------------------- checking the inputs
+
+
+def as_values(value, option: str, kind: type) -> tuple:
+    """A repeatable option given as one value or several (the API takes both), each of `kind`."""
+    values = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (value,)
+    ok = (int,) if kind is int else (int, float)
+    if not values or any(isinstance(v, bool) or not isinstance(v, ok) for v in values):
+        raise BadInput(f"{option} {value!r} must be a {kind.__name__} or a list of them, like {option} 4")
+    return values
+
+
+def check_file(path: str | None, what: str) -> str | None:
+    """The absolute path of an optional input file, checked now so that no job gets a missing one."""
+    from qrun.workers.datasets import require_file
+
+    return None if path is None else str(require_file(path, what).resolve())
+
+
+def check_sweep_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise BadInput(f"--name {name!r} must be 1 to {MAX_NAME_LENGTH} printable characters, like --name damp-sweep")
+    if SWEEP_ID_PATTERN.fullmatch(name):
+        raise BadInput(f"--name {name!r} looks like a sweep id (8 hex characters): choose a name with other letters")
+    return name
+
+
+def eval_params(data: str | None, mode: str, max_new_tokens: int, ppl: str | None, batch_size: int,
+                variant: str, trust_remote_code: bool) -> dict:
+    return {"data": data, "mode": mode, "max_new_tokens": max_new_tokens, "ppl_data": ppl,
+            "batch_size": batch_size, "variant": variant, "trust_remote_code": trust_remote_code}
+
+
+def validate_eval_inputs(data: str | None, ppl: str | None, max_new_tokens: int, batch_size: int,
+                         batch_option: str = "eval_batch_size") -> None:
+    """Every eval input, checked by the library functions that the job itself reads them with.
+    batch_option: the batch size's option as this command spells it (underscores for dashes)."""
+    from qrun.workers.datasets import check_eval_file, check_perplexity_file
+    from qrun.workers.inputs import check_job_counts
+
+    if data:
+        check_eval_file(data)
+    if ppl:
+        check_perplexity_file(ppl)
+    check_job_counts(max_new_tokens=max_new_tokens, **{batch_option: batch_size})
+
+
+@dataclass
+class SweepRequest:
+    """A submit's inputs, checked: the model's resolved path, one params dict per sweep point (in the
+    order of the options, repeats dropped), and the eval's arguments (None: no eval)."""
+
+    model: str
+    points: list[dict]
+    eval_args: dict | None
+    priority: int = 0
+    max_attempts: int = 3
+
+
+def check_submission(model, bits, *, group_size=128, desc_act=False, sym=True, damp=0.01, calib=None,
+                     calib_samples=128, calib_max_len=1024, batch_size=16, eval=None, eval_mode="score",
+                     eval_ppl=None, max_new_tokens=32, eval_batch_size=8, priority=0, max_attempts=3,
+                     trust_remote_code=False, allow_pickle=False) -> SweepRequest:
+    """Every input of a submit checked (model, settings, files), and the sweep expanded: BadInput naming
+    the first bad one. Nothing is opened or written."""
+    from qrun.workers.datasets import check_calibration_file
+    from qrun.workers.inputs import (check_calibration_settings, check_job_counts, check_priority,
+                                     check_quantizable, check_quantize_settings, inspect_model)
+
+    bits = as_values(bits, "--bits", int)
+    group_size = as_values(group_size, "--group-size", int)
+    damp = as_values(damp, "--damp", float)
+    if eval_mode not in EVAL_MODES:
+        raise BadInput(f"--eval-mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
+    info = inspect_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    check_quantizable(info)
+    for b, g, d in itertools.product(bits, group_size, damp):
+        check_quantize_settings(info, b, g, d)
+    check_calibration_settings(calib_samples, calib_max_len)
+    check_job_counts(batch_size=batch_size, max_attempts=max_attempts)
+    check_priority(priority)
+    calib = check_file(calib, "calibration file")
+    eval_data = check_file(eval, "eval file")
+    eval_ppl = check_file(eval_ppl, "perplexity file")
+    if calib:
+        check_calibration_file(calib, min_samples=min(calib_samples, 4))
+    validate_eval_inputs(eval_data, eval_ppl, max_new_tokens, eval_batch_size)
+    points = [
+        {"bits": b, "group_size": g, "desc_act": desc_act, "sym": sym, "damp_percent": d,
+         "calib": calib or eval_data, "calib_samples": calib_samples, "calib_max_len": calib_max_len,
+         "batch_size": batch_size, "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+        for b, g, d in dict.fromkeys(itertools.product(bits, group_size, damp))
+    ]
+    eval_args = None
+    if eval_data or eval_ppl:
+        eval_args = dict(data=eval_data, mode=eval_mode, max_new_tokens=max_new_tokens, ppl=eval_ppl,
+                         batch_size=eval_batch_size, trust_remote_code=trust_remote_code)
+    return SweepRequest(info.path, points, eval_args, priority, max_attempts)
+
+
+# ---------------------------------------------------------------- planning the jobs
+
+
+@dataclass
+class PlannedJob:
+    """A job a submit adds. label: its variant within the sweep ("baseline" for the unquantized eval)."""
+
+    spec: JobSpec
+    label: str
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind.value
+
+
+@dataclass
+class ExistingJob:
+    """A job already in the table that a submit uses instead of adding its equal (no --rerun)."""
+
+    id: int
+    kind: str
+    label: str
+    status: str
+
+
+@dataclass
+class Plan:
+    jobs: list[PlannedJob] = field(default_factory=list)
+    existing: list[ExistingJob] = field(default_factory=list)
+
+    @property
+    def specs(self) -> list[JobSpec]:
+        return [job.spec for job in self.jobs]
+
+    def add(self, spec: JobSpec, label: str) -> int:
+        self.jobs.append(PlannedJob(spec, label))
+        return len(self.jobs) - 1
+
+
+def _reuse(db, plan: Plan, rerun: bool, kind: Kind, model: str, params: dict, label: str,
+           upstream: int | None = None) -> int | None:
+    """The id of an equal job already queued, running or succeeded (noted in the plan), else None."""
+    from qrun.db.queue import equivalent_job
+
+    if rerun:
+        return None
+    found = equivalent_job(db, kind, model, params, upstream=upstream)
+    if found is None:
+        return None
+    plan.existing.append(ExistingJob(found.id, kind.value, label, found.status))
+    return found.id
+
+
+def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:
+    """Quantize jobs (one per sweep point), each followed by its eval, plus the baseline eval once.
+    A job equal to one already queued, running or succeeded is not added (unless rerun): the plan
+    names that job instead, and a new eval of an existing variant depends on the existing job."""
+    from qrun.workers.quantize import QuantizeParams
+
+    plan = Plan()
+    model, eval_args = request.model, request.eval_args
+    common = dict(model=model, priority=request.priority, max_attempts=request.max_attempts)
+    if eval_args is not None:
+        baseline = eval_params(variant=BASELINE, **eval_args)
+        if _reuse(db, plan, rerun, Kind.EVAL, model, baseline, BASELINE) is None:
+            plan.add(JobSpec(kind=Kind.EVAL, params=baseline, **common), BASELINE)
+    for params, label in zip(request.points, variant_labels(request.points)):
+        existing = _reuse(db, plan, rerun, Kind.QUANTIZE, model, params, label)
+        if existing is None:
+            index = plan.add(JobSpec(kind=Kind.QUANTIZE, params=params, **common), label)
+        if eval_args is None:
+            continue
+        # The eval's stored variant stays QuantizeParams.label(): what `qrun compare` groups by.
+        evaluation = eval_params(variant=QuantizeParams.from_dict(params).label(), **eval_args) | {"from_upstream": True}
+        if existing is None:
+            plan.add(JobSpec(kind=Kind.EVAL, params=evaluation, after=index, **common), label)
+        elif _reuse(db, plan, rerun, Kind.EVAL, model, evaluation, label, upstream=existing) is None:
+            plan.add(JobSpec(kind=Kind.EVAL, params=evaluation, depends_on=existing, **common), label)
+    return plan
+
+
+def build_specs(model: str, sweep: list[dict], priority: int, max_attempts: int, eval_args: dict | None,
+                db, rerun: bool = False) -> list[JobSpec]:
+    """plan_jobs' specs for already checked sweep points (the demo's entry)."""
+    return plan_jobs(db, SweepRequest(model, sweep, eval_args, priority, max_attempts), rerun).specs
