@@ -137,10 +137,10 @@ def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_s
         print_json(result.ids)
     elif result.ids:
         click.echo("\n".join(map(str, result.ids)))
-    if result.ids:
+    if result.ids and not as_json:  # JSON readers find the sweep in `qrun status --json`
         named = f" ({result.name})" if result.name else ""
         stderr_line(f"sweep {result.sweep}{named}: added {len(result.ids)} job(s)")
-    else:
+    elif not result.ids:
         stderr_line("nothing new to add: every job of this sweep is already in the queue")
     if wait_:
         ctx.exit(wait_for_jobs(ctx, result.all_ids))

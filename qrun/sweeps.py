@@ -29,9 +29,9 @@ MAX_NAME_LENGTH = 64
 def as_values(value, option: str, kind: type) -> tuple:
     """A repeatable option given as one value or several (the API takes both), each of `kind`."""
     values = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (value,)
-    ok = (int,) if kind is int else (int, float)
+    ok, what = ((int,), "a whole number") if kind is int else ((int, float), "a number")
     if not values or any(isinstance(v, bool) or not isinstance(v, ok) for v in values):
-        raise BadInput(f"{option} {value!r} must be a {kind.__name__} or a list of them, like {option} 4")
+        raise BadInput(f"{option} {value!r} must be {what} or a list of them, like [4, 8]")
     return values
 
 
