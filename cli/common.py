@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 
 import click
 
@@ -26,6 +26,13 @@ def _json_default(value):
     if isinstance(value, datetime):
         return value.isoformat() + "Z"
     raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def local_time(utc: datetime | None) -> str:
+    """A time of the job table (naive UTC) as local ISO 8601 with its offset: 2026-11-25T14:02:11+01:00."""
+    if utc is None:
+        return ""
+    return utc.replace(tzinfo=timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 def parse_job_ids(values: tuple[str, ...]) -> list[int]:

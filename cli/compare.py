@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from qrun.cli.common import open_db, print_json, stderr_line
+from qrun.cli.table import REQUIRED, Column, Output, display_width, output_settings, render, shorten
 from qrun.db.errors import BadInput
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -38,12 +39,38 @@ def _same_path(given: str, stored: str | None) -> bool:
     return str(Path(given).expanduser().resolve()) == stored or given == Path(stored).name
 
 
-def latest_evals(db, model: str | None = None, data: str | None = None) -> list:
-    """Succeeded eval jobs, the newest per (source model, data, mode, variant)."""
+# Every parameter that makes a different quantized model: two evals keyed alike evaluated the same variant.
+VARIANT_KEYS = (("bits", None), ("group_size", 128), ("desc_act", False), ("sym", True), ("damp_percent", 0.01),
+                ("calib", None), ("calib_samples", 128), ("calib_max_len", 1024), ("method", "gptq"))
+# How a label names a parameter that tells two variants of one group apart (w4g128 damp=0.05).
+LABEL_PARTS = {"damp_percent": "damp={}", "calib": "calib={}", "calib_samples": "n={}", "calib_max_len": "len={}",
+               "method": "{}"}
+
+
+def variant_key(params: dict) -> tuple:
+    return tuple(params.get(name, default) for name, default in VARIANT_KEYS)
+
+
+def _quant_params(job, upstreams: dict) -> dict:
+    """The quantize parameters behind an eval: its upstream job's (empty for the baseline or an artifact)."""
+    upstream = upstreams.get(job.depends_on)
+    return dict(upstream.params or {}) if upstream is not None and upstream.kind == "quantize" else {}
+
+
+def _in_sweep(job, sweep: str) -> bool:
+    return sweep in (getattr(job, "sweep", None), getattr(job, "sweep_name", None))
+
+
+def latest_evals(db, model: str | None = None, data: str | None = None, sweep: str | None = None) -> list:
+    """Succeeded eval jobs, the newest per (source model, data, mode, variant), a variant being keyed by
+    every quantization parameter (evals of w4g128 at damp 0.01 and at 0.05 are two variants). With
+    a sweep, the evals of its variants and the baselines they are compared with."""
     from qrun.db import queue
 
+    jobs = queue.list_jobs(db, plain=True)
+    by_id = {j.id: j for j in jobs}
     newest: dict[tuple, object] = {}
-    for job in queue.list_jobs(db):  # ordered by id: a later job replaces an earlier one
+    for job in jobs:  # ordered by id: a later job replaces an earlier one
         params = job.params or {}
         if job.kind != "eval" or job.status != "succeeded":
             continue
@@ -51,8 +78,44 @@ def latest_evals(db, model: str | None = None, data: str | None = None) -> list:
             continue
         if data and not _same_path(data, params.get("data")):
             continue
-        newest[(job.model, params.get("data"), _mode(params), params.get("variant", BASELINE))] = job
-    return list(newest.values())
+        quant = _quant_params(job, by_id)
+        variant = variant_key(quant) if quant else params.get("variant", BASELINE)
+        newest[(job.model, params.get("data"), _mode(params), variant)] = job
+    chosen = list(newest.values())
+    if sweep:
+        swept = [j for j in chosen if _in_sweep(j, sweep) or _in_sweep(by_id.get(j.depends_on, j), sweep)]
+        groups = {(j.model, (j.params or {}).get("data"), _mode(j.params or {})) for j in swept}
+        baselines = [j for j in chosen if (j.params or {}).get("variant", BASELINE) == BASELINE and not j.depends_on
+                     and (j.model, (j.params or {}).get("data"), _mode(j.params or {})) in groups]
+        chosen = sorted(set(swept) | set(baselines), key=lambda j: j.id)
+    return chosen
+
+
+def unique_labels(rows: list[dict]) -> None:
+    """Rows of one group whose labels collide (w4g128 at two damps) get the parameters that tell them
+    apart added to their labels: w4g128 damp=0.01, w4g128 damp=0.05."""
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(row["variant"], []).append(row)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        differing = [name for name, default in VARIANT_KEYS if name in LABEL_PARTS
+                     and len({repr(_value(r, name)) for r in same}) > 1]
+        for row in same:
+            extra = [LABEL_PARTS[n].format(_short(_value(row, n))) for n in differing]
+            row["variant"] = " ".join([row["variant"], *extra])
+
+
+def _value(row: dict, name: str):
+    """A quantization parameter of a row, its default where the job did not set it."""
+    return row[name] if row.get(name) is not None else dict(VARIANT_KEYS)[name]
+
+
+def _short(value) -> str:
+    if isinstance(value, str) and "/" in value:
+        return Path(value).name
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _mode(params: dict) -> str | None:
@@ -135,6 +198,7 @@ def _base_row(job, metrics: dict, upstream, upstream_metrics: dict) -> dict:
                          if k in metrics}
     params = job.params or {}
     variant = params.get("variant", BASELINE)
+    quant = {k: upstream.params[k] for k, _ in VARIANT_KEYS if k in (upstream.params or {})} if upstream else {}
     if variant == BASELINE:
         bits, group_size = _source_bits(job.model), None
     else:
@@ -143,7 +207,9 @@ def _base_row(job, metrics: dict, upstream, upstream_metrics: dict) -> dict:
     row = {
         "model": job.model, "data": params.get("data"), "ppl_data": params.get("ppl_data"),
         "mode": _mode(params),
-        "variant": variant, "bits": bits, "group_size": group_size, "job_id": job.id,
+        "variant": variant, "bits": bits, "group_size": group_size,
+        **{name: quant.get(name) for name, _ in VARIANT_KEYS if name not in ("bits", "group_size")},
+        "sweep": getattr(upstream if upstream is not None else job, "sweep", None), "job_id": job.id,
         "quantize_job_id": upstream.id if upstream is not None else None,
         "size_bytes": size, "size_mb": size / 1e6 if size is not None else None, "size_pct": None,
         "quantize_s": upstream_metrics.get("quantize_s"),
@@ -174,11 +240,11 @@ def _order(row: dict) -> tuple:
     return (row["variant"] != BASELINE, -(row["bits"] or 0), row["variant"])
 
 
-def comparison_rows(db, model: str | None = None, data: str | None = None) -> list[dict]:
+def comparison_rows(db, model: str | None = None, data: str | None = None, sweep: str | None = None) -> list[dict]:
     """The comparison, as plain dicts: grouped by (source model, data, mode), baseline first, then bits desc."""
     from qrun.db import queue
 
-    jobs = latest_evals(db, model, data)
+    jobs = latest_evals(db, model, data, sweep)
     upstream_ids = sorted({j.depends_on for j in jobs if j.depends_on is not None})
     upstreams = {j.id: j for j in queue.list_jobs(db, upstream_ids)} if upstream_ids else {}
     metrics = queue.metrics_of(db, [j.id for j in jobs] + upstream_ids)
@@ -192,6 +258,7 @@ def comparison_rows(db, model: str | None = None, data: str | None = None) -> li
         groups.setdefault((row["model"], row["data"] or "", row["mode"] or ""), []).append(row)
     rows: list[dict] = []
     for key in sorted(groups):
+        unique_labels(groups[key])
         group = sorted(groups[key], key=_order)
         _against_baseline(group, predictions)
         rows.extend(group)
@@ -234,6 +301,12 @@ COLUMNS = (
     ("fraud->not", lambda r: _num(r["flips_fraud_to_not"], 0)),
     ("not->fraud", lambda r: _num(r["flips_not_to_fraud"], 0)),
 )
+# What stays on a narrow screen: the variant and its key numbers never go (too narrow even for those:
+# one block per variant); the others leave in order of priority.
+TABLE_COLUMNS = tuple(Column(name, keep=keep, right=name != "variant") for name, keep in (
+    ("variant", REQUIRED), ("bits", REQUIRED), ("size MB", 30), ("size %", 70), ("quant s", 20),
+    ("precision", REQUIRED), ("recall", REQUIRED), ("F1", REQUIRED), ("accuracy", 60), ("invalid", 15),
+    ("AUC", 50), ("perplexity", 40), ("agree", 55), ("fraud->not", 10), ("not->fraud", 10)))
 
 
 def _groups(rows: list[dict]) -> list[list[dict]]:
@@ -249,19 +322,31 @@ def _title(group: list[dict]) -> str:
     return f"{first['model']} -- {what}"
 
 
-def print_table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _fitted_title(group: list[dict], width: int | None) -> str:
+    """The group's title with whole paths where they fit, else with the model's and data's names."""
+    title = _title(group)
+    if width is None or display_width(title) <= width:
+        return title
+    first = group[0]
+    short = {**first, "model": Path(first["model"]).name, "data": first["data"] and Path(first["data"]).name,
+             "ppl_data": first["ppl_data"] and Path(first["ppl_data"]).name}
+    return shorten(_title([short]), width)
 
-    # Piped output keeps whole rows instead of folding them at 80 columns.
-    console = Console(width=None if sys.stdout.isatty() else 250, highlight=False)
+
+def table_lines(rows: list[dict], out: Output, wide: bool = False, columns: list[str] | None = None) -> list[str]:
+    lines: list[str] = []
     for group in _groups(rows):
-        table = Table(title=_title(group), title_justify="left", box=None, header_style="bold")
-        for name, _ in COLUMNS:
-            table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
-        for row in group:
-            table.add_row(*(cell(row) for _, cell in COLUMNS))
-        console.print(table)
+        if lines:
+            lines.append("")
+        lines.append(_fitted_title(group, out.width))
+        cells = [[cell(row) for _, cell in COLUMNS] for row in group]
+        lines += render(TABLE_COLUMNS, cells, out, wide=True, names=columns)
+    return lines
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None, wide: bool = False) -> None:
+    out = output_settings()
+    click.echo("\n".join(table_lines(rows, Output(None, out.color) if wide else out, columns=columns)))
 
 
 def print_markdown(rows: list[dict]) -> None:
@@ -314,24 +399,35 @@ def write_plot(rows: list[dict], path: Path) -> None:
 @click.option("--data", default=None, metavar="D", help="Only evals on this data file (path, or its name).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Output format; json, csv and markdown carry the same numbers as the table.")
+@click.option("--sweep", default=None, metavar="S", help="Only the variants of this sweep (id or name), with their baseline.")
+@click.option("--wide", is_flag=True, help="Every column, however wide the terminal.")
+@click.option("--columns", "columns", metavar="a,b,c",
+              help="Table columns, in this order (variant,bits,size MB,...; default: what fits the width).")
 @click.option("--plot", "plot_file", default=None, metavar="FILE.png",
               help="Also draw precision, recall and size (% of baseline) against bits into a PNG.")
 @click.pass_context
-def compare(ctx, model, data, fmt, plot_file):
+def compare(ctx, model, data, fmt, sweep, wide, columns, plot_file):
     """Compare the variants of each evaluated model with its unquantized baseline: size, quantization
     time, precision, recall, F1, accuracy, invalid answers, AUC and perplexity (with deltas from
     the baseline), and how many per-sample predictions changed."""
     plot_path = Path(plot_file) if plot_file else None
     if plot_path is not None and not plot_path.parent.is_dir():
         raise BadInput(f"--plot {plot_file}: directory {plot_path.parent} does not exist")
-    rows = comparison_rows(open_db(ctx), model, data)
+    names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    if names:
+        render(TABLE_COLUMNS, [], output_settings(), names=names)  # an unknown column: bad input, nothing opened
+    rows = comparison_rows(open_db(ctx), model, data, sweep)
     if not rows:
-        what = " ".join(f for f in (f"for model {model}" if model else "", f"on data {data}" if data else "") if f)
+        what = " ".join(f for f in (f"for model {model}" if model else "", f"on data {data}" if data else "",
+                                    f"in sweep {sweep}" if sweep else "") if f)
         stderr_line(f"No succeeded eval jobs {what}".rstrip() + ": add some with `qrun submit ... --eval FILE`.")
         if fmt == "json":
             print_json([])
         return
-    {"json": print_json, "csv": print_csv, "markdown": print_markdown, "table": print_table}[fmt](rows)
+    if fmt == "table":
+        print_table(rows, names, wide)
+    else:
+        {"json": print_json, "csv": print_csv, "markdown": print_markdown}[fmt](rows)
     if plot_path is not None:
         write_plot(rows, plot_path)
         stderr_line(f"wrote {plot_path}")

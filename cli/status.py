@@ -1,26 +1,52 @@
-"""`qrun status` and `qrun logs`: what the queue holds, and what one job printed."""
+"""`qrun status`: what the queue holds, for a team: who submitted what, on which model, how far it is.
+
+By default the active jobs (queued, running) and those finished in the last hour, as squeue shows a
+cluster; `--all` for the whole history, filters as sacct has them. The table fits the terminal
+(cli/table.py); `--json` is the stable, documented form for scripts (README, "status --json").
+`qrun logs` lives in cli/logs.py.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import click
 
 from qrun.cli.common import open_db, parse_job_ids, print_json
+from qrun.cli.logs import logs
+from qrun.cli.table import REQUIRED, Column, Output, output_settings, render, shorten
+from qrun.db.errors import BadInput
 from qrun.db.queue import utcnow
-from qrun.db.states import progress_unit
+from qrun.db.states import Status, progress_unit
 
-SHORT_PARAMS = ("variant", "bits", "group_size", "desc_act", "sym", "damp_percent", "mode")
+ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
+DEFAULT_WINDOW = timedelta(hours=1)  # finished jobs shown without --all / --since
+# Metrics that count things: stored as floats like every metric, given to scripts as integers.
+COUNT_METRICS = frozenset({"bits", "group_size", "calib_samples", "calib_tokens", "model_size_bytes",
+                           "eval_samples", "ppl_tokens", "tp", "fp", "tn", "fn", "invalid"})
+
+
+# ---------------------------------------------------------------- one job, as text
+
+
+@lru_cache(maxsize=1024)
+def _quantize_label(bits, group_size, desc_act, sym) -> str:
+    from qrun.workers.quantize import QuantizeParams
+
+    return QuantizeParams(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym).label()
 
 
 def short_params(job) -> str:
     p = job.params or {}
     if job.kind == "quantize":
-        from qrun.workers.quantize import QuantizeParams
-
-        text = QuantizeParams.from_dict(p).label()
+        text = _quantize_label(p.get("bits"), p.get("group_size", 128), p.get("desc_act", False), p.get("sym", True))
         return text if p.get("damp_percent", 0.01) == 0.01 else f"{text} damp={p['damp_percent']}"
     target = p.get("variant", "?")
     what = [p.get("mode", "score")] if p.get("data") else []
@@ -28,147 +54,381 @@ def short_params(job) -> str:
     return f"{target} {'+'.join(what)}"
 
 
-def elapsed_s(job) -> float | None:
+def model_name(job) -> str:
+    """The model directory's name: the part of the path that tells models apart."""
+    return job.model.rstrip("/").rsplit("/", 1)[-1] if job.model else ""
+
+
+def elapsed_s(job, now: datetime | None = None) -> float | None:
     if job.started_at is None:
         return None
-    end = job.finished_at or (utcnow() if job.status == "running" else job.started_at)
+    end = job.finished_at or ((now or utcnow()) if job.status == "running" else job.started_at)
     return (end - job.started_at).total_seconds()
 
 
 def progress_text(job) -> str:
+    """`layer 12/28` and the module being quantized: changes only when the job moves on (`qrun run`'s
+    line-per-change output relies on that)."""
     if not job.progress_total:
         return ""
     text = f"{progress_unit(job.kind)} {job.progress_done}/{job.progress_total}"
     return f"{text} {job.progress_module}" if job.progress_module and job.status == "running" else text
 
 
-def job_row(job, metrics: dict | None = None, artifacts: list | None = None) -> dict:
-    return {
-        "id": job.id, "kind": job.kind, "status": job.status, "model": job.model, "params": job.params,
-        "depends_on": job.depends_on, "priority": job.priority, "attempts": job.attempts,
-        "max_attempts": job.max_attempts, "worker": job.worker, "gpu": job.gpu,
-        "progress": {"done": job.progress_done, "total": job.progress_total, "module": job.progress_module},
-        "submitted_by": job.submitted_by, "created_at": job.created_at, "started_at": job.started_at,
-        "finished_at": job.finished_at, "elapsed_s": elapsed_s(job), "error": job.error,
-        "log": job.log_path, "metrics": metrics or {},
-        "artifacts": [{"kind": a.kind, "path": a.path, "bytes": a.bytes, "sha256": a.sha256, "node": a.node}
-                      for a in (artifacts or [])],
-    }
+def eta_s(job, now: datetime | None = None) -> float | None:
+    """Seconds left at the rate measured so far (elapsed since start / units done); None before the first."""
+    elapsed = elapsed_s(job, now)
+    if job.status != "running" or not job.progress_done or not job.progress_total or elapsed is None:
+        return None
+    return max(job.progress_total - job.progress_done, 0) * elapsed / job.progress_done
+
+
+def clock(seconds: float) -> str:
+    """0:31, 12:04, 1:02:03."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_cell(job, now: datetime | None = None) -> str:
+    """`layer 12/28 · 43% · ETA 0:31` while running; `layer 28/28` once finished; `after 12` while waiting."""
+    if job.status == "queued":
+        return f"after {job.depends_on}" if job.depends_on else ""
+    if not job.progress_total:
+        return ""
+    text = f"{progress_unit(job.kind)} {job.progress_done}/{job.progress_total}"
+    if job.status != "running":
+        return text
+    text += f" · {100 * job.progress_done // job.progress_total}%"
+    eta = eta_s(job, now)
+    return text + (f" · ETA {clock(eta)}" if eta is not None else "")
 
 
 def _fmt_elapsed(seconds: float | None) -> str:
     if seconds is None:
         return ""
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    return clock(seconds)
 
 
-STATUS_STYLE = {"queued": "dim", "running": "bold cyan", "succeeded": "green", "failed": "bold red",
-                "cancelled": "yellow"}
+def first_line(text: str | None) -> str:
+    return text.strip().splitlines()[0] if text and text.strip() else ""
+
+
+COLUMNS = (
+    Column("ID", keep=REQUIRED, right=True),
+    Column("USER", keep=50),
+    Column("MODEL", keep=60, shrink=12),
+    Column("KIND", keep=10),
+    Column("PARAMS", keep=REQUIRED),
+    Column("STATUS", keep=REQUIRED),
+    Column("PROGRESS", keep=80),
+    Column("GPU", keep=20),
+    Column("ELAPSED", keep=40, right=True),
+    Column("SWEEP", keep=5, wide=True),
+    Column("PRIO", keep=5, right=True, wide=True),
+    Column("SUBMITTED", keep=5, wide=True),
+    Column("ERROR", keep=90, shrink=16, cap=100),
+)
 STATUS_COLOR = {"running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "yellow"}
+_STATUS_COLUMN = [c.name for c in COLUMNS].index("STATUS")
 
 
-COLUMNS = ("ID", "KIND", "PARAMS", "STATUS", "PROGRESS", "GPU", "ELAPSED", "ERROR")
+def job_cells(job, now: datetime | None = None) -> list[str]:
+    """One job's row of the status table, as plain text, in COLUMNS' order."""
+    return [str(job.id), job.submitted_by or "", model_name(job), job.kind, short_params(job), job.status,
+            progress_cell(job, now), job.gpu or ("cpu" if job.worker else ""), _fmt_elapsed(elapsed_s(job, now)),
+            _sweep_of(job), str(job.priority), _local_stamp(job.created_at), first_line(job.error)]
 
 
-def job_cells(job) -> list[str]:
-    """One job's row of the status table, as plain text (STATUS is the fourth cell)."""
-    error = (job.error or "").splitlines()[0][:80] if job.error else ""
-    after = f" (after {job.depends_on})" if job.depends_on and job.status == "queued" else ""
-    return [str(job.id), job.kind, short_params(job), f"{job.status}{after}", progress_text(job),
-            job.gpu or ("cpu" if job.worker else ""), _fmt_elapsed(elapsed_s(job)), error]
+@lru_cache(maxsize=256)
+def _offset_at(hour: datetime) -> timedelta:
+    return hour.replace(tzinfo=timezone.utc).astimezone().utcoffset()
 
 
-def jobs_table(jobs):
-    """A rich table, for the live views (`status --watch`, `run` on a terminal)."""
-    from rich.markup import escape
-    from rich.table import Table
+def _local_stamp(utc: datetime | None) -> str:
+    """local_time, fast over 10,000 rows: the local offset is looked up once per hour of the day."""
+    if utc is None:
+        return ""
+    offset = _offset_at(utc.replace(minute=0, second=0, microsecond=0))
+    minutes = int(offset.total_seconds()) // 60
+    sign, minutes = ("+" if minutes >= 0 else "-"), abs(minutes)
+    return f"{(utc + offset):%Y-%m-%dT%H:%M:%S}{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
-    table = Table(box=None, header_style="bold")
-    for column in COLUMNS:
-        table.add_column(column, overflow="fold")
-    for job in jobs:
-        cells = [escape(c) for c in job_cells(job)]
-        cells[3] = f"[{STATUS_STYLE.get(job.status, '')}]{cells[3]}[/]"
-        table.add_row(*cells)
-    return table
+
+def _sweep_of(job) -> str:
+    """The sweep's name, else its id (jobs of a table from before sweeps have neither)."""
+    return getattr(job, "sweep_name", None) or getattr(job, "sweep", None) or ""
+
+
+def table_lines(jobs, out: Output, *, wide: bool = False, columns: list[str] | None = None,
+                now: datetime | None = None, header: bool = True) -> list[str]:
+    now = now or utcnow()
+
+    def style(row: int, column: int) -> str | None:
+        return STATUS_COLOR.get(jobs[row].status) if column == _STATUS_COLUMN else None
+
+    return render(COLUMNS, [job_cells(j, now) for j in jobs], out, wide=wide, names=columns, style=style,
+                  header=header)
 
 
 def plain_table(jobs, color: bool = False) -> str:
-    """The same table as padded text: rich takes seconds to lay out thousands of rows, this milliseconds."""
-    rows = [list(COLUMNS)] + [job_cells(job) for job in jobs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
-        if color and n:
-            cells[3] = click.style(cells[3], fg=STATUS_COLOR.get(jobs[n - 1].status))
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    """The table, whole (no width limit): kept for callers that print one."""
+    return "\n".join(table_lines(jobs, Output(width=None, color=color)))
 
 
-def load_rows(db, ids):
+def jobs_table(jobs, width: int | None = None):
+    """The table fitted to the terminal, as a rich renderable, for `qrun run`'s live view."""
+    import shutil
+
+    from rich.text import Text
+
+    out = Output(width=width or shutil.get_terminal_size().columns, color=True)
+    return Text.from_ansi("\n".join(table_lines(jobs, out)))
+
+
+# ---------------------------------------------------------------- JSON (the documented schema)
+
+
+def _number(name: str, value: float):
+    if name in COUNT_METRICS and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value if math.isfinite(value) else None  # JSON has no Infinity (perplexity can overflow)
+
+
+def job_row(job, metrics: dict | None = None, artifacts: list | None = None) -> dict:
+    """One job for `status --json`. Keys are stable: new ones are only ever added (README lists them)."""
+    return {
+        "id": job.id, "kind": job.kind, "status": job.status, "model": job.model, "model_name": model_name(job),
+        "params": job.params, "label": short_params(job), "sweep": getattr(job, "sweep", None),
+        "sweep_name": getattr(job, "sweep_name", None),
+        "depends_on": job.depends_on, "priority": job.priority, "attempts": job.attempts,
+        "max_attempts": job.max_attempts, "worker": job.worker, "gpu": job.gpu,
+        "progress": {"done": job.progress_done, "total": job.progress_total, "module": job.progress_module,
+                     "unit": progress_unit(job.kind),
+                     "percent": 100 * job.progress_done // job.progress_total if job.progress_total else None,
+                     "eta_s": eta_s(job)},
+        "submitted_by": job.submitted_by, "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at, "elapsed_s": elapsed_s(job), "error": job.error,
+        "log": job.log_path, "metrics": {k: _number(k, v) for k, v in (metrics or {}).items()},
+        "artifacts": [{"kind": a.kind, "path": a.path, "bytes": a.bytes, "sha256": a.sha256, "node": a.node}
+                      for a in (artifacts or [])],
+    }
+
+
+# ---------------------------------------------------------------- which jobs
+
+
+@dataclass
+class JobFilter:
+    """What `qrun status` shows. Job ids name jobs whatever their state or age."""
+
+    ids: list[int] = field(default_factory=list)
+    users: set[str] = field(default_factory=set)
+    states: set[str] = field(default_factory=set)
+    models: list[str] = field(default_factory=list)
+    sweeps: set[str] = field(default_factory=set)
+    since: datetime | None = None  # naive UTC: jobs not finished before it
+    limit: int | None = None
+
+    def matches(self, job) -> bool:
+        return ((not self.users or job.submitted_by in self.users)
+                and (not self.states or job.status in self.states)
+                and (not self.models or any(_same_model(m, job.model) for m in self.models))
+                and (not self.sweeps or bool({getattr(job, "sweep", None), getattr(job, "sweep_name", None)}
+                                             & self.sweeps))
+                and (self.since is None or job.status in ACTIVE or (job.finished_at or job.created_at) >= self.since))
+
+
+def _same_model(given: str, stored: str | None) -> bool:
+    """--model names the directory (any path to it) or just its name."""
+    if not stored:
+        return False
+    return given == Path(stored).name or str(Path(given).expanduser().resolve()) == stored
+
+
+def select_jobs(db, flt: JobFilter) -> list:
+    """The jobs the filter selects, by id; with a limit, the newest that many."""
     from qrun.db import queue
 
-    jobs = queue.list_jobs(db, ids or None)
-    ids_ = [j.id for j in jobs]
-    return jobs, queue.metrics_of(db, ids_), queue.artifacts_of(db, ids_)
+    jobs = [j for j in queue.list_jobs(db, flt.ids or None, plain=True) if flt.matches(j)]
+    return jobs[-flt.limit:] if flt.limit else jobs
+
+
+_SPAN = re.compile(r"^(\d+)\s*([smhdw])$")
+_SPAN_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`--since 2h`, `30m`, `1d`, `1w`, or an ISO date/time (local unless it names an offset); naive UTC."""
+    span = _SPAN.match(text.strip().lower())
+    if span:
+        return (now or utcnow()) - timedelta(**{_SPAN_UNITS[span[2]]: int(span[1])})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadInput(f"--since {text!r}: give a span like 2h, 30m, 1d or an ISO time like 2026-11-25T14:00") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a time without an offset is the user's local time
+    return when.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def build_filter(job_ids, users, mine, states, models, sweeps, since, show_all, limit) -> JobFilter:
+    from qrun.db.queue import current_user
+
+    if limit is not None and limit <= 0:
+        raise BadInput(f"--limit {limit} must be positive")
+    ids = parse_job_ids(job_ids)
+    flt = JobFilter(ids=ids, users=set(users) | ({current_user()} if mine else set()), states=set(states),
+                    models=list(models), sweeps=set(sweeps), limit=limit)
+    if since:
+        flt.since = parse_since(since)
+    elif not show_all and not ids:
+        flt.since = utcnow() - DEFAULT_WINDOW
+    return flt
+
+
+# ---------------------------------------------------------------- --watch
+
+
+def _finished(jobs) -> bool:
+    return all(j.status not in ACTIVE for j in jobs)
+
+
+def visible(jobs, rows: int) -> list:
+    """At most `rows` jobs for a screen: the active ones first, then the latest finished; in id order."""
+    if len(jobs) <= rows:
+        return jobs
+    active = [j for j in jobs if j.status in ACTIVE][-rows:]
+    done = [j for j in jobs if j.status not in ACTIVE]
+    rest = done[len(done) - (rows - len(active)):] if rows > len(active) else []
+    return sorted(active + rest, key=lambda j: j.id)
+
+
+class TerminalFrame:
+    """A table redrawn in place on a terminal: only the lines that changed are rewritten."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lines: list[str] = []
+
+    def draw(self, lines: list[str]) -> None:
+        out = [f"\x1b[{len(self.lines)}F"] if self.lines else []  # to the frame's first line
+        for n, line in enumerate(lines):
+            if n < len(self.lines) and self.lines[n] == line:
+                out.append("\x1b[1E")  # unchanged: step over it
+            else:
+                out.append("\x1b[2K" + line + "\n")
+        if len(lines) < len(self.lines):
+            out.append("\x1b[J")  # the frame shrank: clear what it left below
+        self.stream.write("".join(out))
+        self.stream.flush()
+        self.lines = lines
+
+
+class ChangedRows:
+    """Piped or NO_COLOR --watch: the first table whole, then only the rows whose state changed
+    (elapsed time and ETA alone do not count), under a header with the local time."""
+
+    def __init__(self, out: Output):
+        self.out = out
+        self.seen: dict[int, tuple] = {}
+
+    @staticmethod
+    def state(job) -> tuple:
+        return job.status, job.progress_done, job.progress_total, job.gpu, job.error
+
+    def draw(self, jobs, wide, columns) -> None:
+        from qrun.cli.common import local_time
+
+        changed = [j for j in jobs if self.seen.get(j.id) != self.state(j)]
+        if not changed:
+            return
+        if self.seen:
+            click.echo(f"-- {local_time(utcnow())}")
+        click.echo("\n".join(table_lines(changed, self.out, wide=wide, columns=columns)))
+        sys.stdout.flush()
+        self.seen.update({j.id: self.state(j) for j in changed})
+
+
+def watch_jobs(db, flt: JobFilter, out: Output, wide: bool, columns, interval_s: float = 2.0) -> None:
+    """Redraw every interval until every shown job has finished (or Ctrl-C)."""
+    import shutil
+
+    in_place = out.color  # a terminal without NO_COLOR: cursor movement is allowed
+    frame = TerminalFrame(sys.stdout) if in_place else ChangedRows(out)
+    while True:
+        jobs = select_jobs(db, flt)
+        if in_place:
+            height = shutil.get_terminal_size().lines - 2
+            shown = visible(jobs, max(height - 1, 1))
+            lines = table_lines(shown, out, wide=wide, columns=columns)
+            if len(shown) < len(jobs):
+                lines.append(shorten(f"… {len(jobs) - len(shown)} more (qrun status --all without --watch)",
+                                     out.width or 80))
+            frame.draw(lines)
+        else:
+            frame.draw(jobs, wide, columns)
+        if _finished(jobs):
+            return
+        time.sleep(interval_s)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _split_columns(value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
 
 
 @click.command()
 @click.argument("job_ids", nargs=-1)
-@click.option("--watch", is_flag=True, help="Refresh every 2 s until the listed (or all) jobs finish.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array with metrics and artifacts.")
+@click.option("--all", "show_all", is_flag=True, help="The whole history, not only active jobs and the last hour's.")
+@click.option("--user", "users", multiple=True, metavar="U", help="Only jobs submitted by U (repeatable).")
+@click.option("--mine", is_flag=True, help="Only your jobs.")
+@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in Status]),
+              help="Only jobs in this state (repeatable).")
+@click.option("--model", "models", multiple=True, metavar="M", help="Only jobs on this model (directory or its name).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="S", help="Only the jobs of this sweep (id or name).")
+@click.option("--since", metavar="2h|1d|ISO", help="Jobs active at any time since then (default 1h; --all: ever).")
+@click.option("--limit", type=int, metavar="N", help="Only the newest N of the jobs selected.")
+@click.option("--wide", is_flag=True, help="Every column, whole, however wide the terminal.")
+@click.option("--columns", "columns", metavar="a,b,c", help="These columns, in this order (id,user,model,...).")
+@click.option("--watch", is_flag=True, help="Refresh every 2 s until the jobs shown finish.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array with metrics and artifacts (schema: README).")
 @click.pass_context
-def status(ctx, job_ids, watch, as_json):
-    """Show the queue: id, kind, parameters, status, progress (layer i/N), GPU, elapsed, error."""
-    from rich.console import Console
-
-    ids = parse_job_ids(job_ids)
+def status(ctx, job_ids, show_all, users, mine, states, models, sweeps, since, limit, wide, columns, watch,
+           as_json):
+    """Show the queue: active jobs and those finished in the last hour, with their user, model,
+    parameters, status, progress (layer i/N, %, ETA), GPU, elapsed time and error."""
+    flt = build_filter(job_ids, users, mine, states, models, sweeps, since, show_all, limit)
+    names = _split_columns(columns)
+    out = output_settings()
+    if wide:
+        out = Output(width=None, color=out.color)  # everything, whole: the terminal may scroll sideways
+    if names:
+        render(COLUMNS, [], out, names=names)  # an unknown column is bad input before the table is opened
     db = open_db(ctx)
     if as_json:
-        jobs, metrics, arts = load_rows(db, ids)
-        print_json([job_row(j, metrics[j.id], arts[j.id]) for j in jobs])
-        return
-    if not watch:
         from qrun.db import queue
 
-        jobs = queue.list_jobs(db, ids or None, plain=True)
-        if jobs:
-            click.echo(plain_table(jobs, color=sys.stdout.isatty()))
-        else:
-            click.echo("No jobs. Add some with `qrun submit --model DIR --bits 4`.", err=True)
+        jobs = select_jobs(db, flt)
+        ids = [j.id for j in jobs]
+        metrics, artifacts = queue.metrics_of(db, ids), queue.artifacts_of(db, ids)
+        print_json([job_row(j, metrics[j.id], artifacts[j.id]) for j in jobs])
         return
-    from rich.live import Live
-
-    with Live(console=Console(), auto_refresh=False) as live:
-        while True:
-            jobs, _, _ = load_rows(db, ids)
-            live.update(jobs_table(jobs), refresh=True)
-            if all(j.status in ("succeeded", "failed", "cancelled") for j in jobs):
-                break
-            time.sleep(2)
-
-
-@click.command()
-@click.argument("job_id")
-@click.option("--tail", "tail_lines", type=int, default=None, help="Only the last N lines.")
-@click.pass_context
-def logs(ctx, job_id, tail_lines):
-    """Print a job's history and its log (GPTQModel's output, tracebacks)."""
-    from qrun.db import queue
-
-    (jid,) = parse_job_ids((job_id,))
-    db = open_db(ctx)
-    job = queue.get_job(db, jid)
-    for ev in queue.events_of(db, jid):
-        click.echo(f"# {ev.at:%Y-%m-%d %H:%M:%S} {ev.transition}: {ev.from_status or '-'} -> {ev.to_status}"
-                   + (f" ({ev.detail})" if ev.detail else ""))
-    if not job.log_path or not Path(job.log_path).exists():
-        click.echo(f"# job {jid} has no log yet (it has not started)", err=True)
+    if watch:
+        watch_jobs(db, flt, out, wide, names)
         return
-    lines = Path(job.log_path).read_text(errors="replace").splitlines()
-    click.echo("\n".join(lines[-tail_lines:] if tail_lines else lines))
+    jobs = select_jobs(db, flt)
+    if jobs:
+        click.echo("\n".join(table_lines(jobs, out, wide=wide, columns=names)))
+    elif flt.since is not None and not since and not flt.ids:
+        click.echo("No active jobs, and none finished in the last hour: `qrun status --all` shows every job.",
+                   err=True)
+    else:
+        click.echo("No jobs match. Add some with `qrun submit --model DIR --bits 4`.", err=True)
 
 
 COMMANDS = [status, logs]

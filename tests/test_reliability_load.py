@@ -119,6 +119,6 @@ def test_status_over_ten_thousand_jobs_takes_under_a_second(raced):
         timings.append(time.perf_counter() - began)
         assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == TOTAL + 1 and lines[0].split()[:4] == ["ID", "KIND", "PARAMS", "STATUS"]
-    assert lines[-1].split()[:4] == [str(TOTAL), "quantize", "w4g128", "succeeded"]
+    assert len(lines) == TOTAL + 1 and lines[0].split()[:6] == ["ID", "USER", "MODEL", "KIND", "PARAMS", "STATUS"]
+    assert lines[-1].split()[3:6] == ["quantize", "w4g128", "succeeded"] and lines[-1].split()[0] == str(TOTAL)
     assert min(timings) < 1.0, f"qrun status over {TOTAL} jobs took {min(timings):.2f}s (runs: {timings})"
