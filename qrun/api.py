@@ -161,15 +161,19 @@ def compare(model: str | None = None, data: str | None = None, sweep: str | None
     with database(db) as opened:
         rows = comparison_rows(opened, model, data)
         if sweep is not None:
-            from qrun.db import queue
-
-            members = {j.id for j in queue.jobs_of_sweep(opened, sweep)}
-            # A sweep's comparison: its variants and the baseline they are measured against (the
-            # baseline eval may come from an earlier sweep: an equal one is never added twice).
-            rows = [r for r in rows if r["job_id"] in members or (r["variant"] == "baseline" and any(
-                o["job_id"] in members and (o["model"], o["data"], o["mode"]) == (r["model"], r["data"], r["mode"])
-                for o in rows))]
+            rows = rows_of_sweep(opened, rows, sweep)
     return to_frame(rows) if as_frame else Rows(rows)
+
+
+def rows_of_sweep(db, rows: list[dict], sweep: str) -> list[dict]:
+    """The comparison rows of a sweep (by id or name): its variants, and the baseline of each of their
+    groups, which may come from an earlier sweep (an equal baseline eval is never added twice)."""
+    from qrun.db import queue
+
+    members = {j.id for j in queue.jobs_of_sweep(db, sweep)}
+    groups = {(r["model"], r["data"], r["mode"]) for r in rows if r["job_id"] in members}
+    return [r for r in rows if r["job_id"] in members
+            or (r["variant"] == "baseline" and (r["model"], r["data"], r["mode"]) in groups)]
 
 
 # ---------------------------------------------------------------- waiting and changing
@@ -200,14 +204,17 @@ def wait(ids: Iterable[int], timeout: float | None = None, poll_s: float = DEFAU
             time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
 
 
-def _targets(db, ids, sweep, statuses: tuple[str, ...], verb: str) -> list[int]:
-    """The job ids a cancel or retry acts on: `ids` as given, or the jobs of a sweep in `statuses`."""
+def _check_ids_or_sweep(ids: list[int], sweep: str | None, verb: str) -> None:
     if ids and sweep is not None:
         raise BadInput(f"give job ids or --sweep to {verb}, not both")
+    if not ids and sweep is None:
+        raise BadInput(f"give the job ids to {verb}, or --sweep ID|NAME")
+
+
+def _targets(db, ids: list[int], sweep: str | None, statuses: tuple[str, ...]) -> list[int]:
+    """The job ids a cancel or retry acts on: `ids` as given, or the jobs of a sweep in `statuses`."""
     if sweep is None:
-        if not ids:
-            raise BadInput(f"give the job ids to {verb}, or --sweep ID|NAME")
-        return list(ids)
+        return ids
     return [j.id for j in _select_jobs(db, None, sweep) if j.status in statuses]
 
 
@@ -216,8 +223,10 @@ def cancel(ids: Iterable[int] | None = None, sweep: str | None = None, force: bo
     Another user's jobs only with force. Returns the ids cancelled."""
     from qrun.db import queue
 
+    ids = list(ids or [])
+    _check_ids_or_sweep(ids, sweep, "cancel")  # before the table is opened
     with database(db) as opened:
-        targets = _targets(opened, list(ids or []), sweep, ("queued", "running"), "cancel")
+        targets = _targets(opened, ids, sweep, ("queued", "running"))
         queue.cancel_jobs(opened, targets, force=force)
     return targets
 
@@ -227,7 +236,9 @@ def retry(ids: Iterable[int] | None = None, sweep: str | None = None, force: boo
     jobs. Another user's jobs only with force. Returns the ids queued again."""
     from qrun.db import queue
 
+    ids = list(ids or [])
+    _check_ids_or_sweep(ids, sweep, "retry")  # before the table is opened
     with database(db) as opened:
-        targets = _targets(opened, list(ids or []), sweep, ("failed", "cancelled"), "retry")
+        targets = _targets(opened, ids, sweep, ("failed", "cancelled"))
         queue.retry_jobs(opened, targets, force=force)
     return targets
