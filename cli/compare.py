@@ -21,6 +21,7 @@ import click
 from qrun.cli.common import open_db, print_json, stderr_line
 from qrun.cli.table import REQUIRED, Column, Output, display_width, output_settings, render, shorten
 from qrun.db.errors import BadInput
+from qrun.variants import variant_key, variant_label
 
 FORMATS = ("table", "json", "csv", "markdown")
 # Metrics shown with their delta from the baseline (variant minus baseline).
@@ -39,16 +40,10 @@ def _same_path(given: str, stored: str | None) -> bool:
     return str(Path(given).expanduser().resolve()) == stored or given == Path(stored).name
 
 
-# Every parameter that makes a different quantized model: two evals keyed alike evaluated the same variant.
+# The quantization parameters each row carries (the CSV's and JSON's columns); qrun.variants decides
+# which of them make a different variant and how labels name them.
 VARIANT_KEYS = (("bits", None), ("group_size", 128), ("desc_act", False), ("sym", True), ("damp_percent", 0.01),
                 ("calib", None), ("calib_samples", 128), ("calib_max_len", 1024), ("method", "gptq"))
-# How a label names a parameter that tells two variants of one group apart (w4g128 damp=0.05).
-LABEL_PARTS = {"damp_percent": "damp={}", "calib": "calib={}", "calib_samples": "n={}", "calib_max_len": "len={}",
-               "method": "{}"}
-
-
-def variant_key(params: dict) -> tuple:
-    return tuple(params.get(name, default) for name, default in VARIANT_KEYS)
 
 
 def _quant_params(job, upstreams: dict) -> dict:
@@ -79,7 +74,7 @@ def latest_evals(db, model: str | None = None, data: str | None = None, sweep: s
         if data and not _same_path(data, params.get("data")):
             continue
         quant = _quant_params(job, by_id)
-        variant = variant_key(quant) if quant else params.get("variant", BASELINE)
+        variant = variant_key(quant) if "bits" in quant else params.get("variant", BASELINE)
         newest[(job.model, params.get("data"), _mode(params), variant)] = job
     chosen = list(newest.values())
     if sweep:
@@ -92,30 +87,17 @@ def latest_evals(db, model: str | None = None, data: str | None = None, sweep: s
 
 
 def unique_labels(rows: list[dict]) -> None:
-    """Rows of one group whose labels collide (w4g128 at two damps) get the parameters that tell them
-    apart added to their labels: w4g128 damp=0.01, w4g128 damp=0.05."""
-    by_label: dict[str, list[dict]] = {}
-    for row in rows:
-        by_label.setdefault(row["variant"], []).append(row)
-    for same in by_label.values():
-        if len(same) < 2:
-            continue
-        differing = [name for name, default in VARIANT_KEYS if name in LABEL_PARTS
-                     and len({repr(_value(r, name)) for r in same}) > 1]
-        for row in same:
-            extra = [LABEL_PARTS[n].format(_short(_value(row, n))) for n in differing]
-            row["variant"] = " ".join([row["variant"], *extra])
+    """Label the quantized rows of one group by qrun.variants.variant_label within the group: a
+    parameter that differs between them (damp, calibration) is named in each label, w4g128·d0.05."""
+    quantized = [(row, _params_of(row)) for row in rows if row["quantize_job_id"] is not None and row["bits"]]
+    among = [params for _, params in quantized]
+    for row, params in quantized:
+        row["variant"] = variant_label(params, among)
 
 
-def _value(row: dict, name: str):
-    """A quantization parameter of a row, its default where the job did not set it."""
-    return row[name] if row.get(name) is not None else dict(VARIANT_KEYS)[name]
-
-
-def _short(value) -> str:
-    if isinstance(value, str) and "/" in value:
-        return Path(value).name
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def _params_of(row: dict) -> dict:
+    """The quantization parameters a row carries, as a quantize job's params (unset ones left out)."""
+    return {name: row[name] for name, _ in VARIANT_KEYS if row.get(name) is not None}
 
 
 def _mode(params: dict) -> str | None:

@@ -119,8 +119,8 @@ def test_status_and_compare_fit_the_width_and_cut_nothing_that_matters(team_queu
     lines = _fits(compare, width)
     assert lines[0].startswith(MODEL_DIR)  # the title: names where whole paths do not fit
     table = "\n".join(lines[1:])
-    for variant, numbers in (("baseline", "0.800"), ("w4g128 damp=0.01", "0.500 (-0.300)"),
-                             ("w4g128 damp=0.05", "0.700 (-0.100)")):
+    for variant, numbers in (("baseline", "0.800"), ("w4g128·d0.01", "0.500 (-0.300)"),
+                             ("w4g128·d0.05", "0.700 (-0.100)")):
         (row,) = [line for line in lines if line.startswith(variant + " ")]
         assert numbers in row, row
     assert "precision" in table and "recall" in table and "F1" in table
@@ -138,7 +138,7 @@ def test_compare_keeps_variants_that_differ_only_in_damp(db, tmp_path, model):
     _damp_sweep(db, tmp_path, model)
     rows = comparison_rows(db)
     assert [(r["variant"], r["damp_percent"], r["precision"]) for r in rows] == [
-        ("baseline", None, 0.8), ("w4g128 damp=0.01", 0.01, 0.5), ("w4g128 damp=0.05", 0.05, 0.7)]
+        ("baseline", None, 0.8), ("w4g128·d0.01", 0.01, 0.5), ("w4g128·d0.05", 0.05, 0.7)]
     csv_header = run_qrun("compare", "--format", "csv", check=True).stdout.splitlines()[0].split(",")
     assert {"variant", "damp_percent", "calib", "calib_samples"} <= set(csv_header)
 
@@ -146,7 +146,7 @@ def test_compare_keeps_variants_that_differ_only_in_damp(db, tmp_path, model):
 def test_narrow_compare_stacks_each_variant(db, tmp_path, model):
     _damp_sweep(db, tmp_path, model)
     lines = _fits(run_qrun("compare", env={"COLUMNS": "40"}, check=True).stdout, 40)
-    assert "variant     w4g128 damp=0.05" in lines and "precision   0.700 (-0.100)" in lines
+    assert "variant     w4g128·d0.05" in lines and "precision   0.700 (-0.100)" in lines
 
 
 # ---------------------------------------------------------------- status: a team's view
