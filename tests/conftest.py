@@ -229,6 +229,16 @@ class _LocalCluster:
                 raise RuntimeError(f"{Path(step[0]).name} failed: {result.stdout}{result.stderr}{log}".strip())
         return f"postgresql+psycopg://postgres@/postgres?host={self.socket_dir}"
 
+    def pause(self) -> None:
+        """Stop the server (fast: connections are cut), keeping its data: a database outage."""
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
+
+    def resume(self) -> None:
+        result = self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w",
+                           "-t", "60", "-o", f"-k {self.socket_dir} {self.SETTINGS}", "start")
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {result.stdout}{result.stderr}")
+
     def stop(self) -> None:
         import shutil
 
@@ -260,6 +270,7 @@ def postgres_server():
             cluster.stop()
             _postgres_unavailable(f"a throwaway PostgreSQL cluster did not start ({exc})")
     server = PostgresServer(admin_url)
+    server.cluster = cluster  # None for QRUN_TEST_POSTGRES_URL: tests that restart the server skip there
     yield server
     server.close()
     if cluster is not None:

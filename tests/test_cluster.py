@@ -162,7 +162,7 @@ def test_losing_a_node_loses_no_job_and_a_node_that_comes_back_is_used(cluster, 
         assert new_nodes, [jobs(env)[i]["worker"] for i in more]  # the node that came back took jobs
     finally:
         if runner.poll() is None:
-            os.killpg(runner.pid, signal.SIGTERM)
+            os.kill(runner.pid, signal.SIGTERM)
             runner.wait(timeout=120)
     output = log.read_text()
     assert "its node left the cluster" in output or "died" in output, output
