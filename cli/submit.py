@@ -133,14 +133,13 @@ def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_s
         if not result.planned:
             stderr_line("nothing to add")
         return
-    if as_json:
+    if as_json:  # JSON readers find the sweep in `qrun status --json`
         print_json(result.ids)
     elif result.ids:
         click.echo("\n".join(map(str, result.ids)))
-    if result.ids and not as_json:  # JSON readers find the sweep in `qrun status --json`
         named = f" ({result.name})" if result.name else ""
         stderr_line(f"sweep {result.sweep}{named}: added {len(result.ids)} job(s)")
-    elif not result.ids:
+    if not result.ids:
         stderr_line("nothing new to add: every job of this sweep is already in the queue")
     if wait_:
         ctx.exit(wait_for_jobs(ctx, result.all_ids))
