@@ -193,23 +193,43 @@ def jobs_of_sweep(db: Database, sweep: str, *, plain: bool = False) -> list[Job]
 # ---------------------------------------------------------------- the worker's side
 
 
-def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAULT_LEASE_S) -> Job | None:
-    """Take the most urgent ready job for `worker`, in one atomic statement; None when none is ready.
+def gpus_needed():
+    """How many GPUs of one node a job holds (its params' `gpus`, default 1), as SQL."""
+    return func.coalesce(Job.params["gpus"].as_integer(), 1)
 
-    Ready: queued, and its upstream job (if any) succeeded. Expired leases are settled first, in
-    the same transaction, so any running qrun keeps the table honest. Orphans of failed upstream
-    jobs are never ready; they are failed only when nothing is, as finding them scans the queue.
-    """
+
+def _ready():
+    """Queued jobs whose upstream job (if any) succeeded, most urgent first."""
     upstream = aliased(Job)
     upstream_succeeded = (select(upstream.id)
                           .where(upstream.id == Job.depends_on, upstream.status == Status.SUCCEEDED.value)
                           .exists())
-    ready = (
-        select(Job.id)
-        .where(Job.status == Status.QUEUED.value, or_(Job.depends_on.is_(None), upstream_succeeded))
-        .order_by(Job.priority.desc(), Job.id)  # ix_jobs_claim holds exactly this order: no sort
-        .limit(1)
-    )
+    return (select(Job.id)
+            .where(Job.status == Status.QUEUED.value, or_(Job.depends_on.is_(None), upstream_succeeded))
+            .order_by(Job.priority.desc(), Job.id))  # ix_jobs_claim holds exactly this order: no sort
+
+
+def most_urgent_ready_job(db: Database) -> tuple[int, int] | None:
+    """(id, GPUs it needs) of the job the next free worker should take; None when none is ready.
+    The runner makes room on one node when that job needs several GPUs (runner.run)."""
+    with db.transaction() as s:
+        row = s.execute(_ready().add_columns(gpus_needed().label("gpus")).limit(1)).first()
+    return (row.id, row.gpus) if row else None
+
+
+def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAULT_LEASE_S, *,
+              gpus: int = 1, only_multi_gpu: bool = False) -> Job | None:
+    """Take the most urgent ready job for `worker`, in one atomic statement; None when none is ready.
+
+    Ready: queued, and its upstream job (if any) succeeded. A worker holding `gpus` GPUs takes only
+    jobs that need no more (a CPU worker counts as one: it never takes a job that needs several);
+    `only_multi_gpu` limits it to jobs that need more than one. Expired leases are settled first, in
+    the same transaction, so any running qrun keeps the table honest. Orphans of failed upstream
+    jobs are never ready; they are failed only when nothing is, as finding them scans the queue.
+    """
+    ready = _ready().where(gpus_needed() <= gpus).limit(1)
+    if only_multi_gpu:
+        ready = ready.where(gpus_needed() > 1)
     if not db.is_sqlite:
         ready = ready.with_for_update(skip_locked=True)
     now = utcnow()

@@ -17,7 +17,7 @@ from typing import Callable
 from qrun.db import queue
 from qrun.db.errors import BadInput
 from qrun.db.session import qrun_home
-from qrun.runner.worker import QueueWorker
+from qrun.runner.worker import FAKE_GPUS_ENV, QueueWorker
 
 MAX_ACTOR_RESTARTS = 5  # per slot, per `qrun run`: a worker that keeps dying is a bug, not bad luck
 
@@ -27,6 +27,7 @@ class Slot:
     name: str  # "gpu0", "cpu1" (on a cluster "cpu0@1a2b3c": its node): which worker this is
     use_gpu: bool
     node_id: str | None = None  # the Ray node it is pinned to (None: wherever Ray puts it)
+    gpus: int = 1  # more than one: a worker made for jobs that need several GPUs of one node
 
 
 def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> bool:
@@ -120,7 +121,7 @@ def worker_env(threads: int) -> dict[str, str]:
     """What a worker sets in its own environment before it imports torch (see QueueWorker)."""
     env = {"QRUN_HOME": str(qrun_home()), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "OMP_NUM_THREADS": str(threads),
            "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", str(gptqmodel_cpu_workers(threads)))}
-    for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAKE_GPUS_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -130,7 +131,7 @@ def create_worker(slot: Slot, db_url: str, lease_s: float, threads: int = 1, hom
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    resources = {"num_gpus": 1} if slot.use_gpu else {"num_cpus": 1}
+    resources = {"num_gpus": slot.gpus} if slot.use_gpu else {"num_cpus": 1}
     if slot.node_id:
         resources["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot.node_id, soft=False)
     actor_class = ray.remote(QueueWorker)
@@ -140,7 +141,7 @@ def create_worker(slot: Slot, db_url: str, lease_s: float, threads: int = 1, hom
         **resources,
         max_restarts=MAX_ACTOR_RESTARTS,
         max_concurrency=2,  # one thread drains, the other can take request_stop
-    ).remote(db_url, slot.name, slot.use_gpu, lease_s, worker_env(threads), home_token)
+    ).remote(db_url, slot.name, slot.use_gpu, lease_s, worker_env(threads), home_token, slot.gpus)
 
 
 @dataclass
@@ -177,6 +178,9 @@ class Supervisor:
         self.resume_at: dict[Slot, float] = {}  # slots that wait out a pause before draining again
         self.started: set[Slot] = set()  # slots whose worker came up at least once
         self.refused: dict[Slot, str] = {}  # slots whose worker could not start, and why
+        self.multi: dict[Slot, list[Slot]] = {}  # a worker of several GPUs -> the one-GPU slots it replaces
+        self.lent: dict[Slot, Slot] = {}  # one-GPU slot -> the worker of several GPUs it makes room for
+        self.told: set[int] = set()  # jobs already said to need more GPUs than any node has
         self.outcomes: list[tuple[int, str]] = []
         self.restarts = 0
         self.stopping = False
@@ -191,7 +195,10 @@ class Supervisor:
         self.identities[slot] = self.actors[slot].identity.remote()
         self.failures.setdefault(slot, 0)
         if drain:
-            self.draining[self.actors[slot].drain.remote(self.burst)] = slot
+            self._start_drain(slot)
+
+    def _start_drain(self, slot: Slot) -> None:
+        self.draining[self.actors[slot].drain.remote(self.burst, slot.gpus > 1)] = slot
 
     def _drop(self, slot: Slot) -> None:
         import ray
@@ -220,11 +227,13 @@ class Supervisor:
             self._drain_ended(self.draining.pop(ref), ref)
         if not self.stopping and time.monotonic() - self.planned_at >= self.REPLAN_S:
             self._replan()
+        if not self.stopping:
+            self._make_room_for_a_multi_gpu_job()
         now = time.monotonic()
         for slot, at in list(self.resume_at.items()):
             if at <= now and not self.stopping:
                 del self.resume_at[slot]
-                self.draining[self.actors[slot].drain.remote(self.burst)] = slot
+                self._start_drain(slot)
         self._learn_names()
         self._relay_notices()
         if not self.actors and self.refused:
@@ -239,13 +248,14 @@ class Supervisor:
             self.say(f"cannot list the cluster's nodes now ({_first_sentence(str(exc))})")
             return
         for slot in list(self.actors):
-            if slot not in planned:
+            parts = self.multi.get(slot, [slot])
+            if not all(part in planned for part in parts):
                 self.say(f"worker {slot.name}: its node left the cluster")
                 self._give_back_jobs_of(slot, f"worker {slot.name} lost with its node")
                 self._drop(slot)
         if self.burst and not self.draining and not self.resume_at:
             return  # a drained burst run is over; new nodes are not waited for
-        for slot in planned - set(self.actors) - set(self.refused):
+        for slot in planned - set(self.actors) - set(self.refused) - set(self.lent):
             self.say(f"worker {slot.name}: a node joined the cluster")
             self._add(slot)
 
@@ -263,6 +273,8 @@ class Supervisor:
         try:
             self.outcomes.extend(ray.get(ref))
             self.failures[slot] = 0
+            if slot in self.lent or slot in self.multi:
+                self._room_changed(slot)
             return
         except RayActorError as exc:
             if slot not in self.started and "creation task" in str(exc):
@@ -284,6 +296,9 @@ class Supervisor:
             self.say(f"worker {slot.name} stopped on an error: {_first_sentence(str(exc))}")
         if self.stopping:
             return
+        if slot in self.lent or slot in self.multi:
+            self._room_changed(slot)
+            return
         self.failures[slot] += 1
         if self.failures[slot] > MAX_ACTOR_RESTARTS:  # Ray's restarts are spent: a fresh actor
             self._drop(slot)
@@ -291,6 +306,67 @@ class Supervisor:
             self.failures[slot] = 1
         pause_s = min(30.0, 2.0 ** (self.failures[slot] - 1))
         self.resume_at[slot] = time.monotonic() + pause_s
+
+    # ------------------------------------------------------------ jobs that need several GPUs
+    #
+    # Policy: when the most urgent ready job (priority, then submission order) needs N GPUs of one
+    # node, the first node with N one-GPU workers lends N of them: they finish the job in hand, take
+    # no other, and give way to one worker holding the N GPUs, which runs every ready job that needs
+    # several GPUs (up to N) and then gives the GPUs back. One-GPU jobs submitted after the big one
+    # cannot overtake it there, so a stream of them never starves it; other nodes keep working.
+
+    def _make_room_for_a_multi_gpu_job(self) -> None:
+        if self.multi:
+            return  # one at a time
+        try:
+            head = queue.most_urgent_ready_job(self.db)
+        except Exception:  # noqa: BLE001 -- the table is out of reach: workers say so already
+            return
+        if head is None or head[1] <= 1:
+            return
+        job_id, need = head
+        by_node: dict[str, list[Slot]] = {}
+        for slot in self.actors:
+            if slot.use_gpu and slot.gpus == 1 and slot.node_id:
+                by_node.setdefault(slot.node_id, []).append(slot)
+        node = next((n for n, slots in by_node.items() if len(slots) >= need), None)
+        if node is None:
+            if job_id not in self.told:
+                self.told.add(job_id)
+                self.say(f"job {job_id} needs {need} GPUs of one node and no node here has that many: it waits")
+            return
+        parts = sorted(by_node[node], key=lambda s: s.name)[:need]
+        on_cluster = "@" in parts[0].name
+        big = Slot("+".join(p.name.split("@")[0] for p in parts) + (f"@{node[:6]}" if on_cluster else ""),
+                   use_gpu=True, node_id=node, gpus=need)
+        self.multi[big] = parts
+        self.say(f"job {job_id} needs {need} GPUs: workers {', '.join(p.name for p in parts)} finish their "
+                 f"jobs, then make way for {big.name}")
+        draining = set(self.draining.values())
+        for part in parts:
+            self.lent[part] = big
+            if part in draining:
+                self.actors[part].yield_after_job.remote()
+            else:  # paused after a failure: nothing to finish
+                self._room_changed(part)
+
+    def _room_changed(self, slot: Slot) -> None:
+        """A lent one-GPU worker left (the big worker starts once all have), or the big one ended
+        (its GPUs go back to one-GPU workers)."""
+        if slot in self.multi:  # the big worker is done: no such job is ready any more
+            parts = self.multi.pop(slot)
+            self._give_back_jobs_of(slot, f"worker {slot.name} ended")
+            self._drop(slot)
+            for part in parts:
+                self.lent.pop(part, None)
+                if not self.stopping and self._node_alive(part.node_id):
+                    self._add(part)
+            return
+        big = self.lent[slot]
+        self.names.pop(slot, None)
+        self._drop(slot)
+        if big not in self.actors and all(p not in self.actors for p in self.multi[big]):
+            self._add(big)
 
     def _node_alive(self, node_id: str) -> bool:
         try:

@@ -31,6 +31,7 @@ from qrun.workers.jobs import Backoff, JobContext, describe_error, execute
 log = logging.getLogger("qrun.worker")
 
 IDLE_POLL_S = 1.0
+FAKE_GPUS_ENV = "QRUN_FAKE_GPUS"  # tests: Ray's GPUs are declared, not real; jobs run on the CPU
 WORKER_REPORT_S = 10.0  # an idle worker's heartbeat in its row; `qrun workers` calls it lost after 3 missed
 DRAINED = "drained"  # what a round of the loop returns when a burst worker has nothing left
 IDLE = "idle"
@@ -55,7 +56,7 @@ class QueueWorker:
     """Plain class; `runner.run` wraps it with ray.remote so it can also be tested without Ray."""
 
     def __init__(self, db_url: str, slot: str, use_gpu: bool, lease_s: float = queue.DEFAULT_LEASE_S,
-                 env: dict[str, str] | None = None, home_token: str | None = None):
+                 env: dict[str, str] | None = None, home_token: str | None = None, gpus: int = 1):
         # Before anything imports torch: CUDA_DEVICE_ORDER and OMP_NUM_THREADS are read once, at load.
         os.environ.update(env or {})
         pin_qrun_home()  # a relative QRUN_HOME means the same place after a job changes directory
@@ -65,7 +66,9 @@ class QueueWorker:
         self.slot = slot
         self.use_gpu = use_gpu
         self.lease_s = lease_s
+        self.gpus = gpus  # GPUs this worker holds (jobs that need several GPUs of one node get one such)
         self._stop = threading.Event()
+        self._yield = threading.Event()  # leave after the job in hand: its GPUs go to a bigger worker
         self._notices: collections.deque[str] = collections.deque(maxlen=200)
         self.device = self._bootstrap()
         # The physical GPU, as Ray pinned it: what `qrun status` shows in its GPU column.
@@ -81,18 +84,22 @@ class QueueWorker:
         os.umask(GROUP_UMASK)  # artifacts and logs are shared with the group, like the queue
         if not self.use_gpu:
             return "cpu"
+        if os.environ.get(FAKE_GPUS_ENV):
+            # Ray's GPUs declared on a machine without any (`ray start --num-gpus 2`): the scheduling
+            # is real, the jobs run on the CPU. For tests of the GPU bookkeeping only.
+            return "cpu"
         import torch
 
         # torch reads OMP_NUM_THREADS once, at import; this holds even if something imported it earlier.
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         visible = torch.cuda.device_count()
-        if visible != 1:
+        if visible != self.gpus:
             # GPTQModel spreads one job over every GPU it sees; two workers would then share cards.
             raise RuntimeError(
                 f"worker {self.slot} sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
-                f"{os.environ.get('CUDA_VISIBLE_DEVICES')}); it must see exactly one"
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')}); it must see exactly {self.gpus}"
             )
-        return "cuda:0"
+        return "cuda:0"  # with several GPUs, the job's model is spread from there (device_map="auto")
 
     def identity(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "device": self.device,
@@ -100,6 +107,10 @@ class QueueWorker:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def yield_after_job(self) -> None:
+        """Finish the job in hand, then leave the drain without claiming another (see runner.run)."""
+        self._yield.set()
 
     def notice(self, text: str) -> None:
         """Something the people watching the runner should read (it prints them between jobs)."""
@@ -154,9 +165,12 @@ class QueueWorker:
                 for path in found[job_id]:
                     shutil.rmtree(path, ignore_errors=True)
 
-    def _one_round(self, burst: bool):
+    def _one_round(self, burst: bool, only_multi_gpu: bool = False):
         """Claim and run one job: (job id, outcome); or IDLE / DRAINED when there is none to claim."""
-        job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s)
+        if self._yield.is_set():
+            return DRAINED
+        job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s, gpus=self.gpus,
+                              only_multi_gpu=only_multi_gpu)
         if job is not None:
             self._report(queue.worker_heartbeat, self.name, job=job.id)
             outcome = self.run_one(job)
@@ -165,17 +179,18 @@ class QueueWorker:
         if time.monotonic() - self._last_report >= WORKER_REPORT_S:
             self._report(queue.worker_heartbeat, self.name, job=None)
         self._remove_staging_of_finished_jobs()
-        if burst and queue.pending_count(self.db) == 0:
-            return DRAINED
+        if only_multi_gpu or (burst and queue.pending_count(self.db) == 0):
+            return DRAINED  # a worker of several GPUs lives only while such jobs are ready
         return IDLE
 
-    def drain(self, burst: bool = True) -> list[tuple[int, str]]:
-        """Run jobs until none is left (burst) or a stop is requested; returns (job id, outcome) pairs."""
+    def drain(self, burst: bool = True, only_multi_gpu: bool = False) -> list[tuple[int, str]]:
+        """Run jobs until none is left (burst) or a stop is requested; returns (job id, outcome) pairs.
+        only_multi_gpu: take only jobs that need several GPUs, and return when none is ready."""
         ran = []
         backoff = Backoff()
         while not self._stop.is_set():
             try:
-                result = self._one_round(burst)
+                result = self._one_round(burst, only_multi_gpu)
             except Exception as exc:  # noqa: BLE001 -- outside any job: say so, wait, try again
                 wait_s = backoff.next_wait()
                 if backoff.failures == 1:

@@ -38,12 +38,13 @@ class RayCluster:
     """`ray start --head` and `ray start --address` nodes, stopped by killing exactly their processes
     (`ray stop` would stop every Ray on the box, the test session's own too)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, *head_resources: str):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, **RAY_ENV}
         self.log = tmp / "ray-start.log"
-        self._ray("start", "--head", f"--port={self.port}", "--num-cpus=1", "--include-dashboard=false")
+        self._ray("start", "--head", f"--port={self.port}", *(head_resources or ("--num-cpus=1",)),
+                  "--include-dashboard=false")
         self.session = Path("/tmp/ray/session_latest").resolve().name
 
     def _ray(self, *args: str) -> None:
@@ -173,3 +174,45 @@ def test_sqlite_is_refused_on_a_cluster(cluster, qrun_home):
     assert result.returncode == 2, result.stderr
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
     assert "SQLite" in line and "cluster of 2 nodes" in line and "postgresql" in line
+
+
+# ---------------------------------------------------------------- jobs that need several GPUs
+
+
+@pytest.fixture
+def two_gpu_node(tmp_path):
+    """One node declaring two GPUs it does not have (Ray schedules them as real; QRUN_FAKE_GPUS
+    makes qrun's workers run their jobs on the CPU): the bookkeeping of GPUs, tested without any."""
+    ray_cluster = RayCluster(tmp_path, "--num-cpus=2", "--num-gpus=2")
+    try:
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()
+
+
+def test_a_job_that_needs_two_gpus_gets_both_and_is_not_starved(two_gpu_node, qrun_home, tiny_qwen2, tmp_path):
+    """Four one-GPU jobs, then a two-GPU job, then four more one-GPU jobs, all of one priority: the
+    two one-GPU workers finish what they hold and make way for one worker holding both GPUs, which
+    runs the big job before any one-GPU job submitted after it; then the one-GPU workers come back."""
+    from qrun.db import queue
+    from qrun.db.queue import JobSpec
+    from qrun.db.session import open_database
+    from qrun.db.states import Kind
+
+    env = {**RAY_ENV, "QRUN_HOME": str(qrun_home), "QRUN_FAKE_GPUS": "1"}
+    spec = {"group_size": 32, "calib_samples": 8, "calib_max_len": 64}
+    db = open_database()
+    before = queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, str(tiny_qwen2), spec | {"bits": b}) for b in (2, 3, 4, 8)])
+    (big,) = queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, str(tiny_qwen2), spec | {"bits": 4, "gpus": 2})])
+    after = queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, str(tiny_qwen2), spec | {"bits": b, "damp_percent": 0.02})
+                                   for b in (2, 3, 4, 8)])
+    result = run_qrun("run", "--until-empty", "--ray-address", two_gpu_node.address, env=env, timeout=400)
+    assert result.returncode == 0, result.stderr
+    rows = {j.id: j for j in queue.list_jobs(db)}
+    assert {rows[i].status for i in rows} == {"succeeded"}, {i: rows[i].error for i in rows}
+    assert sorted(rows[big].gpu.split(",")) == ["0", "1"]  # one worker held both GPUs
+    assert all(rows[i].gpu in ("0", "1") for i in before + after)  # the others one each
+    assert rows[big].started_at <= min(rows[i].started_at for i in after), "a later one-GPU job overtook it"
+    assert f"job {big} needs 2 GPUs: workers gpu0@" in result.stderr, result.stderr
+    assert "make way for gpu0+gpu1@" in result.stderr
+    db.dispose()

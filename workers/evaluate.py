@@ -125,6 +125,14 @@ def _load_gptq(model_dir: Path, device: str, trust_remote_code: bool):
         return GPTQModel.load(str(model_dir), device=device, trust_remote_code=trust_remote_code)
 
 
+def gpu_device_map(device: str):
+    """Where a model's weights go: the worker's GPU, or spread over all it holds ("auto") when a job
+    was given several (`--gpus-per-job`: a model too big for one card)."""
+    import torch
+
+    return "auto" if torch.cuda.device_count() > 1 else device
+
+
 def load_model(model_dir: Path, device: str, trust_remote_code: bool):
     """(Hugging Face causal LM in eval mode on `device`, tokenizer).
 
@@ -145,7 +153,7 @@ def load_model(model_dir: Path, device: str, trust_remote_code: bool):
         if on_gpu:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     device_map=device if on_gpu else None)
+                                                     device_map=gpu_device_map(device) if on_gpu else None)
     model.eval()
     return model, tokenizer
 
