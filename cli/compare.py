@@ -82,7 +82,7 @@ def latest_evals(db, model: str | None = None, data: str | None = None, sweep: s
         groups = {(j.model, (j.params or {}).get("data"), _mode(j.params or {})) for j in swept}
         baselines = [j for j in chosen if (j.params or {}).get("variant", BASELINE) == BASELINE and not j.depends_on
                      and (j.model, (j.params or {}).get("data"), _mode(j.params or {})) in groups]
-        chosen = sorted(set(swept) | set(baselines), key=lambda j: j.id)
+        chosen = sorted({j.id: j for j in swept + baselines}.values(), key=lambda j: j.id)  # rows: not hashable
     return chosen
 
 

@@ -159,21 +159,8 @@ def compare(model: str | None = None, data: str | None = None, sweep: str | None
     from qrun.cli.compare import comparison_rows  # assembled beside its command, as job_row is
 
     with database(db) as opened:
-        rows = comparison_rows(opened, model, data)
-        if sweep is not None:
-            rows = rows_of_sweep(opened, rows, sweep)
+        rows = comparison_rows(opened, model, data, sweep)
     return to_frame(rows) if as_frame else Rows(rows)
-
-
-def rows_of_sweep(db, rows: list[dict], sweep: str) -> list[dict]:
-    """The comparison rows of a sweep (by id or name): its variants, and the baseline of each of their
-    groups, which may come from an earlier sweep (an equal baseline eval is never added twice)."""
-    from qrun.db import queue
-
-    members = {j.id for j in queue.jobs_of_sweep(db, sweep)}
-    groups = {(r["model"], r["data"], r["mode"]) for r in rows if r["job_id"] in members}
-    return [r for r in rows if r["job_id"] in members
-            or (r["variant"] == "baseline" and (r["model"], r["data"], r["mode"]) in groups)]
 
 
 # ---------------------------------------------------------------- waiting and changing

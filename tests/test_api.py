@@ -119,6 +119,8 @@ def test_compare_gives_rows_a_frame_and_a_sweeps_own_variants(any_db, monkeypatc
     frame = qrun.compare(as_frame=True, db=any_db)
     assert list(frame["variant"]) == ["baseline", "w8g128", "w4g128"] and frame.loc[2, "quantize_s"] == 3.0
     assert swept.to_frame().shape[0] == 2
+    cli = run_qrun("--db", any_db.url, "compare", "--sweep", "bbbbbbbb", "--format", "csv", check=True)
+    assert [line.split(",")[4] for line in cli.stdout.splitlines()[1:]] == ["baseline", "w4g128"], cli.stdout
 
     monkeypatch.setitem(sys.modules, "pandas", None)  # as where pandas is not installed
     with pytest.raises(QrunError, match=r"a DataFrame needs pandas, which is not installed: pip install pandas"):
