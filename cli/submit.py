@@ -101,6 +101,8 @@ def finished_line(row: dict) -> str:
 @click.option("--max-attempts", type=int, default=3, show_default=True, help="Attempts before a job fails for good.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (off by default).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin (pickle) weights, which can run code when loaded.")
+@click.option("--gpus-per-job", type=int, default=1, show_default=True, metavar="N",
+              help="GPUs of one node each job holds, its model spread over them (a model too big for one card).")
 @click.option("--name", default=None, metavar="NAME",
               help="Name the sweep (`--sweep NAME` then selects its jobs); a name used before adds to that sweep.")
 @click.option("--rerun", is_flag=True,
@@ -113,7 +115,7 @@ def finished_line(row: dict) -> str:
 @click.pass_context
 def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_samples, calib_max_len, batch_size,
            eval_data, eval_mode, eval_ppl, max_new_tokens, eval_batch_size, priority, max_attempts,
-           trust_remote_code, allow_pickle, name, rerun, dry_run, wait_, as_json):
+           trust_remote_code, allow_pickle, gpus_per_job, name, rerun, dry_run, wait_, as_json):
     """Add quantize jobs (one per combination of --bits, --group-size, --damp), and with --eval an
     eval job for each plus one for the unquantized baseline: one sweep, with an id of its own.
     A job equal to one already queued, running or succeeded is not added (unless --rerun).
@@ -126,7 +128,7 @@ def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_s
         eval=eval_data, eval_mode=eval_mode, eval_ppl=eval_ppl, max_new_tokens=max_new_tokens,
         eval_batch_size=eval_batch_size, priority=priority, max_attempts=max_attempts,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, name=name, rerun=rerun,
-        dry_run=dry_run, db=ctx.obj.get("db_url"))
+        dry_run=dry_run, gpus_per_job=gpus_per_job, db=ctx.obj.get("db_url"))
     report_existing(result)
     if dry_run:
         print_json(result.plan_rows()) if as_json else print_plan(result)
@@ -162,12 +164,15 @@ def wait_for_jobs(ctx, ids: list[int]) -> int:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Samples per forward pass.")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (off by default).")
+@click.option("--gpus-per-job", type=int, default=1, show_default=True, metavar="N",
+              help="GPUs of one node each job holds, its model spread over them (a model too big for one card).")
 @click.option("--json", "as_json", is_flag=True, help="Print the job id as JSON.")
 @click.pass_context
-def eval_command(ctx, model_dir, data, ppl, mode, max_new_tokens, batch_size, priority, trust_remote_code, as_json):
+def eval_command(ctx, model_dir, data, ppl, mode, max_new_tokens, batch_size, priority, trust_remote_code,
+                 gpus_per_job, as_json):
     """Add an eval job for an existing model or artifact directory."""
     from qrun.db.queue import JobSpec, submit_jobs
-    from qrun.workers.inputs import check_priority, inspect_model, read_quantize_config
+    from qrun.workers.inputs import check_gpus_per_job, check_priority, gpus_param, inspect_model, read_quantize_config
 
     if not data and not ppl:
         raise BadInput("qrun eval needs --data FILE (classification) or --ppl FILE (perplexity), or both")
@@ -176,13 +181,14 @@ def eval_command(ctx, model_dir, data, ppl, mode, max_new_tokens, batch_size, pr
     ppl = check_file(ppl, "perplexity file")
     validate_eval_inputs(data, ppl, max_new_tokens, batch_size, batch_option="batch_size")
     check_priority(priority)
+    check_gpus_per_job(gpus_per_job)
     variant = "baseline"
     quant_config = read_quantize_config(info.path)
     if quant_config is not None:
         from qrun.workers.quantize import QuantizeParams
 
         variant = QuantizeParams.from_dict(quant_config).label()
-    params = eval_params(data, mode, max_new_tokens, ppl, batch_size, variant, trust_remote_code)
+    params = eval_params(data, mode, max_new_tokens, ppl, batch_size, variant, trust_remote_code) | gpus_param(gpus_per_job)
     ids = submit_jobs(open_db(ctx), [JobSpec(kind=Kind.EVAL, model=info.path, params=params, priority=priority)])
     print_json(ids) if as_json else click.echo(ids[0])
 

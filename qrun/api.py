@@ -78,14 +78,15 @@ class Submission:
 def submit(model, bits, *, group_size=128, desc_act=False, sym=True, damp=0.01, calib=None, calib_samples=128,
            calib_max_len=1024, batch_size=16, eval=None, eval_mode="score", eval_ppl=None, max_new_tokens=32,
            eval_batch_size=8, priority=0, max_attempts=3, trust_remote_code=False, allow_pickle=False,
-           name=None, rerun=False, dry_run=False, db=None) -> Submission:
+           name=None, rerun=False, dry_run=False, gpus_per_job=1, db=None) -> Submission:
     """Add one quantize job per combination of bits, group_size and damp (each one value or a list), and
     with `eval` (a labeled data file) an eval job after each plus one of the unquantized baseline.
 
     A job equal to one already queued, running or succeeded is not added again: the Submission's
     `existing` names it (rerun=True adds it anyway). All new jobs share one sweep id; `name` names the
-    sweep (a name already used adds to that sweep). Everything is checked before the database is
-    opened; dry_run checks and plans without adding."""
+    sweep (a name already used adds to that sweep). gpus_per_job: GPUs of one node each job holds (a
+    model too big for one card). Everything is checked before the database is opened; dry_run checks
+    and plans without adding."""
     from qrun.sweeps import check_submission, check_sweep_name, plan_jobs
 
     request = check_submission(
@@ -93,7 +94,7 @@ def submit(model, bits, *, group_size=128, desc_act=False, sym=True, damp=0.01, 
         calib_samples=calib_samples, calib_max_len=calib_max_len, batch_size=batch_size, eval=eval,
         eval_mode=eval_mode, eval_ppl=eval_ppl, max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size,
         priority=priority, max_attempts=max_attempts, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle)
+        allow_pickle=allow_pickle, gpus_per_job=gpus_per_job)
     name = check_sweep_name(name)
     from qrun.db import queue
 

@@ -82,17 +82,18 @@ class SweepRequest:
     eval_args: dict | None
     priority: int = 0
     max_attempts: int = 3
+    gpus: int = 1  # GPUs of one node each job holds
 
 
 def check_submission(model, bits, *, group_size=128, desc_act=False, sym=True, damp=0.01, calib=None,
                      calib_samples=128, calib_max_len=1024, batch_size=16, eval=None, eval_mode="score",
                      eval_ppl=None, max_new_tokens=32, eval_batch_size=8, priority=0, max_attempts=3,
-                     trust_remote_code=False, allow_pickle=False) -> SweepRequest:
+                     trust_remote_code=False, allow_pickle=False, gpus_per_job=1) -> SweepRequest:
     """Every input of a submit checked (model, settings, files), and the sweep expanded: BadInput naming
     the first bad one. Nothing is opened or written."""
     from qrun.workers.datasets import check_calibration_file
-    from qrun.workers.inputs import (check_calibration_settings, check_job_counts, check_priority,
-                                     check_quantizable, check_quantize_settings, inspect_model)
+    from qrun.workers.inputs import (check_calibration_settings, check_gpus_per_job, check_job_counts,
+                                     check_priority, check_quantizable, check_quantize_settings, inspect_model)
 
     bits = as_values(bits, "--bits", int)
     group_size = as_values(group_size, "--group-size", int)
@@ -106,6 +107,7 @@ def check_submission(model, bits, *, group_size=128, desc_act=False, sym=True, d
     check_calibration_settings(calib_samples, calib_max_len)
     check_job_counts(batch_size=batch_size, max_attempts=max_attempts)
     check_priority(priority)
+    check_gpus_per_job(gpus_per_job)
     calib = check_file(calib, "calibration file")
     eval_data = check_file(eval, "eval file")
     eval_ppl = check_file(eval_ppl, "perplexity file")
@@ -122,7 +124,7 @@ def check_submission(model, bits, *, group_size=128, desc_act=False, sym=True, d
     if eval_data or eval_ppl:
         eval_args = dict(data=eval_data, mode=eval_mode, max_new_tokens=max_new_tokens, ppl=eval_ppl,
                          batch_size=eval_batch_size, trust_remote_code=trust_remote_code)
-    return SweepRequest(info.path, points, eval_args, priority, max_attempts)
+    return SweepRequest(info.path, points, eval_args, priority, max_attempts, gpus_per_job)
 
 
 # ---------------------------------------------------------------- planning the jobs
@@ -184,21 +186,25 @@ def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:
     names that job instead, and a new eval of an existing variant depends on the existing job."""
     from qrun.workers.quantize import QuantizeParams
 
+    from qrun.workers.inputs import gpus_param
+
     plan = Plan()
     model, eval_args = request.model, request.eval_args
     common = dict(model=model, priority=request.priority, max_attempts=request.max_attempts)
+    gpus = gpus_param(request.gpus)
     if eval_args is not None:
-        baseline = eval_params(variant=BASELINE, **eval_args)
+        baseline = eval_params(variant=BASELINE, **eval_args) | gpus
         if _reuse(db, plan, rerun, Kind.EVAL, model, baseline, BASELINE) is None:
             plan.add(JobSpec(kind=Kind.EVAL, params=baseline, **common), BASELINE)
     for params, label in zip(request.points, variant_labels(request.points)):
+        params = params | gpus
         existing = _reuse(db, plan, rerun, Kind.QUANTIZE, model, params, label)
         if existing is None:
             index = plan.add(JobSpec(kind=Kind.QUANTIZE, params=params, **common), label)
         if eval_args is None:
             continue
         # The eval's stored variant stays QuantizeParams.label(): what `qrun compare` groups by.
-        evaluation = eval_params(variant=QuantizeParams.from_dict(params).label(), **eval_args) | {"from_upstream": True}
+        evaluation = eval_params(variant=QuantizeParams.from_dict(params).label(), **eval_args) | {"from_upstream": True} | gpus
         if existing is None:
             plan.add(JobSpec(kind=Kind.EVAL, params=evaluation, after=index, **common), label)
         elif _reuse(db, plan, rerun, Kind.EVAL, model, evaluation, label, upstream=existing) is None:

@@ -676,3 +676,18 @@ def test_a_utf8_byte_order_mark_is_dropped_not_refused(table, model, tmp_path):
     accepted = invoke(*SUBMIT, "--model", str(model), "--eval", str(data), "--json")
     assert accepted.exit_code == 0, accepted.output
     assert len(json.loads(accepted.output)) == 3  # baseline eval, quantize, its eval
+
+
+@pytest.mark.parametrize("command", ["submit", "eval"])
+@pytest.mark.parametrize("gpus", ["0", "-1", "65"])
+def test_gpus_per_job_outside_one_to_sixty_four(table, model, tmp_path, command, gpus):
+    before = table_snapshot(table)
+    if command == "submit":
+        args = (*SUBMIT, "--model", str(model))
+    else:
+        text = tmp_path / "ppl.txt"
+        text.write_text("some text to measure perplexity on, long enough to count.\n")
+        args = ("eval", "--model", str(model), "--ppl", str(text))
+    line = assert_refused(invoke(*args, "--gpus-per-job", gpus), "--gpus-per-job", gpus)
+    assert "must lie between 1 and 64" in line
+    assert table_snapshot(table) == before

@@ -203,13 +203,16 @@ def test_a_job_that_needs_two_gpus_gets_both_and_is_not_starved(two_gpu_node, qr
     spec = {"group_size": 32, "calib_samples": 8, "calib_max_len": 64}
     db = open_database()
     before = queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, str(tiny_qwen2), spec | {"bits": b}) for b in (2, 3, 4, 8)])
-    (big,) = queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, str(tiny_qwen2), spec | {"bits": 4, "gpus": 2})])
+    (big,) = json.loads(run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--group-size", "32",
+                                 "--calib-samples", "8", "--calib-max-len", "64", "--gpus-per-job", "2", "--json",
+                                 env=env, check=True).stdout)
     after = queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, str(tiny_qwen2), spec | {"bits": b, "damp_percent": 0.02})
                                    for b in (2, 3, 4, 8)])
     result = run_qrun("run", "--until-empty", "--ray-address", two_gpu_node.address, env=env, timeout=400)
     assert result.returncode == 0, result.stderr
     rows = {j.id: j for j in queue.list_jobs(db)}
     assert {rows[i].status for i in rows} == {"succeeded"}, {i: rows[i].error for i in rows}
+    assert rows[big].params["gpus"] == 2
     assert sorted(rows[big].gpu.split(",")) == ["0", "1"]  # one worker held both GPUs
     assert all(rows[i].gpu in ("0", "1") for i in before + after)  # the others one each
     assert rows[big].started_at <= min(rows[i].started_at for i in after), "a later one-GPU job overtook it"

@@ -322,3 +322,17 @@ def check_job_counts(**counts: int) -> None:
         if key == "max_attempts" and value > MAX_ATTEMPTS_LIMIT:
             raise BadInput(f"{option} {value} is more than {MAX_ATTEMPTS_LIMIT}: a job that fails that often "
                            "will not succeed; use a small number like 3")
+
+
+MAX_GPUS_PER_JOB = 64  # more GPUs than any one machine has: a typo
+
+
+def check_gpus_per_job(gpus: int) -> None:
+    """A job holds 1..64 GPUs of one node (several: a model too big for one card)."""
+    if not 1 <= gpus <= MAX_GPUS_PER_JOB:
+        raise BadInput(f"--gpus-per-job {gpus} must lie between 1 and {MAX_GPUS_PER_JOB} (GPUs of one node a job holds)")
+
+
+def gpus_param(gpus: int) -> dict:
+    """The job params' entry for its GPUs: none for one (so equal jobs of before stay equal)."""
+    return {"gpus": gpus} if gpus > 1 else {}
