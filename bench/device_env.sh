@@ -14,10 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 tar xJf .device/ray-trimmed.tar.xz -C /tmp/site
 # The bundle's tar drops the executable bit of Ray's own binaries (gcs_server, raylet, ...).
 find /tmp/site/ray -type f ! -name '*.*' -exec chmod +x {} +
-# qrun's role folders as the one import package `qrun` (qrun.db = db/, ...), as pip would install them.
-mkdir -p /tmp/site/qrun
-ln -sf "$PWD/qrun/__init__.py" /tmp/site/qrun/__init__.py
-for d in cli db runner workers demo; do ln -sfn "$PWD/$d" "/tmp/site/qrun/$d"; done
-export PYTHONPATH=/tmp/site
+# qrun is not installed there: qrun/__init__.py then finds its role folders (qrun.db = db/, ...) in the checkout.
+export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1
 set +e

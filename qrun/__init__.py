@@ -18,8 +18,22 @@ DISTRIBUTION = "qrun-quant"  # "qrun" on the public index belongs to another pro
 
 try:
     __version__ = version(DISTRIBUTION)
-except PackageNotFoundError:  # running from a checkout that was never installed
+except PackageNotFoundError:  # running from a checkout that was never installed (the GPU machine's copy)
     __version__ = "0+unknown"
+
+
+def _search_the_checkout() -> None:
+    """Installed, setuptools maps qrun.cli to cli/ and so on. Run from a checkout that was never
+    installed (PYTHONPATH=the checkout, as on the GPU machine), the role folders are found the same
+    way: the checkout's root joins this package's search path. An installed wheel has no checkout."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "cli" / "main.py").is_file() and str(root) not in __path__:
+        __path__.append(str(root))
+
+
+_search_the_checkout()
 
 # Loaded on first use, so that `import qrun` stays cheap (no SQLAlchemy, never torch).
 API = ("submit", "status", "compare", "wait", "cancel", "retry", "to_frame", "Submission", "WaitTimeout")
