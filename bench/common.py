@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
     "qwen2-1.5b": dict(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2, vocab=151936,
                        max_positions=32768),
+    # Qwen2-0.5B's published shape.
+    "qwen2-0.5b": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936,
+                       max_positions=32768),
     "tiny": dict(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=None, max_positions=2048),
 }
 

@@ -69,6 +69,7 @@ class QueueWorker:
         self.gpus = gpus  # GPUs this worker holds (jobs that need several GPUs of one node get one such)
         self._stop = threading.Event()
         self._yield = threading.Event()  # leave after the job in hand: its GPUs go to a bigger worker
+        self._kernels_ready = False
         self._notices: collections.deque[str] = collections.deque(maxlen=200)
         self.device = self._bootstrap()
         # The physical GPU, as Ray pinned it: what `qrun status` shows in its GPU column.
@@ -124,6 +125,20 @@ class QueueWorker:
             taken.append(self._notices.popleft())
         return taken
 
+    def _build_kernels(self) -> None:
+        """Before the first job: build (or load) GPTQModel's kernels, so that no job's time includes
+        a one-time build (workers.warmup). Said in the run's output only when something was built."""
+        from qrun.workers.warmup import build_kernels, describe, was_built
+
+        self._kernels_ready = True  # tried once: a job that needs a kernel that failed says why itself
+        try:
+            results = build_kernels(self.device)
+        except Exception as exc:  # noqa: BLE001 -- GPTQModel itself did not import: the job will say so
+            self.notice(f"GPTQModel's kernels were not built ahead: {describe_error(exc)}")
+            return
+        if was_built(results):
+            self.notice(describe(results))
+
     def _report(self, write, *args, **kwargs) -> None:
         """Keep this worker's row (`qrun workers`) current. It is a view, not the queue: a write
         that fails is logged and dropped, never a reason to stop."""
@@ -169,6 +184,8 @@ class QueueWorker:
         """Claim and run one job: (job id, outcome); or IDLE / DRAINED when there is none to claim."""
         if self._yield.is_set():
             return DRAINED
+        if not self._kernels_ready and queue.most_urgent_ready_job(self.db) is not None:
+            self._build_kernels()
         job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s, gpus=self.gpus,
                               only_multi_gpu=only_multi_gpu)
         if job is not None:

@@ -78,3 +78,9 @@ def test_a_worker_keeps_no_model_after_its_jobs(db, qrun_home, tiny_qwen2, tmp_p
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["outcomes"] == ["succeeded"] * 3
     assert report["alive"] == []
+
+
+def test_warmup_builds_or_loads_the_kernels_a_cpu_job_uses(qrun_home):
+    result = run_qrun("warmup", "--device", "cpu", check=True)
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("GPTQModel's kernels ready")]
+    assert "int4_qzero_group_scaled_cpu" in line, result.stderr

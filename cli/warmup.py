@@ -1,0 +1,26 @@
+"""`qrun warmup`: build GPTQModel's kernels ahead of time (an admin's step on a new machine)."""
+
+from __future__ import annotations
+
+import click
+
+from qrun.cli.common import stderr_line
+
+
+@click.command()
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Whose kernels: a GPU's (cuda), a CPU's, or this machine's (auto).")
+def warmup(device):
+    """Build (or load from the cache) the kernels GPTQModel compiles on first use, so that no job
+    pays for it: on a new GPU machine gptq_cuda (~21 s) and Marlin fp16/bf16 (~2 min each); on a CPU
+    the AVX-512 int4 kernel (~45 s). Workers do the same before their first job."""
+    from qrun.workers.warmup import build_kernels, describe
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    stderr_line(describe(build_kernels(device)))  # an unusable kernel is named there, not an error
+
+
+COMMANDS = [warmup]
