@@ -71,7 +71,7 @@ def test_every_offered_corner_quantizes_and_loads_back(db, qrun_home, tiny_qwen2
         result = qrun("submit", "--model", str(tiny_qwen2), *corner_args(*corner), "--calib", str(data),
                       "--calib-samples", "8", "--calib-max-len", "64", "--eval", str(data), "--json")
         assert result.exit_code == 0, (corner, result.output)
-        submitted[corner] = json.loads(result.output)
+        submitted[corner] = json.loads(result.stdout)  # stderr says which sweep they joined
 
     started = time.perf_counter()
     outcomes = dict(QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30).drain(burst=True))

@@ -39,7 +39,7 @@ def test_gpu_worker_refuses_to_start_without_exactly_one_gpu(db):
 
     if torch.cuda.device_count() == 1:
         pytest.skip("this machine shows exactly one GPU")
-    with pytest.raises(RuntimeError, match=r"sees \d+ GPUs .* it must see exactly one"):
+    with pytest.raises(RuntimeError, match=r"sees \d+ GPUs .* it must see exactly 1$"):
         QueueWorker(db.url, "gpu0", use_gpu=True)
 
 
