@@ -297,3 +297,12 @@ def any_db(request, qrun_home, monkeypatch):
     database = open_database(url)
     yield database
     database.dispose()
+
+
+@pytest.fixture
+def restore_umask():
+    """The in-process worker sets the group umask (002), as it does in its own process."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)

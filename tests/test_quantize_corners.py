@@ -51,15 +51,6 @@ def corner_args(bits: int, group: int, desc_act: bool, sym: bool) -> list[str]:
             "--sym" if sym else "--no-sym"]
 
 
-@pytest.fixture
-def restore_umask():
-    """The in-process worker sets the group umask (002), as it does in its own process."""
-    old = os.umask(0o022)
-    os.umask(old)
-    yield
-    os.umask(old)
-
-
 @pytest.mark.slow
 def test_every_offered_corner_quantizes_and_loads_back(db, qrun_home, tiny_qwen2, tmp_path, restore_umask):
     from qrun.runner.worker import QueueWorker

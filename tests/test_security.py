@@ -23,15 +23,6 @@ pytestmark = pytest.mark.reliability
 ME = pwd.getpwuid(os.getuid()).pw_name
 
 
-@pytest.fixture
-def restore_umask():
-    """The in-process worker sets the group umask (002), as it does in its own process."""
-    old = os.umask(0o022)
-    os.umask(old)
-    yield
-    os.umask(old)
-
-
 def run_worker_here(db) -> list[tuple[int, str]]:
     """Drain the queue with the real worker class, in this process, without Ray."""
     from qrun.runner.worker import QueueWorker

@@ -110,10 +110,10 @@ def read_rows(path: str | Path) -> list[tuple[int, dict | str]]:
 def _check_objects(path: Path, rows, what: str) -> None:
     for n, row in rows:
         if not isinstance(row, dict):
-            raise BadInput(f"{path}:{what} {n}: expected a JSON object, found {_json_name(row)}")
+            raise BadInput(f"{path}:{what} {n}: expected a JSON object, found {json_type_name(row)}")
 
 
-def _json_name(value) -> str:
+def json_type_name(value) -> str:
     """The JSON name of a parsed value's type ('a list', 'a number', ...), for messages."""
     if value is None:
         return "null"
@@ -134,7 +134,7 @@ def _text_field(path: Path, lineno: int, row: dict, name: str, *, optional: bool
     if value is None and optional:
         return None
     if not isinstance(value, str):
-        raise BadInput(f"{path}:{lineno}: '{name}' must be a string, found {_json_name(value)}")
+        raise BadInput(f"{path}:{lineno}: '{name}' must be a string, found {json_type_name(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -219,7 +219,7 @@ def _sample_id(path: Path, lineno: int, row: dict, default: str) -> str:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise BadInput(f"{path}:{lineno}: 'id' must be a string or a number, found {_json_name(value)}")
+        raise BadInput(f"{path}:{lineno}: 'id' must be a string or a number, found {json_type_name(value)}")
     return str(value)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrun.db.errors import BadInput
+from qrun.workers.datasets import json_type_name
 
 # Architectures qrun has run end to end (GPTQModel supports more; widen this list as they are tested).
 SUPPORTED_ARCHITECTURES = {
@@ -71,20 +72,9 @@ def read_model_config(model_dir: Path) -> dict:
     except RecursionError as exc:
         raise BadInput(f"model config {config_file} is not valid JSON: nested too deeply") from exc
     if not isinstance(config, dict):
-        raise BadInput(f"model config {config_file} must be a JSON object ({{...}}), found {_json_type(config)}: "
+        raise BadInput(f"model config {config_file} must be a JSON object ({{...}}), found {json_type_name(config)}: "
                        "is it a Hugging Face config.json?")
     return config
-
-
-def _json_type(value) -> str:
-    """The JSON name of a parsed value's type, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def read_architecture(config: dict, config_file: Path) -> str:
@@ -110,7 +100,7 @@ def read_sizes(config: dict, config_file: Path, *, required: tuple[str, ...] = R
     text = config.get("text_config")
     text = config if text is None else text
     if not isinstance(text, dict):
-        raise BadInput(f"model config {config_file}: 'text_config' must be a JSON object, found {_json_type(text)}")
+        raise BadInput(f"model config {config_file}: 'text_config' must be a JSON object, found {json_type_name(text)}")
     sizes = {}
     for name in SIZE_FIELDS:
         if name not in text:
@@ -157,7 +147,7 @@ def check_safetensors_file(path: Path) -> None:
     except (ValueError, RecursionError) as exc:
         raise BadInput(f"weights file {path} has a header that is not JSON: is it a safetensors file? {fix}") from exc
     if not isinstance(header, dict):
-        raise BadInput(f"weights file {path} has a header that is {_json_type(header)}, not an object: {fix}")
+        raise BadInput(f"weights file {path} has a header that is {json_type_name(header)}, not an object: {fix}")
     data_end = _safetensors_data_end(header, path)
     if 8 + declared + data_end > size:
         raise BadInput(f"weights file {path} is truncated: its header describes {8 + declared + data_end} bytes, "
