@@ -219,3 +219,21 @@ def test_a_job_that_needs_two_gpus_gets_both_and_is_not_starved(two_gpu_node, qr
     assert f"job {big} needs 2 GPUs: workers gpu0@" in result.stderr, result.stderr
     assert "make way for gpu0+gpu1@" in result.stderr
     db.dispose()
+
+
+# ---------------------------------------------------------------- beside someone else's Ray
+
+
+def test_qrun_run_starts_its_own_ray_beside_another_on_the_box(tmp_path, qrun_home, tiny_qwen2):
+    """Another user's `ray start --head` on the machine: `qrun run` (no --ray-address) neither joins it
+    nor fails ("num_cpus and num_gpus must not be provided"); it runs on a Ray of its own."""
+    other = RayCluster(tmp_path)
+    try:
+        (job,) = json.loads(run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--group-size", "32",
+                                     "--json", check=True).stdout)
+        result = run_qrun("run", "--until-empty", env=RAY_ENV, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert jobs({"QRUN_HOME": str(qrun_home)})[job]["status"] == "succeeded"
+        assert len(other.nodes()) == 1  # the other Ray is still there, untouched
+    finally:
+        other.stop()

@@ -97,3 +97,18 @@ def test_killed_worker_does_not_lose_the_job(qrun_home, deep_qwen2):
     assert "worker cpu0 died" in err
     artifacts = qrun_home / "artifacts"
     assert [p.name for p in artifacts.iterdir()] == [Path(job["artifacts"][0]["path"]).name]
+
+
+def test_a_relative_qrun_home_is_one_place_for_the_whole_run(tmp_path, tiny_qwen2, monkeypatch):
+    """QRUN_HOME=rel: the worker runs each job in a directory of its own, where `rel` would name another
+    place (every job failed so); it is made absolute once, at start."""
+    monkeypatch.delenv("QRUN_DB", raising=False)
+    env = {"QRUN_HOME": "rel-home"}
+    run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--group-size", "32", env=env, cwd=tmp_path,
+             check=True)
+    result = run_qrun("run", "--until-empty", env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (job,) = json.loads(run_qrun("status", "--all", "--json", env=env, cwd=tmp_path, check=True).stdout)
+    assert job["status"] == "succeeded", job["error"]
+    (artifact,) = job["artifacts"]
+    assert Path(artifact["path"]).parent == tmp_path / "rel-home" / "artifacts"
