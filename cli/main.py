@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-from qrun.cli import compare, control, demo, results, run, status, submit, warmup, workers
+from qrun.cli import compare, control, demo, housekeeping, results, run, status, submit, warmup, workers
 from qrun import DISTRIBUTION
 from qrun.db.errors import QrunError
 
@@ -31,7 +31,7 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
     pin_qrun_home()  # a relative QRUN_HOME names one place for the whole run, workers included
 
 
-for module in (submit, status, control, run, workers, warmup, results, compare, demo):
+for module in (submit, status, control, run, workers, warmup, results, compare, housekeeping, demo):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -209,6 +209,36 @@ def _ready():
             .order_by(Job.priority.desc(), Job.id))  # ix_jobs_claim holds exactly this order: no sort
 
 
+def running_per_user(s: Session) -> dict[str, int]:
+    """How many jobs each user has running now (a short range of ix_jobs_claim: running jobs are few)."""
+    return dict(s.execute(select(Job.submitted_by, func.count()).where(Job.status == Status.RUNNING.value)
+                          .group_by(Job.submitted_by)).all())
+
+
+def _fair_pick(s: Session, ready: Select) -> int | None:
+    """The job to claim among `ready` (in priority, id order): the claim policy (docs/ARCHITECTURE.md).
+
+    Highest priority first; among ready jobs of that priority, one of the submitter with the fewest
+    jobs running now; then the lowest id. So users take turns: one user's 40-job sweep does not hold
+    another's 2 jobs for hours. Each probe reads ix_jobs_claim in order and stops at its first match,
+    so a claim never sorts the queue: the first probe is the old claim; more follow only when its
+    job's submitter has jobs running, one per distinct running count below theirs (a few)."""
+    top = s.execute(ready.add_columns(Job.priority, Job.submitted_by).limit(1)).first()
+    if top is None:
+        return None
+    running = running_per_user(s)
+    mine = running.get(top.submitted_by, 0)
+    for level in sorted({0, *running.values()}):
+        if level >= mine:
+            break
+        busier = [user for user, n in running.items() if n > level]  # top's submitter among them
+        found = s.execute(ready.where(Job.priority == top.priority, Job.submitted_by.notin_(busier))
+                          .limit(1)).scalar()
+        if found is not None:
+            return found
+    return top.id
+
+
 def most_urgent_ready_job(db: Database) -> tuple[int, int] | None:
     """(id, GPUs it needs) of the job the next free worker should take; None when none is ready.
     The runner makes room on one node when that job needs several GPUs (runner.run)."""
@@ -227,17 +257,21 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
     the same transaction, so any running qrun keeps the table honest. Orphans of failed upstream
     jobs are never ready; they are failed only when nothing is, as finding them scans the queue.
     """
-    ready = _ready().where(gpus_needed() <= gpus).limit(1)
+    ready = _ready().where(gpus_needed() <= gpus)
     if only_multi_gpu:
         ready = ready.where(gpus_needed() > 1)
     if not db.is_sqlite:
-        ready = ready.with_for_update(skip_locked=True)
+        ready = ready.with_for_update(skip_locked=True, of=Job)
     now = utcnow()
     with db.transaction() as s:
         _reap_expired_leases(s, now)
-        row = s.execute(
+        # SQLite: the transaction holds the write lock from its start (BEGIN IMMEDIATE), so the pick
+        # and the update below are one atomic step. Postgres: the pick locks its row (SKIP LOCKED:
+        # concurrent claimers pass it by) until this transaction ends.
+        picked = _fair_pick(s, ready)
+        row = None if picked is None else s.execute(
             update(Job)
-            .where(Job.id == ready.scalar_subquery(), Job.status == Status.QUEUED.value)
+            .where(Job.id == picked, Job.status == Status.QUEUED.value)
             .values(status=Status.RUNNING.value, worker=worker, gpu=gpu, attempts=Job.attempts + 1,
                     started_at=now, finished_at=None, lease_expires_at=now + timedelta(seconds=lease_s),
                     progress_done=0, progress_module=None, error=None)
@@ -529,3 +563,125 @@ def list_workers(db: Database, since: datetime | None = None) -> list[Worker]:
         query = query.where(Worker.heartbeat_at >= since)
     with db.transaction() as s:
         return list(s.scalars(query))
+
+
+# ---------------------------------------------------------------- priority caps (`qrun cap-priority`)
+
+CAP_KEY = "max_priority:"  # qrun_meta key prefix: max_priority:USER -> the highest --priority USER may set
+
+
+def set_priority_cap(db: Database, user: str, cap: int | None) -> None:
+    """Cap the priority `user` may submit with (None: remove the cap). Who may call this is the CLI's
+    check (the SQLite file's owner; anyone on Postgres)."""
+    from qrun.db.schema import Meta
+
+    key = CAP_KEY + user
+    if len(key) > 64:
+        raise BadInput(f"user name {user!r} is too long for a priority cap (at most {64 - len(CAP_KEY)} characters)")
+    with db.transaction() as s:
+        s.execute(delete(Meta).where(Meta.key == key))
+        if cap is not None:
+            s.add(Meta(key=key, value=str(check_priority(cap))))
+
+
+def priority_caps(db: Database) -> dict[str, int]:
+    """Every user's priority cap: {user: cap}."""
+    from qrun.db.schema import Meta
+
+    with db.transaction() as s:
+        rows = s.execute(select(Meta.key, Meta.value).where(Meta.key.startswith(CAP_KEY, autoescape=True))).all()
+    return {key[len(CAP_KEY):]: int(value) for key, value in rows}
+
+
+def priority_cap(db: Database, user: str) -> int | None:
+    from qrun.db.schema import Meta
+
+    with db.transaction() as s:
+        value = s.execute(select(Meta.value).where(Meta.key == CAP_KEY + user)).scalar()
+    return None if value is None else int(value)
+
+
+# ---------------------------------------------------------------- housekeeping (`qrun prune`, `qrun du`)
+
+
+@dataclass
+class PruneCandidate:
+    id: int
+    kind: str
+    status: str
+    model: str
+    submitted_by: str
+    finished_at: datetime | None
+    log_path: str | None
+    artifacts: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes) from the artifacts table
+
+
+def prune_candidates(db: Database, before: datetime, *, failed_only: bool = False,
+                     user: str | None = None) -> list[PruneCandidate]:
+    """Finished jobs that finished before `before` (only failed or cancelled ones with failed_only; only
+    `user`'s with user), less every job that a kept job depends on (a quantize job whose eval stays):
+    queued and running jobs are never among them."""
+    statuses = [Status.FAILED.value, Status.CANCELLED.value] if failed_only else [st.value for st in FINISHED]
+    query = select(Job.id, Job.kind, Job.status, Job.model, Job.submitted_by, Job.finished_at, Job.log_path).where(
+        Job.status.in_(statuses), func.coalesce(Job.finished_at, Job.created_at) < before)
+    if user is not None:
+        query = query.where(Job.submitted_by == user)
+    with db.transaction() as s:
+        rows = {r.id: r for r in s.execute(query.order_by(Job.id)).all()}
+        # (downstream, upstream) pairs whose upstream is a candidate: an upstream stays while any job
+        # that depends on it stays, and keeping one may keep its own upstream in turn.
+        links = s.execute(select(Job.id, Job.depends_on).where(Job.depends_on.is_not(None))).all()
+        dependents: dict[int, list[int]] = {}
+        for down, up in links:
+            dependents.setdefault(up, []).append(down)
+        changed = True
+        while changed:
+            changed = False
+            for job_id in list(rows):
+                if any(d not in rows for d in dependents.get(job_id, ())):
+                    del rows[job_id]
+                    changed = True
+        arts: dict[int, list[tuple[str, int]]] = {}
+        ids = list(rows)
+        for chunk in range(0, len(ids), 500):
+            for a in s.execute(select(Artifact.job_id, Artifact.path, Artifact.bytes)
+                               .where(Artifact.job_id.in_(ids[chunk:chunk + 500]))):
+                arts.setdefault(a.job_id, []).append((a.path, a.bytes))
+    return [PruneCandidate(r.id, r.kind, r.status, r.model, r.submitted_by, r.finished_at, r.log_path,
+                           arts.get(r.id, [])) for r in rows.values()]
+
+
+def delete_finished_jobs(db: Database, job_ids: Sequence[int]) -> list[int]:
+    """Delete the rows (job, events, metrics, artifacts) of those jobs that are still finished and that
+    no job outside `job_ids` depends on, in one transaction; the ids deleted."""
+    wanted = set(job_ids)
+    with db.transaction() as s:
+        ids = set(s.execute(select(Job.id).where(Job.id.in_(list(wanted)),
+                                                 Job.status.in_([st.value for st in FINISHED]))).scalars())
+        links = s.execute(select(Job.id, Job.depends_on).where(Job.depends_on.in_(list(ids)))).all()
+        changed = True
+        while changed:  # a job a kept job depends on stays (someone retried or added an eval meanwhile)
+            kept = {up for down, up in links if down not in ids and up in ids}
+            changed = bool(kept)
+            ids -= kept
+        ordered = sorted(ids)
+        for chunk in range(0, len(ordered), 500):
+            part = ordered[chunk:chunk + 500]
+            for table in (Event, Metric, Artifact):
+                s.execute(delete(table).where(table.job_id.in_(part)))
+        # Downstream first (Postgres checks the depends_on key per statement anyway; one statement).
+        for chunk in range(0, len(ordered), 500):
+            s.execute(update(Job).where(Job.id.in_(ordered[chunk:chunk + 500])).values(depends_on=None))
+        for chunk in range(0, len(ordered), 500):
+            s.execute(delete(Job).where(Job.id.in_(ordered[chunk:chunk + 500])))
+    return ordered
+
+
+def usage_rows(db: Database) -> list:
+    """One row per job: id, submitted_by, model, artifact bytes (from the artifacts table), log_path."""
+    with db.transaction() as s:
+        return s.execute(
+            select(Job.id, Job.submitted_by, Job.model, Job.log_path,
+                   func.coalesce(func.sum(Artifact.bytes), 0).label("artifact_bytes"))
+            .outerjoin(Artifact, Artifact.job_id == Job.id)
+            .group_by(Job.id, Job.submitted_by, Job.model, Job.log_path).order_by(Job.id)).all()

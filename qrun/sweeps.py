@@ -180,6 +180,17 @@ def _reuse(db, plan: Plan, rerun: bool, kind: Kind, model: str, params: dict, la
     return found.id
 
 
+def check_priority_cap(db, priority: int, user: str | None = None) -> None:
+    """BadInput when `priority` is above the cap an admin set for the submitting user (`qrun cap-priority`)."""
+    from qrun.db.queue import current_user, priority_cap
+
+    user = user or current_user()
+    cap = priority_cap(db, user)
+    if cap is not None and priority > cap:
+        raise BadInput(f"--priority {priority} is above the cap of {cap} set for {user}: give --priority {cap} "
+                       f"or less (an admin changes caps with `qrun cap-priority`)")
+
+
 def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:
     """Quantize jobs (one per sweep point), each followed by its eval, plus the baseline eval once.
     A job equal to one already queued, running or succeeded is not added (unless rerun): the plan
@@ -188,6 +199,7 @@ def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:
 
     from qrun.workers.inputs import gpus_param
 
+    check_priority_cap(db, request.priority)
     plan = Plan()
     model, eval_args = request.model, request.eval_args
     common = dict(model=model, priority=request.priority, max_attempts=request.max_attempts)
