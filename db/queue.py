@@ -243,8 +243,9 @@ def most_urgent_ready_job(db: Database) -> tuple[int, int] | None:
     """(id, GPUs it needs) of the job the next free worker should take; None when none is ready.
     The runner makes room on one node when that job needs several GPUs (runner.run)."""
     with db.transaction() as s:
-        row = s.execute(_ready().add_columns(gpus_needed().label("gpus")).limit(1)).first()
-    return (row.id, row.gpus) if row else None
+        picked = _fair_pick(s, _ready())
+        gpus = None if picked is None else s.execute(select(gpus_needed()).where(Job.id == picked)).scalar()
+    return (picked, gpus) if picked is not None else None
 
 
 def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAULT_LEASE_S, *,

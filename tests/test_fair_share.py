@@ -99,3 +99,12 @@ def test_only_the_database_owner_sets_caps(db, monkeypatch):
     monkeypatch.setattr(os, "getuid", lambda: os.stat(db.url[len("sqlite:///"):]).st_uid + 1)
     with pytest.raises(BadInput, match="only the owner of"):
         _check_admin(db)
+
+
+def test_the_runner_sees_the_same_pick(any_db):
+    """most_urgent_ready_job (which job the runner makes room for) follows the claim policy."""
+    queue.submit_jobs(any_db, _specs(3), user="alice")
+    (b,) = queue.submit_jobs(any_db, [queue.JobSpec(kind=Kind.QUANTIZE, model="/m", params={"gpus": 2})],
+                             user="bob")
+    queue.claim_job(any_db, "w1", None)
+    assert queue.most_urgent_ready_job(any_db) == (b, 2)
