@@ -125,6 +125,8 @@ def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None,
     sweep = sweep or new_sweep_id()
     now = utcnow()
     ids: list[int] = []
+    if specs:  # every way in (submit, eval, the API) meets the cap an admin set (`qrun cap-priority`)
+        check_priority_cap(db, max(spec.priority for spec in specs), user)
     with db.transaction() as s:
         for spec in specs:
             depends_on = ids[spec.after] if spec.after is not None else spec.depends_on
@@ -592,6 +594,15 @@ def priority_caps(db: Database) -> dict[str, int]:
     with db.transaction() as s:
         rows = s.execute(select(Meta.key, Meta.value).where(Meta.key.startswith(CAP_KEY, autoescape=True))).all()
     return {key[len(CAP_KEY):]: int(value) for key, value in rows}
+
+
+def check_priority_cap(db: Database, priority: int, user: str | None = None) -> None:
+    """BadInput when `priority` is above the cap an admin set for `user` (default: the caller)."""
+    user = user or current_user()
+    cap = priority_cap(db, user)
+    if cap is not None and priority > cap:
+        raise BadInput(f"--priority {priority} is above the cap of {cap} set for {user}: give --priority {cap} "
+                       f"or less (an admin changes caps with `qrun cap-priority`)")
 
 
 def priority_cap(db: Database, user: str) -> int | None:

@@ -181,14 +181,11 @@ def _reuse(db, plan: Plan, rerun: bool, kind: Kind, model: str, params: dict, la
 
 
 def check_priority_cap(db, priority: int, user: str | None = None) -> None:
-    """BadInput when `priority` is above the cap an admin set for the submitting user (`qrun cap-priority`)."""
-    from qrun.db.queue import current_user, priority_cap
+    """BadInput when `priority` is above the cap an admin set for the submitting user (`qrun cap-priority`):
+    checked while planning, so that a dry run says so too (queue.submit_jobs checks again)."""
+    from qrun.db.queue import check_priority_cap as check
 
-    user = user or current_user()
-    cap = priority_cap(db, user)
-    if cap is not None and priority > cap:
-        raise BadInput(f"--priority {priority} is above the cap of {cap} set for {user}: give --priority {cap} "
-                       f"or less (an admin changes caps with `qrun cap-priority`)")
+    check(db, priority, user)
 
 
 def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:

@@ -108,3 +108,12 @@ def test_the_runner_sees_the_same_pick(any_db):
                              user="bob")
     queue.claim_job(any_db, "w1", None)
     assert queue.most_urgent_ready_job(any_db) == (b, 2)
+
+
+def test_every_way_in_meets_the_cap(any_db):
+    """queue.submit_jobs itself refuses (qrun eval and the API submit through it), adding nothing."""
+    queue.set_priority_cap(any_db, "alice", 1)
+    with pytest.raises(BadInput, match="above the cap of 1 set for alice"):
+        queue.submit_jobs(any_db, _specs(1) + _specs(1, priority=2), user="alice")
+    assert queue.list_jobs(any_db) == []
+    assert len(queue.submit_jobs(any_db, _specs(1, priority=2), user="bob")) == 1
