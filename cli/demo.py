@@ -1,18 +1,33 @@
-"""`qrun demo`: the whole loop on this machine, offline -- build a tiny demo model, queue its 4- and
-8-bit GPTQ variants with evals, drain the queue, and print the comparison with the baseline.
+"""`qrun demo`: the whole loop on this machine, offline -- build a tiny demo model, queue its 8-, 4-
+and 2-bit GPTQ variants with evals, drain the queue, print the comparison with the baseline and one
+sentence read from it (the smallest variant within a point of the baseline's F1).
 
 Running it again reuses the model and skips variants already queued or done, so a second run only
-reprints the comparison (or finishes what an interrupted run left).
+reprints the comparison (or finishes what an interrupted run left). The terminal shows qrun's lines
+only: Ray's, torch's and GPTQModel's notices go to $QRUN_HOME/logs/run-*.log.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Iterator, TextIO
 
 import click
 
 from qrun.cli.common import open_db, stderr_line
 from qrun.db.states import Kind
 
-DEMO_BITS = (4, 8)
+DEMO_BITS = (8, 4, 2)  # from near-lossless down to where GPTQ is expected to hurt
+F1_TOLERANCE = 0.01  # "within a point"
+# GPTQModel's JIT-compiled CPU kernels: the packer every quantize job uses, and the int4 kernel it
+# uses where the CPU has AVX512-BF16. Built once into GPTQModel's cache (~40 s on 2 cores); left to the
+# jobs, the first 4-bit job's "quant s" showed the build (29.5 s against 3.5 s for 8 bits).
+CPU_KERNELS = {"pack_block_cpu": None, "int4_qzero_group_scaled_cpu": "avx512_bf16"}  # name -> CPU flag needed
 GROUP_SIZES = (128, 32)  # the first that divides the model's widths
 EVAL_DEFAULTS = dict(mode="score", max_new_tokens=32, ppl=None, batch_size=8, trust_remote_code=False)
 
@@ -56,12 +71,150 @@ def demo_specs(db, model: str, eval_file: str, calib_file: str, group_size: int)
     return build_specs(model, missing, priority=0, max_attempts=3, eval_args=eval_args, db=db) + specs
 
 
+def kernel_cache_dir(name: str) -> Path:
+    """Where GPTQModel keeps kernel `name` (gptqmodel.utils.cpp.default_torch_ops_build_root)."""
+    override = os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR")
+    root = Path(override).expanduser() if override else Path.home() / ".cache" / "gptqmodel" / "torch_extensions"
+    return root / name
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def kernels_to_build() -> list[str]:
+    """The CPU kernels this machine can use and GPTQModel has not built yet. Checked on disk, without
+    importing GPTQModel (10 s on a busy 2-core box): a later run costs nothing."""
+    flags = _cpu_flags()
+    return [name for name, flag in CPU_KERNELS.items()
+            if (flag is None or flag in flags) and not any(kernel_cache_dir(name).glob("*/*.so"))]
+
+
+def build_cpu_kernels(log: TextIO) -> None:
+    """Build GPTQModel's missing CPU kernels now, on their own line, so that no job's time includes it."""
+    missing = kernels_to_build()
+    if not missing:
+        return
+    stderr_line("qrun demo: building GPTQModel's CPU kernels, once (~40 s)...")
+    started = time.perf_counter()
+    with redirect_stdout(log), redirect_stderr(log):  # its banner and compile progress
+        from gptqmodel import extension
+
+        for name in missing:
+            if not extension.is_available(name):  # a job falls back to another kernel; the log says why
+                log.write(f"qrun demo: GPTQModel kernel {name} unavailable: {extension.error(name)}\n")
+    stderr_line(f"qrun demo: building CPU kernels, once: {time.perf_counter() - started:.0f} s")
+
+
+def run_log_path(home: Path) -> Path:
+    logs = Path(home) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def _terminal_handlers() -> list[tuple[logging.Logger, logging.Handler]]:
+    """(logger, handler) for the handlers that libraries attached to their loggers and that write to
+    the terminal: torch's (a stderr handler: the "W1125 ... _pytree.py" lines), transformers'."""
+    terminal = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    loggers = [l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger)]
+    return [(l, h) for l in loggers for h in l.handlers
+            if getattr(h, "stream", None) in terminal]
+
+
+@contextmanager
+def library_notices_to(log: TextIO) -> Iterator[None]:
+    """Python-level notices of the libraries this process loads (torch, transformers, GPTQModel and
+    Python warnings) go to `log` while inside; qrun's own lines still reach the terminal."""
+    to_log = logging.StreamHandler(log)
+    to_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(to_log)  # records of loggers without a handler (no last resort)
+    logging.captureWarnings(True)
+    replaced: list[tuple[logging.Logger, logging.Handler]] = []
+
+    def replace_terminal_handlers() -> None:
+        for logger, handler in _terminal_handlers():
+            logger.removeHandler(handler)
+            logger.addHandler(to_log)
+            replaced.append((logger, handler))
+
+    import torch  # noqa: F401 -- torch's loggers get their terminal handler at import: replace it
+
+    replace_terminal_handlers()
+    import transformers.utils.logging as hf_logging  # imports torchao, which logs through torch's loggers
+
+    hf_logging.get_logger("transformers")  # its library handler exists from here on
+    replace_terminal_handlers()
+    try:
+        yield
+    finally:
+        for logger, handler in reversed(replaced):
+            logger.removeHandler(to_log)
+            logger.addHandler(handler)
+        logging.captureWarnings(False)
+        logging.getLogger().removeHandler(to_log)
+
+
+def trade_off_sentence(rows: list[dict]) -> str | None:
+    """One sentence read from the comparison: the smallest variant within a point of the baseline's
+    F1, and what the next one down costs. None without a baseline or quantized variants with an F1."""
+    base = next((r for r in rows if r["variant"] == "baseline" and r.get("f1") is not None), None)
+    variants = sorted((r for r in rows if r["variant"] != "baseline" and r.get("f1") is not None and r["bits"]),
+                      key=lambda r: (-r["bits"], -(r.get("group_size") or 0)))
+    if base is None or not variants:
+        return None
+    within = [r for r in variants if r["f1"] >= base["f1"] - F1_TOLERANCE - 1e-9]
+    if not within:
+        return (f"Every variant costs more than a point of F1: {variants[0]['variant']} already "
+                f"{_points(variants[0], base)}.")
+    smallest = min(within, key=lambda r: (r["bits"], r.get("size_pct") or 0))
+    lower = [r for r in variants if r["bits"] < smallest["bits"]]
+    kept = f"{smallest['variant']} is the smallest variant within a point of the baseline's F1 " \
+           f"({smallest['f1']:.3f} vs {base['f1']:.3f}{_size(smallest)})"
+    if not lower:
+        return f"{kept}, and the smallest in this sweep: no variant here loses more than a point."
+    below = lower[0]
+    return f"{kept}; the next one down, {below['variant']}{_size(below)}, {_points(below, base)}."
+
+
+def _size(row: dict) -> str:
+    return f", {row['size_pct']:.0f}% of the baseline's size" if row.get("size_pct") is not None else ""
+
+
+def _points(row: dict, base: dict) -> str:
+    cost = (base["f1"] - row["f1"]) * 100
+    flips = [row.get("flips_fraud_to_not"), row.get("flips_not_to_fraud")]
+    flipped = f", {sum(flips)} answers flipped" if None not in flips and sum(flips) else ""
+    return f"costs {max(cost, 0):.1f} points of F1 ({row['f1']:.3f}{flipped})"
+
+
+def first_line(log: Path) -> str:
+    bits = ", ".join(map(str, DEMO_BITS[:-1])) + f" and {DEMO_BITS[-1]}"
+    return (f"qrun demo: trains a tiny model on this machine (once), quantizes it to {bits} bits with GPTQ, scores "
+            f"every variant against the baseline: about 2 minutes on 2 cores, +40 s the first time GPTQModel "
+            f"builds its CPU kernels. Library notices: {log}")
+
+
 @click.command()
 @click.pass_context
 def demo(ctx):
     """Show qrun end to end on this machine, offline: train a tiny demo model on synthetic dialogs
-    (once; kept under $QRUN_HOME/demo), quantize it to 4 and 8 bits, evaluate every variant and the
-    baseline, and print `qrun compare`. The model is a toy, not a fraud detector."""
+    (once; kept under $QRUN_HOME/demo), quantize it to 8, 4 and 2 bits, evaluate every variant and the
+    baseline, and print `qrun compare` and what it says. The model is a toy, not a fraud detector."""
+    from qrun.db.session import qrun_home
+
+    log_path = run_log_path(qrun_home())
+    stderr_line(first_line(log_path))
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log, library_notices_to(log):
+        ok = _run_demo(ctx, log)
+    if not ok:
+        ctx.exit(1)
+
+
+def _run_demo(ctx, log: TextIO) -> bool:
     from qrun.cli.compare import comparison_rows, print_table
     from qrun.db import queue
     from qrun.db.session import qrun_home
@@ -87,17 +240,19 @@ def demo(ctx):
     if queue.pending_count(db):
         from qrun.cli.run import drain
 
-        ok = not drain(db, "qrun demo", note=" (the first GPTQModel use compiles its CPU kernels: a minute or "
-                                              "two, once)")
+        build_cpu_kernels(log)
+        ok = not drain(db, "qrun demo", ray_notices=log)
     rows = comparison_rows(db, model=info.path, data=eval_file)
     if rows:
         print_table(rows)
+        sentence = trade_off_sentence(rows)
+        if sentence:
+            stderr_line(f"\nqrun demo: {sentence}")
     else:
         stderr_line("qrun demo: no eval of the demo model succeeded: see `qrun status` and the job logs")
     stderr_line(f"\n{DISCLAIMER}\nSee `qrun status` for the jobs, `qrun compare --model {info.path}` for this "
                 "table again (--format json/csv/markdown, --plot FILE.png).")
-    if not ok:
-        ctx.exit(1)
+    return ok
 
 
 COMMANDS = [demo]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import TextIO
+
 import click
 
 from qrun.cli.common import is_tty, open_db, parse_gpu_list, stderr_line
@@ -67,9 +70,18 @@ class _Display:
 
 
 def drain(db, who: str, gpus: list[int] | None = None, cpu_workers: int | None = None, burst: bool = True,
-          ray_address: str | None = None, lease_s: float | None = None, note: str = "") -> list[int]:
+          ray_address: str | None = None, lease_s: float | None = None, note: str = "",
+          ray_notices: TextIO | None = None) -> list[int]:
     """Start (or join) Ray, run workers until the queue is drained (or Ctrl-C with burst=False), stop
-    the Ray it started, print one summary line; returns the ids of failed jobs. Ctrl-C exits 130."""
+    the Ray it started, print one summary line; returns the ids of failed jobs. Ctrl-C exits 130.
+    ray_notices: a file for Ray's own notices (`qrun demo` keeps the terminal to qrun's lines)."""
+    from qrun.runner.run import ray_notices_to
+
+    with ray_notices_to(ray_notices) if ray_notices is not None else nullcontext():
+        return _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note)
+
+
+def _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note) -> list[int]:
     from qrun.db import queue
     from qrun.db.session import qrun_home
     from qrun.runner.run import alive_nodes, plan_slots, run_queue, start_ray, stop_ray

@@ -8,11 +8,13 @@ and set to draining again; the job it held returns to the queue when its lease e
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, TextIO
 
 from qrun.db import queue
 from qrun.db.errors import BadInput
@@ -66,6 +68,41 @@ def join_cluster(address: str) -> None:
                 "(Ray reads the cluster's token from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
             ) from None
         raise BadInput(f"--ray-address {address}: cannot join the Ray cluster ({_first_sentence(text)})") from None
+
+
+@contextmanager
+def ray_notices_to(stream: TextIO) -> Iterator[None]:
+    """While inside, Ray's own notices go to `stream` (a run's log file), not to the terminal: the
+    lines its loggers write at start ("Token authentication is enabled for this Ray cluster...") and the
+    "(raylet) ..." messages its driver thread prints to stdout (ray._private.worker.print_to_stdstream,
+    called by listen_error_messages; a worker killed for memory, say). Nothing is lost: it is all in
+    the file, and qrun's runner reports what matters for the jobs itself."""
+    import ray._private.worker as ray_worker
+
+    ray_logger = logging.getLogger("ray")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    propagate, printer, own = ray_logger.propagate, ray_worker.print_to_stdstream, list(ray_logger.handlers)
+    last_resort = logging.lastResort
+    for terminal in own:  # the handler Ray puts on its logger at import writes to stderr
+        ray_logger.removeHandler(terminal)
+    ray_logger.addHandler(handler)
+    ray_logger.propagate = False
+    # ray.init takes the handlers off its logger again, and its start-up lines then reach Python's
+    # last-resort handler (stderr): that one goes to the file too while inside.
+    logging.lastResort = handler
+    # The thread looks the function up at each message, so replacing the module's name reroutes it.
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix: ray_worker.print_worker_logs(data, stream,
+                                                                                             ignore_prefix)
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = printer
+        logging.lastResort = last_resort
+        ray_logger.propagate = propagate
+        ray_logger.removeHandler(handler)
+        for terminal in own:
+            ray_logger.addHandler(terminal)
 
 
 def stop_ray() -> None:

@@ -129,29 +129,130 @@ def test_missed_target_fails_clearly_and_keeps_nothing(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the whole demo
 
 
+VARIANTS = {"baseline": 16, "w8g128": 8, "w4g128": 4, "w2g128": 2}
+
+
 def _table_rows(stdout: str) -> dict[str, list[str]]:
     return {cells[0]: cells for cells in (line.split() for line in stdout.splitlines())
-            if cells and cells[0] in ("baseline", "w4g128", "w8g128")}
+            if cells and cells[0] in VARIANTS}
+
+
+def _foreign_lines(stderr: str) -> list[str]:
+    """Terminal lines that are not qrun's own: qrun's start with "qrun demo:" or "job N", plus the
+    disclaimer's and the closing hint's."""
+    own = re.compile(r"^(qrun demo:|job \d+ |See `qrun status`)")
+    return [line for line in stderr.splitlines() if line.strip() and not own.match(line)]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One `qrun demo` in a fresh QRUN_HOME (the whole path: model build, kernels, Ray, jobs), shared by
+    the tests below; yields (its result, `qrun compare --format json` rows, the home)."""
+    home = tmp_path_factory.mktemp("demo-run") / "qrun-home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QRUN_HOME", str(home))
+        mp.delenv("QRUN_DB", raising=False)
+        first = run_qrun("demo", timeout=900)
+        compared = json.loads(run_qrun("compare", "--format", "json", check=True).stdout) if first.returncode == 0 \
+            else []
+        yield first, compared, home
 
 
 @pytest.mark.slow
-def test_qrun_demo_end_to_end_then_again_without_new_work(qrun_home):
-    first = run_qrun("demo", timeout=900)
+def test_qrun_demo_end_to_end_then_again_without_new_work(demo_run, monkeypatch):
+    first, compared, home = demo_run
+    monkeypatch.setenv("QRUN_HOME", str(home))
+    monkeypatch.delenv("QRUN_DB", raising=False)
     assert first.returncode == 0, first.stderr
+    assert first.stderr.startswith("qrun demo: trains a tiny model"), first.stderr  # says what and how long
     assert "not a fraud detector" in first.stderr
+    assert _foreign_lines(first.stderr) == [], first.stderr  # no Ray, torch or GPTQModel notices...
+    logs = list((home / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and "Started a local Ray instance" in logs[0].read_text()  # ...but to its log
     table = _table_rows(first.stdout)
-    assert set(table) == {"baseline", "w4g128", "w8g128"}, first.stdout
-    compared = json.loads(run_qrun("compare", "--format", "json", check=True).stdout)
-    assert {r["variant"]: r["bits"] for r in compared} == {"baseline": 16, "w8g128": 8, "w4g128": 4}
+    assert set(table) == set(VARIANTS), first.stdout
+    assert {r["variant"]: r["bits"] for r in compared} == VARIANTS
     assert all(r["model"].endswith("qrun-demo-v1") and r["mode"] == "score" for r in compared)
-    assert all(r["accuracy"] >= 0.9 for r in compared), compared
     assert all(r["eval_samples"] == 200 for r in compared)
+    assert re.search(r"^qrun demo: w\d+g\d+ is the smallest variant within a point of the baseline's F1",
+                     first.stderr, re.M), first.stderr
     jobs = json.loads(run_qrun("status", "--json", check=True).stdout)
-    assert sorted(j["kind"] for j in jobs) == ["eval"] * 3 + ["quantize"] * 2
+    assert sorted(j["kind"] for j in jobs) == ["eval"] * 4 + ["quantize"] * 3
     assert all(j["status"] == "succeeded" for j in jobs)
 
     second = run_qrun("demo", timeout=300)
     assert second.returncode == 0, second.stderr
     assert "already queued or done" in second.stderr
     assert _table_rows(second.stdout) == table
-    assert len(json.loads(run_qrun("status", "--json", check=True).stdout)) == 5
+    assert len(json.loads(run_qrun("status", "--json", check=True).stdout)) == 7
+
+
+@pytest.mark.slow
+def test_no_one_time_kernel_build_is_counted_as_a_job_s_time(demo_run):
+    """The kernels are built before the first job (or were already): no variant's quantize time stands
+    out the way the first 4-bit job's 29.5 s against 3.5 s did."""
+    _, compared, _ = demo_run
+    times = [r["quantize_s"] for r in compared if r["bits"] < 16]
+    assert len(times) == 3 and max(times) < 3 * min(times), times
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue #16, open: the demo model keeps its F1 down to 2 bits (its margins "
+                                       "are ~4 nats; GPTQ at 2 bits moves them ~0.2), so the table shows no cost yet")
+def test_demo_comparison_shows_where_quality_falls(demo_run):
+    """The story the demo tells: one variant within a point of the baseline's F1, one clearly below."""
+    _, compared, _ = demo_run
+    base = next(r["f1"] for r in compared if r["variant"] == "baseline")
+    variants = [r["f1"] for r in compared if r["variant"] != "baseline"]
+    assert any(f1 >= base - 0.01 for f1 in variants), compared
+    assert any(f1 < base - 0.01 for f1 in variants), compared
+
+
+# ---------------------------------------------------------------- what the demo prints
+
+
+def _row(variant, bits, f1, size_pct, flips=(0, 0)):
+    return {"variant": variant, "bits": bits, "group_size": 128 if bits < 16 else None, "f1": f1,
+            "size_pct": size_pct, "flips_fraud_to_not": flips[0], "flips_not_to_fraud": flips[1]}
+
+
+def test_trade_off_sentence_is_read_from_the_results():
+    from qrun.cli.demo import trade_off_sentence
+
+    rows = [_row("baseline", 16, 0.990, 100.0), _row("w8g128", 8, 0.990, 73.5), _row("w4g128", 4, 0.982, 59.4),
+            _row("w2g128", 2, 0.900, 52.3, flips=(14, 3))]
+    assert trade_off_sentence(rows) == (
+        "w4g128 is the smallest variant within a point of the baseline's F1 (0.982 vs 0.990, 59% of the "
+        "baseline's size); the next one down, w2g128, 52% of the baseline's size, costs 9.0 points of F1 "
+        "(0.900, 17 answers flipped).")
+    rows[2]["f1"] = 0.970  # now 4 bits costs 2 points: 8 bits is the last within one
+    assert trade_off_sentence(rows).startswith("w8g128 is the smallest variant within a point")
+    assert "the next one down, w4g128, 59% of the baseline's size, costs 2.0 points" in trade_off_sentence(rows)
+    flat = [_row("baseline", 16, 0.990, 100.0), _row("w8g128", 8, 0.990, 73.5), _row("w2g128", 2, 0.995, 52.3)]
+    assert trade_off_sentence(flat).endswith("and the smallest in this sweep: no variant here loses more than a point.")
+    assert trade_off_sentence([_row("baseline", 16, 0.9, 100.0), _row("w8g128", 8, 0.5, 73.5)]).startswith(
+        "Every variant costs more than a point of F1: w8g128 already costs 40.0 points")
+    assert trade_off_sentence([_row("baseline", 16, 0.9, 100.0)]) is None
+
+
+def test_ray_notices_go_to_the_run_log_not_the_terminal(tmp_path):
+    """Ray's start-up lines (its token notice) and its driver's "(raylet)" printer: into the file given."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import sys\n"
+        "from qrun.runner.run import ray_notices_to, start_ray, stop_ray\n"
+        "import ray._private.worker as w\n"
+        "with open(sys.argv[1], 'w') as log, ray_notices_to(log):\n"
+        "    start_ray(None, None, 1)\n"
+        "    w.print_to_stdstream({'lines': ['a raylet message'], 'pid': 'raylet', 'is_err': False}, False)\n"
+        "    stop_ray()\n"
+        "print('done')\n")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run.log")], capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "done\n" and result.stderr == "", (result.stdout, result.stderr)
+    log = (tmp_path / "run.log").read_text()
+    assert "a raylet message" in log and "Started a local Ray instance" in log, log
