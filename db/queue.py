@@ -230,6 +230,14 @@ def _fair_pick(s: Session, ready: Select) -> int | None:
         return None
     running = running_per_user(s)
     mine = running.get(top.submitted_by, 0)
+    if mine == 0:
+        return top.id
+    # One cheap look first (no readiness check): has anyone with fewer jobs running a job queued at
+    # this priority at all? Mostly not when one user fills the queue; then the first job it is.
+    fewer = select(Job.id).where(Job.status == Status.QUEUED.value, Job.priority == top.priority,
+                                 Job.submitted_by.notin_([u for u, n in running.items() if n >= mine]))
+    if s.execute(fewer.limit(1)).first() is None:
+        return top.id
     for level in sorted({0, *running.values()}):
         if level >= mine:
             break
