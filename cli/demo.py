@@ -24,10 +24,6 @@ from qrun.db.states import Kind
 
 DEMO_BITS = (8, 4, 2)  # from near-lossless down to where GPTQ is expected to hurt
 F1_TOLERANCE = 0.01  # "within a point"
-# GPTQModel's JIT-compiled CPU kernels: the packer every quantize job uses, and the int4 kernel it
-# uses where the CPU has AVX512-BF16. Built once into GPTQModel's cache (~40 s on 2 cores); left to the
-# jobs, the first 4-bit job's "quant s" showed the build (29.5 s against 3.5 s for 8 bits).
-CPU_KERNELS = {"pack_block_cpu": None, "int4_qzero_group_scaled_cpu": "avx512_bf16"}  # name -> CPU flag needed
 GROUP_SIZES = (128, 32)  # the first that divides the model's widths
 EVAL_DEFAULTS = dict(mode="score", max_new_tokens=32, ppl=None, batch_size=8, trust_remote_code=False)
 
@@ -71,42 +67,19 @@ def demo_specs(db, model: str, eval_file: str, calib_file: str, group_size: int)
     return build_specs(model, missing, priority=0, max_attempts=3, eval_args=eval_args, db=db) + specs
 
 
-def kernel_cache_dir(name: str) -> Path:
-    """Where GPTQModel keeps kernel `name` (gptqmodel.utils.cpp.default_torch_ops_build_root)."""
-    override = os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR")
-    root = Path(override).expanduser() if override else Path.home() / ".cache" / "gptqmodel" / "torch_extensions"
-    return root / name
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
-
-
-def kernels_to_build() -> list[str]:
-    """The CPU kernels this machine can use and GPTQModel has not built yet. Checked on disk, without
-    importing GPTQModel (10 s on a busy 2-core box): a later run costs nothing."""
-    flags = _cpu_flags()
-    return [name for name, flag in CPU_KERNELS.items()
-            if (flag is None or flag in flags) and not any(kernel_cache_dir(name).glob("*/*.so"))]
-
-
 def build_cpu_kernels(log: TextIO) -> None:
     """Build GPTQModel's missing CPU kernels now, on their own line, so that no job's time includes it."""
-    missing = kernels_to_build()
+    from qrun.workers.warmup import build_kernels, cpu_kernels_to_build
+
+    missing = cpu_kernels_to_build()
     if not missing:
         return
     stderr_line("qrun demo: building GPTQModel's CPU kernels, once (~40 s)...")
     started = time.perf_counter()
     with redirect_stdout(log), redirect_stderr(log):  # its banner and compile progress
-        from gptqmodel import extension
-
-        for name in missing:
-            if not extension.is_available(name):  # a job falls back to another kernel; the log says why
-                log.write(f"qrun demo: GPTQModel kernel {name} unavailable: {extension.error(name)}\n")
+        for name, _, ok, why in build_kernels("cpu", missing):
+            if not ok:  # a job falls back to another kernel; the log says why
+                log.write(f"qrun demo: GPTQModel kernel {name} unavailable: {why}\n")
     stderr_line(f"qrun demo: building CPU kernels, once: {time.perf_counter() - started:.0f} s")
 
 

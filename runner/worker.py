@@ -128,11 +128,12 @@ class QueueWorker:
     def _build_kernels(self) -> None:
         """Before the first job: build (or load) GPTQModel's kernels, so that no job's time includes
         a one-time build (workers.warmup). Said in the run's output only when something was built."""
-        from qrun.workers.warmup import build_kernels, describe, was_built
+        from qrun.workers.warmup import build_kernels, cpu_kernels_to_build, describe, was_built
 
         self._kernels_ready = True  # tried once: a job that needs a kernel that failed says why itself
         try:
-            results = build_kernels(self.device)
+            # On a CPU the cache is checked on disk (no import at all once built); a GPU's are loaded.
+            results = build_kernels(self.device, None if self.device.startswith("cuda") else cpu_kernels_to_build())
         except Exception as exc:  # noqa: BLE001 -- GPTQModel itself did not import: the job will say so
             self.notice(f"GPTQModel's kernels were not built ahead: {describe_error(exc)}")
             return
