@@ -138,7 +138,9 @@ def test_losing_a_node_loses_no_job_and_a_node_that_comes_back_is_used(cluster, 
                               stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **env},
                               start_new_session=True)
     try:
-        head, second = cluster.nodes()[0], cluster.nodes()[1]
+        nodes = cluster.nodes()  # Ray lists them in no set order: the head holds node:__internal_head__
+        (head,) = [n for n in nodes if "node:__internal_head__" in n["Resources"]]
+        (second,) = [n for n in nodes if n is not head]
         on_second = wait_for(lambda: next((j for j in jobs(env).values() if j["status"] == "running"
                                            and j["progress"]["done"] >= 2
                                            and node_of(j) == second["NodeID"][:6]), None),
@@ -156,6 +158,10 @@ def test_losing_a_node_loses_no_job_and_a_node_that_comes_back_is_used(cluster, 
 
         cluster.add_node()  # the node comes back (a new raylet, a new node id)
         wait_for(lambda: "a node joined the cluster" in log.read_text(), 60, "the runner to see the new node")
+        old_nodes = {head["NodeID"][:6], second["NodeID"][:6]}
+        wait_for(lambda: any(w["slot"].split("@")[-1] not in old_nodes and w["state"] == "idle"
+                             for w in json.loads(run_qrun("workers", "--json", env=env, check=True).stdout)),
+                 120, "the new node's worker to be up and polling")
         more = submit(env, "--model", str(tiny_qwen2), "--group-size", "32",
                       *[a for b in ("2", "3", "4", "8") for a in ("--bits", b)])
         wait_for(lambda: {jobs(env)[i]["status"] for i in more} == {"succeeded"}, 300, "the new jobs")

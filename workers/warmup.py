@@ -74,11 +74,10 @@ def build_kernels(device: str, names: tuple[str, ...] | list[str] | None = None)
             ok, why = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         return name, time.perf_counter() - started, ok, why
 
-    import gptqmodel  # noqa: F401 -- its import (seconds) is no build: keep it out of the timings
-
     names = tuple(names) if names is not None else kernels_for(device)
     if not names:
-        return []
+        return []  # nothing to build: not even GPTQModel's import (seconds) is paid here
+    import gptqmodel  # noqa: F401 -- its import (seconds) is no build: keep it out of the timings
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
         return list(pool.map(timed, names))
 
