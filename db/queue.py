@@ -527,11 +527,14 @@ def finished_among(db: Database, job_ids: Iterable[int]) -> set[int]:
                                                   Job.status.in_([st.value for st in FINISHED]))).scalars())
 
 
-def pending_count(db: Database) -> int:
-    """Jobs not yet finished: queued (runnable or waiting on upstream) or running."""
+def pending_count(db: Database, most_gpus: int | None = None) -> int:
+    """Jobs not yet finished: queued (runnable or waiting on upstream) or running. most_gpus: only
+    those that need no more GPUs (a CPU worker's drain is over when nothing it could ever take is left)."""
+    query = select(func.count()).select_from(Job).where(Job.status.notin_([st.value for st in FINISHED]))
+    if most_gpus is not None:
+        query = query.where(gpus_needed() <= most_gpus)
     with db.transaction() as s:
-        return s.execute(select(func.count()).select_from(Job)
-                         .where(Job.status.notin_([st.value for st in FINISHED]))).scalar()
+        return s.execute(query).scalar()
 
 
 def jobs_held_by(db: Database, worker: str) -> list[int]:

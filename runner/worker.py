@@ -197,7 +197,9 @@ class QueueWorker:
         if time.monotonic() - self._last_report >= WORKER_REPORT_S:
             self._report(queue.worker_heartbeat, self.name, job=None)
         self._remove_staging_of_finished_jobs()
-        if only_multi_gpu or (burst and queue.pending_count(self.db) == 0):
+        # A GPU worker may yet be merged into one for jobs that need several GPUs; a CPU worker never.
+        takeable = None if self.use_gpu else self.gpus
+        if only_multi_gpu or (burst and queue.pending_count(self.db, takeable) == 0):
             return DRAINED  # a worker of several GPUs lives only while such jobs are ready
         return IDLE
 

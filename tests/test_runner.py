@@ -84,3 +84,16 @@ def test_warmup_builds_or_loads_the_kernels_a_cpu_job_uses(qrun_home):
     result = run_qrun("warmup", "--device", "cpu", check=True)
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("GPTQModel's kernels ready")]
     assert "int4_qzero_group_scaled_cpu" in line, result.stderr
+
+
+def test_a_cpu_worker_drains_past_a_job_that_needs_several_gpus(db, tiny_qwen2):
+    """`qrun run --until-empty` on a machine without GPUs ends: a job that needs 2 GPUs is left queued
+    (a GPU runner takes it), not waited for."""
+    from qrun.db import queue
+    from qrun.db.queue import JobSpec
+    from qrun.db.states import Kind
+    from qrun.runner.worker import QueueWorker
+
+    (big,) = queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, str(tiny_qwen2), {"bits": 4, "gpus": 2})])
+    assert QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30).drain(burst=True) == []
+    assert queue.get_job(db, big).status == "queued"
