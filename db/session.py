@@ -351,7 +351,7 @@ def _prepare_schema_locked(engine: Engine, url: str) -> None:
         if version > SCHEMA_VERSION:
             raise SchemaTooNew(
                 f"database {masked_url(url)} has schema version {version}, newer than this qrun's {SCHEMA_VERSION}: "
-                "upgrade qrun (pip install -U qrun) or point --db elsewhere"
+                "upgrade qrun (pip install -U qrun-quant) or point --db elsewhere"
             )
         while version < SCHEMA_VERSION:
             MIGRATIONS[version](session)
