@@ -83,12 +83,6 @@ def build_cpu_kernels(log: TextIO) -> None:
     stderr_line(f"qrun demo: building CPU kernels, once: {time.perf_counter() - started:.0f} s")
 
 
-def run_log_path(home: Path) -> Path:
-    logs = Path(home) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    return logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-
-
 def _terminal_handlers() -> list[tuple[logging.Logger, logging.Handler]]:
     """(logger, handler) for the handlers that libraries attached to their loggers and that write to
     the terminal: torch's (a stderr handler: the "W1125 ... _pytree.py" lines), transformers'."""
@@ -177,9 +171,9 @@ def demo(ctx):
     """Show qrun end to end on this machine, offline: train a tiny demo model on synthetic dialogs
     (once; kept under $QRUN_HOME/demo), quantize it to 8, 4 and 2 bits, evaluate every variant and the
     baseline, and print `qrun compare` and what it says. The model is a toy, not a fraud detector."""
-    from qrun.db.session import qrun_home
+    from qrun.cli.run import run_log_path
 
-    log_path = run_log_path(qrun_home())
+    log_path = run_log_path()
     stderr_line(first_line(log_path))
     with open(log_path, "a", encoding="utf-8", buffering=1) as log, library_notices_to(log):
         ok = _run_demo(ctx, log)

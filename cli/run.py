@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import TextIO
 
 import click
@@ -140,8 +143,19 @@ def run(ctx, gpus, cpu_workers, burst, ray_address, lease_s):
         raise BadInput(f"--cpu-workers {cpu_workers} must be positive")
     if lease_s < 1:
         raise BadInput(f"--lease {lease_s} must be at least 1 second")
-    if drain(open_db(ctx), "qrun", gpu_list, cpu_workers, burst, ray_address, lease_s):
-        ctx.exit(1)
+    db = open_db(ctx)
+    log_path = run_log_path()
+    with log_path.open("a", encoding="utf-8") as notices:
+        if drain(db, "qrun", gpu_list, cpu_workers, burst, ray_address, lease_s,
+                 note=f" (Ray's own notices: {log_path})", ray_notices=notices):
+            ctx.exit(1)
+
+
+def run_log_path() -> Path:
+    """A run's own log, beside the jobs' (it takes Ray's notices: they are not the user's business)."""
+    from qrun.db.session import logs_root
+
+    return logs_root() / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 COMMANDS = [run]

@@ -45,7 +45,23 @@ class RayCluster:
         self.log = tmp / "ray-start.log"
         self._ray("start", "--head", f"--port={self.port}", *(head_resources or ("--num-cpus=1",)),
                   "--include-dashboard=false")
-        self.session = Path("/tmp/ray/session_latest").resolve().name
+        self.session = self._session_of_gcs_on(self.port)
+
+    @staticmethod
+    def _session_of_gcs_on(port: int) -> str:
+        """This cluster's session name, from its GCS's own arguments (not /tmp/ray/session_latest,
+        which another Ray starting at the same moment -- a `qrun run` -- may have taken)."""
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if f"--gcs_server_port={port}" in args:
+                log_dir = next(a for a in args if a.startswith("--log_dir="))
+                return Path(log_dir.split("=", 1)[1]).parent.name
+        raise AssertionError(f"no GCS server on port {port}")
 
     def _ray(self, *args: str) -> None:
         with self.log.open("a") as log:
