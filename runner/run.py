@@ -20,6 +20,7 @@ from qrun.db import queue
 from qrun.db.errors import BadInput
 from qrun.db.session import qrun_home
 from qrun.runner.worker import FAKE_GPUS_ENV, QueueWorker
+from qrun.workers.jobs import Backoff
 
 MAX_ACTOR_RESTARTS = 5  # per slot, per `qrun run`: a worker that keeps dying is a bug, not bad luck
 
@@ -211,7 +212,7 @@ class Supervisor:
         self.names: dict[Slot, str] = {}  # each live worker's name in the table (host:pid:slot)
         self.draining: dict[object, Slot] = {}
         self.notices: dict[Slot, object] = {}
-        self.failures: dict[Slot, int] = {}  # in a row, per slot
+        self.backoffs: dict[Slot, Backoff] = {}  # failed drains in a row, per slot, and the pause they earn
         self.resume_at: dict[Slot, float] = {}  # slots that wait out a pause before draining again
         self.started: set[Slot] = set()  # slots whose worker came up at least once
         self.refused: dict[Slot, str] = {}  # slots whose worker could not start, and why
@@ -230,7 +231,7 @@ class Supervisor:
     def _add(self, slot: Slot, drain: bool = True) -> None:
         self.actors[slot] = create_worker(slot, self.db.url, self.lease_s, self.threads, self.home_token)
         self.identities[slot] = self.actors[slot].identity.remote()
-        self.failures.setdefault(slot, 0)
+        self.backoffs.setdefault(slot, Backoff())
         if drain:
             self._start_drain(slot)
 
@@ -309,7 +310,7 @@ class Supervisor:
             return
         try:
             self.outcomes.extend(ray.get(ref))
-            self.failures[slot] = 0
+            self.backoffs[slot].reset()
             if slot in self.lent or slot in self.multi:
                 self._room_changed(slot)
             return
@@ -336,12 +337,13 @@ class Supervisor:
         if slot in self.lent or slot in self.multi:
             self._room_changed(slot)
             return
-        self.failures[slot] += 1
-        if self.failures[slot] > MAX_ACTOR_RESTARTS:  # Ray's restarts are spent: a fresh actor
+        backoff = self.backoffs[slot]
+        pause_s = backoff.next_wait()
+        if backoff.failures > MAX_ACTOR_RESTARTS:  # Ray's restarts are spent: a fresh actor
             self._drop(slot)
             self._add(slot, drain=False)  # it drains once the pause below is over
-            self.failures[slot] = 1
-        pause_s = min(30.0, 2.0 ** (self.failures[slot] - 1))
+            backoff.reset()
+            pause_s = backoff.next_wait()
         self.resume_at[slot] = time.monotonic() + pause_s
 
     # ------------------------------------------------------------ jobs that need several GPUs
@@ -391,8 +393,7 @@ class Supervisor:
         """A lent one-GPU worker left (the big worker starts once all have), or the big one ended
         (its GPUs go back to one-GPU workers)."""
         if slot in self.multi:  # the big worker is done: no such job is ready any more
-            parts = self.multi.pop(slot)
-            self._give_back_jobs_of(slot, f"worker {slot.name} ended")
+            parts = self.multi.pop(slot)  # a job it held was given back where its drain ended
             self._drop(slot)
             for part in parts:
                 self.lent.pop(part, None)
