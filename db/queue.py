@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import pwd
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -259,7 +259,8 @@ def most_urgent_ready_job(db: Database) -> tuple[int, int] | None:
 
 
 def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAULT_LEASE_S, *,
-              gpus: int = 1, only_multi_gpu: bool = False) -> Job | None:
+              gpus: int = 1, only_multi_gpu: bool = False,
+              passable: Collection[int] | None = None) -> Job | None:
     """Take the most urgent ready job for `worker`, in one atomic statement; None when none is ready.
 
     Ready: queued, and its upstream job (if any) succeeded. A worker holding `gpus` GPUs takes only
@@ -267,7 +268,13 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
     `only_multi_gpu` limits it to jobs that need more than one. Expired leases are settled first, in
     the same transaction, so any running qrun keeps the table honest. Orphans of failed upstream
     jobs are never ready; they are failed only when nothing is, as finding them scans the queue.
+
+    `passable` is given by a worker that the runner may lend to a job needing more GPUs than it
+    holds: when the most urgent ready job is such a job and not among these ids (the runner has not
+    decided yet where it runs), the worker takes nothing, so that no later job overtakes it meanwhile.
     """
+    if passable is not None and _waits_for_more_gpus(db, gpus, passable):
+        return None
     ready = _ready().where(gpus_needed() <= gpus)
     if only_multi_gpu:
         ready = ready.where(gpus_needed() > 1)
@@ -294,6 +301,12 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
             return s.get(Job, row.id)
     fail_orphans(db)
     return None
+
+
+def _waits_for_more_gpus(db: Database, gpus: int, passable: Collection[int]) -> bool:
+    """Whether the most urgent ready job needs more than `gpus` GPUs and may not be passed by yet."""
+    head = most_urgent_ready_job(db)
+    return head is not None and head[1] > gpus and head[0] not in passable
 
 
 def _held(worker: str, job_id: int):

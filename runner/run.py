@@ -219,6 +219,7 @@ class Supervisor:
         self.multi: dict[Slot, list[Slot]] = {}  # a worker of several GPUs -> the one-GPU slots it replaces
         self.lent: dict[Slot, Slot] = {}  # one-GPU slot -> the worker of several GPUs it makes room for
         self.told: set[int] = set()  # jobs already said to need more GPUs than any node has
+        self.passable: set[int] = set()  # jobs of several GPUs placed already: one-GPU workers pass them
         self.outcomes: list[tuple[int, str]] = []
         self.restarts = 0
         self.stopping = False
@@ -236,7 +237,7 @@ class Supervisor:
             self._start_drain(slot)
 
     def _start_drain(self, slot: Slot) -> None:
-        self.draining[self.actors[slot].drain.remote(self.burst, slot.gpus > 1)] = slot
+        self.draining[self.actors[slot].drain.remote(self.burst, slot.gpus > 1, tuple(self.passable))] = slot
 
     def _drop(self, slot: Slot) -> None:
         import ray
@@ -352,11 +353,12 @@ class Supervisor:
     # node, the first node with N one-GPU workers lends N of them: they finish the job in hand, take
     # no other, and give way to one worker holding the N GPUs, which runs every ready job that needs
     # several GPUs (up to N) and then gives the GPUs back. One-GPU jobs submitted after the big one
-    # cannot overtake it there, so a stream of them never starves it; other nodes keep working.
+    # cannot overtake it there, so a stream of them never starves it; the other workers go on.
+    # Until the runner has placed such a job, one-GPU workers take nothing (db.queue.claim_job's
+    # `passable`): a worker that finishes a job in the meantime must not take a later one instead.
+    # Once placed (room made, or no node has room: said once) it is passed by all but the lent ones.
 
     def _make_room_for_a_multi_gpu_job(self) -> None:
-        if self.multi:
-            return  # one at a time
         try:
             head = queue.most_urgent_ready_job(self.db)
         except Exception:  # noqa: BLE001 -- the table is out of reach: workers say so already
@@ -364,6 +366,9 @@ class Supervisor:
         if head is None or head[1] <= 1:
             return
         job_id, need = head
+        if self.multi:  # one at a time: it waits for the big worker to end (or is taken by it)
+            self._let_pass(job_id)
+            return
         by_node: dict[str, list[Slot]] = {}
         for slot in self.actors:
             if slot.use_gpu and slot.gpus == 1 and slot.node_id:
@@ -373,6 +378,7 @@ class Supervisor:
             if job_id not in self.told:
                 self.told.add(job_id)
                 self.say(f"job {job_id} needs {need} GPUs of one node and no node here has that many: it waits")
+            self._let_pass(job_id)
             return
         parts = sorted(by_node[node], key=lambda s: s.name)[:need]
         on_cluster = "@" in parts[0].name
@@ -388,6 +394,16 @@ class Supervisor:
                 self.actors[part].yield_after_job.remote()
             else:  # paused after a failure: nothing to finish
                 self._room_changed(part)
+        self._let_pass(job_id, lent=parts)
+
+    def _let_pass(self, job_id: int, lent: list[Slot] = ()) -> None:
+        """Tell the one-GPU workers (but the lent ones) that later jobs may overtake this one now."""
+        if job_id in self.passable:
+            return
+        self.passable.add(job_id)
+        for slot, actor in self.actors.items():
+            if slot.gpus == 1 and slot not in lent:
+                actor.may_pass.remote([job_id])
 
     def _room_changed(self, slot: Slot) -> None:
         """A lent one-GPU worker left (the big worker starts once all have), or the big one ended

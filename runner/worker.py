@@ -69,6 +69,10 @@ class QueueWorker:
         self.gpus = gpus  # GPUs this worker holds (jobs that need several GPUs of one node get one such)
         self._stop = threading.Event()
         self._yield = threading.Event()  # leave after the job in hand: its GPUs go to a bigger worker
+        # A one-GPU worker may be lent to a job that needs several GPUs of its node: it waits behind
+        # such a job until the runner has placed it, then passes it (ids the runner sends, may_pass).
+        self._lendable = use_gpu and gpus == 1
+        self._passable: set[int] = set()
         self._kernels_ready = False
         self._notices: collections.deque[str] = collections.deque(maxlen=200)
         self.device = self._bootstrap()
@@ -112,6 +116,10 @@ class QueueWorker:
     def yield_after_job(self) -> None:
         """Finish the job in hand, then leave the drain without claiming another (see runner.run)."""
         self._yield.set()
+
+    def may_pass(self, job_ids) -> None:
+        """The runner has placed these jobs that need several GPUs: later jobs may overtake them here."""
+        self._passable.update(job_ids)
 
     def notice(self, text: str) -> None:
         """Something the people watching the runner should read (it prints them between jobs)."""
@@ -187,8 +195,9 @@ class QueueWorker:
             return DRAINED
         if not self._kernels_ready and queue.most_urgent_ready_job(self.db) is not None:
             self._build_kernels()
+        passable = frozenset(self._passable) if self._lendable and not only_multi_gpu else None
         job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s, gpus=self.gpus,
-                              only_multi_gpu=only_multi_gpu)
+                              only_multi_gpu=only_multi_gpu, passable=passable)
         if job is not None:
             self._report(queue.worker_heartbeat, self.name, job=job.id)
             outcome = self.run_one(job)
@@ -203,9 +212,12 @@ class QueueWorker:
             return DRAINED  # a worker of several GPUs lives only while such jobs are ready
         return IDLE
 
-    def drain(self, burst: bool = True, only_multi_gpu: bool = False) -> list[tuple[int, str]]:
+    def drain(self, burst: bool = True, only_multi_gpu: bool = False,
+              passable: tuple[int, ...] = ()) -> list[tuple[int, str]]:
         """Run jobs until none is left (burst) or a stop is requested; returns (job id, outcome) pairs.
-        only_multi_gpu: take only jobs that need several GPUs, and return when none is ready."""
+        only_multi_gpu: take only jobs that need several GPUs, and return when none is ready.
+        passable: jobs that need several GPUs which the runner has placed already (see may_pass)."""
+        self._passable.update(passable)
         ran = []
         backoff = Backoff()
         while not self._stop.is_set():

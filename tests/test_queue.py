@@ -188,3 +188,18 @@ def test_sqlite_is_in_wal_mode(qrun_home):
     with database.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     database.dispose()
+
+
+def test_a_lendable_worker_waits_behind_a_multi_gpu_job_until_it_is_placed(db):
+    """A one-GPU worker that the runner may lend takes nothing while the most urgent ready job needs
+    two GPUs and the runner has not placed it: a later one-GPU job must not overtake it meanwhile.
+    Once it is passable the worker takes the later job; a CPU worker (passable=None) never waits."""
+    first, big, later = queue.submit_jobs(db, [spec(), spec(params={"bits": 4, "gpus": 2}), spec()])
+    assert queue.claim_job(db, "gpu0", "0", passable=frozenset()).id == first
+    assert queue.claim_job(db, "gpu1", "1", passable=frozenset()) is None
+    assert queue.get_job(db, later).status == "queued"
+    assert queue.claim_job(db, "gpu1", "1", passable=frozenset({big})).id == later
+    assert queue.get_job(db, big).status == "queued"
+    (cpu_job,) = queue.submit_jobs(db, [spec()])
+    assert queue.claim_job(db, "cpu0", None).id == cpu_job  # passable=None: jobs of several GPUs are skipped
+    assert queue.claim_job(db, "gpu01", "0,1", gpus=2, only_multi_gpu=True).id == big
