@@ -1,0 +1,138 @@
+"""The quantization methods a sweep can hold: what each takes, what it needs, what its variant is called.
+
+Plain Python, no torch: `qrun submit` checks a sweep with this table before anything is queued, the
+queue routes jobs by what it says a method needs (a GPU, a compute capability), and the quantize job
+dispatches on the method's name (workers.quantize).
+
+A job's params carry the method as `method` (absent: GPTQ, as every job before methods existed) and,
+for GGUF, its quant type as `gguf_type`. A method that needs a GPU puts `needs_gpu: true` (and, where
+it needs newer GPUs, `min_compute_capability`) into the params: a CPU worker never claims such a job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qrun.db.errors import BadInput
+
+DEFAULT_METHOD = "gptq"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # as --method spells it
+    bits: tuple[int, ...]  # the bit widths it quantizes to
+    grouped: bool  # takes --group-size (and --desc-act / --asym where GPTQ-like)
+    calibrated: bool  # reads calibration data
+    needs_gpu: bool = False  # a CPU worker never claims it
+    min_compute_capability: float | None = None  # e.g. FP8's tensor cores: 8.9 (Ada, Hopper)
+    about: str = ""
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("gptq", (2, 3, 4, 8), grouped=True, calibrated=True,
+           about="GPTQ (GPTQModel): second-order, layer by layer, calibrated"),
+    Method("awq", (4,), grouped=True, calibrated=True,
+           about="AWQ (GPTQModel): activation-aware scales, calibrated; 4 bits"),
+    Method("rtn", (2, 3, 4, 8), grouped=True, calibrated=False,
+           about="round-to-nearest: no calibration, the floor that calibration must beat"),
+    Method("fp8", (8,), grouped=False, calibrated=False, needs_gpu=True, min_compute_capability=8.9,
+           about="FP8 e4m3 weights (GPTQModel): Ada/Hopper GPUs (compute capability 8.9 or more)"),
+    Method("gguf", (4, 5, 6, 8), grouped=False, calibrated=False,
+           about="GGUF (llama.cpp, Ollama): its own quant types, --gguf-type q4_k_m, q8_0, ..."),
+    Method("bnb-nf4", (4,), grouped=False, calibrated=False, needs_gpu=True,
+           about="bitsandbytes NF4 with double quantization (QLoRA's loading, seed 002): CUDA GPUs"),
+)}
+
+# GGUF quant types qrun makes, with their bit width; the default type for each width of --bits.
+GGUF_TYPES = {"q4_0": 4, "q4_k_s": 4, "q4_k_m": 4, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6, "q8_0": 8}
+GGUF_DEFAULT_TYPE = {4: "q4_k_m", 5: "q5_k_m", 6: "q6_k", 8: "q8_0"}
+
+
+def method_of(params: dict) -> Method:
+    """The method of a job's params (GPTQ when they name none)."""
+    return METHODS[params.get("method") or DEFAULT_METHOD]
+
+
+def check_method(name: str) -> Method:
+    """The method called `name`, or BadInput listing the ones there are."""
+    if name not in METHODS:
+        raise BadInput(f"--method {name!r} is not one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def check_gguf_type(name: str) -> str:
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in GGUF_TYPES:
+        raise BadInput(f"--gguf-type {name!r} is not one of {', '.join(GGUF_TYPES)}")
+    return key
+
+
+def requirements(method: Method) -> dict:
+    """What a job of this method adds to its params so that only a worker able to run it claims it."""
+    needs: dict = {}
+    if method.needs_gpu:
+        needs["needs_gpu"] = True
+    if method.min_compute_capability is not None:
+        needs["min_compute_capability"] = method.min_compute_capability
+    return needs
+
+
+def what_it_waits_for(params: dict) -> str | None:
+    """For `qrun status`: the kind of worker a queued job of this method waits for, or None (any)."""
+    if not params.get("needs_gpu"):
+        return None
+    method = method_of(params)
+    cc = params.get("min_compute_capability")
+    return (f"waits for a GPU worker ({method.name} needs a GPU" +
+            (f" of compute capability {cc:g} or more)" if cc else ")"))
+
+
+def label(params: dict) -> str:
+    """A variant's short name, as in tables and artifact names: GPTQ keeps its historic w4g128;
+    other grouped methods prefix their name (awq-w4g128, rtn-w8g128); the others name their type
+    (fp8, gguf-q4_k_m, bnb-nf4)."""
+    method = method_of(params)
+    if method.name == "gguf":
+        return f"gguf-{params.get('gguf_type') or GGUF_DEFAULT_TYPE[params['bits']]}"
+    if not method.grouped:
+        return method.name
+    group = params.get("group_size", 128)
+    text = f"w{params['bits']}" + ("gall" if group == -1 else f"g{group}")
+    text += ("-act" if params.get("desc_act") else "") + ("" if params.get("sym", True) else "-asym")
+    return text if method.name == DEFAULT_METHOD else f"{method.name}-{text}"
+
+
+def points_of_method(method: Method, bits: tuple[int, ...], gguf_types: tuple[str, ...], alone: bool) -> list[dict]:
+    """The sweep points one method contributes: {"method", "bits"[, "gguf_type"]} each.
+
+    A width the method does not take is skipped when other methods share the sweep (`--method gptq
+    --method awq --bits 4 --bits 8` gives AWQ only at 4 bits) and refused when it is alone or when no
+    width is left for it. Fixed-width methods (fp8, bnb-nf4) give one point; GGUF takes its types from
+    --gguf-type, else the default type of each width."""
+    if method.name == "gguf" and gguf_types:
+        return [{"method": "gguf", "bits": GGUF_TYPES[t], "gguf_type": t} for t in dict.fromkeys(gguf_types)]
+    fitting = [b for b in dict.fromkeys(bits) if b in method.bits]
+    unfit = [b for b in bits if b not in method.bits]
+    widths = ", ".join(map(str, method.bits))
+    if not fitting or (alone and unfit):
+        raise BadInput(f"--method {method.name} quantizes to {widths} bits, not --bits {unfit[0] if unfit else bits[0]}"
+                       + ("; give --gguf-type or --bits 4/5/6/8" if method.name == "gguf" else ""))
+    if method.name == "gguf":
+        return [{"method": "gguf", "bits": b, "gguf_type": GGUF_DEFAULT_TYPE[b]} for b in fitting]
+    if len(method.bits) == 1:
+        return [{"method": method.name, "bits": method.bits[0]}]
+    return [{"method": method.name, "bits": b} for b in fitting]
+
+
+def check_method_options(method: Method, group_sizes: tuple[int, ...], desc_act: bool, sym: bool,
+                         calib: str | None, explicit_group_size: bool) -> None:
+    """Options that mean nothing for this method, given explicitly: refused rather than ignored."""
+    if not method.grouped and explicit_group_size:
+        raise BadInput(f"--method {method.name} takes no --group-size (it has its own block layout)")
+    if method.name != "gptq" and desc_act:
+        raise BadInput(f"--method {method.name} takes no --desc-act (GPTQ's activation order)")
+    if not method.grouped and not sym:
+        raise BadInput(f"--method {method.name} takes no --asym")
+    if not method.calibrated and calib:
+        raise BadInput(f"--method {method.name} uses no calibration data: leave out --calib")
