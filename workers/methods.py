@@ -136,3 +136,16 @@ def check_method_options(method: Method, group_sizes: tuple[int, ...], desc_act:
         raise BadInput(f"--method {method.name} takes no --asym")
     if not method.calibrated and calib:
         raise BadInput(f"--method {method.name} uses no calibration data: leave out --calib")
+
+
+def check_widths(params: dict, widths) -> None:
+    """BadInput when a layer width does not fit the method's blocks. widths: (name, width) pairs.
+    GGUF packs each row in blocks: 256 weights for K-quants (q4_k_m, q6_k), 32 for q4_0/q8_0."""
+    if method_of(params).name != "gguf":
+        return
+    gguf_type = params.get("gguf_type") or GGUF_DEFAULT_TYPE[params["bits"]]
+    block = 256 if "_k" in gguf_type else 32
+    for name, width in widths:
+        if width and width % block:
+            raise BadInput(f"--gguf-type {gguf_type} packs rows in blocks of {block}: the model's {name} {width} "
+                           f"is not a multiple" + ("; use q4_0 or q8_0" if block == 256 else ""))
