@@ -108,20 +108,25 @@ def points_of_method(method: Method, bits: tuple[int, ...], gguf_types: tuple[st
 
     A width the method does not take is skipped when other methods share the sweep (`--method gptq
     --method awq --bits 4 --bits 8` gives AWQ only at 4 bits) and refused when it is alone or when no
-    width is left for it. Fixed-width methods (fp8, bnb-nf4) give one point; GGUF takes its types from
-    --gguf-type, else the default type of each width."""
+    width is left for it. Fixed-width methods (fp8, bnb-nf4) give one point, whatever the sweep's bits
+    (alone, a --bits other than theirs is refused); GGUF takes its types from --gguf-type, else the
+    default type of each width."""
     if method.name == "gguf" and gguf_types:
         return [{"method": "gguf", "bits": GGUF_TYPES[t], "gguf_type": t} for t in dict.fromkeys(gguf_types)]
     fitting = [b for b in dict.fromkeys(bits) if b in method.bits]
     unfit = [b for b in bits if b not in method.bits]
     widths = ", ".join(map(str, method.bits))
-    if not fitting or (alone and unfit):
-        raise BadInput(f"--method {method.name} quantizes to {widths} bits, not --bits {unfit[0] if unfit else bits[0]}"
-                       + ("; give --gguf-type or --bits 4/5/6/8" if method.name == "gguf" else ""))
+    fixed = len(method.bits) == 1 and method.name not in ("gptq", "awq", "rtn")  # fp8, bnb-nf4: no choice
+    if not bits and not fixed:
+        raise BadInput(f"--method {method.name} needs --bits ({widths})"
+                       + (" or --gguf-type" if method.name == "gguf" else ""))
+    if (alone and unfit) or (not fitting and not fixed):
+        raise BadInput(f"--method {method.name} quantizes to {widths} bits, not --bits {unfit[0]}"
+                       + ("; or give --gguf-type" if method.name == "gguf" else ""))
+    if fixed:
+        return [{"method": method.name, "bits": method.bits[0]}]
     if method.name == "gguf":
         return [{"method": "gguf", "bits": b, "gguf_type": GGUF_DEFAULT_TYPE[b]} for b in fitting]
-    if len(method.bits) == 1:
-        return [{"method": method.name, "bits": method.bits[0]}]
     return [{"method": method.name, "bits": b} for b in fitting]
 
 
