@@ -112,6 +112,11 @@ def _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note) -> lis
     stderr_line(f"{who}: ran {len(summary.outcomes)} job(s), {len(failed)} failed"
                 + (f", {summary.restarts} worker restart(s)" if summary.restarts else "")
                 + (" (interrupted: running jobs were given back)" if summary.interrupted else ""))
+    if burst and not summary.interrupted:
+        waiting = queue.queued_for_a_gpu(db)
+        if waiting:
+            stderr_line(f"{who}: {waiting} job(s) wait for a GPU worker (their method needs a GPU: fp8, bnb-nf4); "
+                        "run qrun where there is one")
     if summary.interrupted:
         click.get_current_context().exit(130)
     return failed

@@ -36,17 +36,12 @@ COUNT_METRICS = frozenset({"bits", "group_size", "calib_samples", "calib_tokens"
 # ---------------------------------------------------------------- one job, as text
 
 
-@lru_cache(maxsize=1024)
-def _quantize_label(bits, group_size, desc_act, sym) -> str:
-    from qrun.workers.quantize import QuantizeParams
-
-    return QuantizeParams(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym).label()
-
-
 def short_params(job) -> str:
+    from qrun.workers.methods import label
+
     p = job.params or {}
     if job.kind == "quantize":
-        text = _quantize_label(p.get("bits"), p.get("group_size", 128), p.get("desc_act", False), p.get("sym", True))
+        text = label(p)
         return text if p.get("damp_percent", 0.01) == 0.01 else f"{text} damp={p['damp_percent']}"
     target = p.get("variant", "?")
     what = [p.get("mode", "score")] if p.get("data") else []
@@ -93,7 +88,8 @@ def clock(seconds: float) -> str:
 def progress_cell(job, now: datetime | None = None) -> str:
     """`layer 12/28 · 43% · ETA 0:31` while running; `layer 28/28` once finished; `after 12` while waiting."""
     if job.status == "queued":
-        return f"after {job.depends_on}" if job.depends_on else ""
+        waits = [f"after {job.depends_on}"] if job.depends_on else []
+        return " · ".join(waits + [needs_text(job.params or {})] if (job.params or {}).get("needs_gpu") else waits)
     if not job.progress_total:
         return ""
     text = f"{progress_unit(job.kind)} {job.progress_done}/{job.progress_total}"
@@ -102,6 +98,12 @@ def progress_cell(job, now: datetime | None = None) -> str:
     text += f" · {100 * job.progress_done // job.progress_total}%"
     eta = eta_s(job, now)
     return text + (f" · ETA {clock(eta)}" if eta is not None else "")
+
+
+def needs_text(params: dict) -> str:
+    """What a queued job whose method needs a GPU waits for: `needs a GPU`, `needs a GPU, cc ≥ 8.9`."""
+    cc = params.get("min_compute_capability")
+    return "needs a GPU" + (f", cc ≥ {cc:g}" if cc else "")
 
 
 def _fmt_elapsed(seconds: float | None) -> str:

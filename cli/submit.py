@@ -17,10 +17,17 @@ def _params_that_matter(kind: str, params: dict) -> str:
     from pathlib import Path
 
     if kind == Kind.QUANTIZE.value:
-        calib = Path(params["calib"]).name if params.get("calib") else "built-in text"
-        return (f"bits={params['bits']} group={params['group_size']} damp={params['damp_percent']:g}"
-                + (" desc_act" if params.get("desc_act") else "") + ("" if params.get("sym", True) else " asym")
-                + f" calib={calib}×{params['calib_samples']}")
+        method = params.get("method", "gptq")
+        if method != "gptq" and "group_size" not in params:  # fp8, gguf, bnb-nf4
+            return f"method={method} " + (f"type={params['gguf_type']}" if "gguf_type" in params else f"bits={params['bits']}")
+        text = f"method={method} bits={params['bits']} group={params['group_size']}"
+        if "damp_percent" in params:
+            text += f" damp={params['damp_percent']:g}"
+        text += (" desc_act" if params.get("desc_act") else "") + ("" if params.get("sym", True) else " asym")
+        if "calib_samples" in params:
+            calib = Path(params["calib"]).name if params.get("calib") else "built-in text"
+            text += f" calib={calib}×{params['calib_samples']}"
+        return text
     what = [f"data={Path(params['data']).name} ({params.get('mode', 'score')})"] if params.get("data") else []
     what += [f"ppl={Path(params['ppl_data']).name}"] if params.get("ppl_data") else []
     return " ".join(what)
@@ -76,10 +83,17 @@ def finished_line(row: dict) -> str:
 
 @click.command()
 @click.option("--model", "model_dir", required=True, metavar="DIR", help="Local model directory (safetensors).")
-@click.option("--bits", type=int, multiple=True, required=True, help="Bits per weight (2, 3, 4, 8); repeat to sweep.")
-@click.option("--group-size", type=int, multiple=True, default=(128,), show_default=True,
-              help="Columns sharing one scale: 16, 32, 64, 128, 256, 512 or 1024 (dividing the layer widths), "
-                   "or -1 for one group per column; repeat to sweep.")
+@click.option("--method", multiple=True, default=("gptq",), show_default=True, metavar="NAME",
+              help="Quantization method: gptq, awq, rtn (round-to-nearest), fp8, gguf, bnb-nf4; repeat to sweep "
+                   "(each takes the --bits that apply to it).")
+@click.option("--bits", type=int, multiple=True, help="Bits per weight (gptq/rtn: 2, 3, 4, 8; awq: 4; gguf: 4, 5, 6, 8); "
+                                                      "repeat to sweep. fp8 and bnb-nf4 need none.")
+@click.option("--gguf-type", multiple=True, metavar="TYPE",
+              help="GGUF quant type (q4_0, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, q8_0); repeat to sweep. "
+                   "Default: q4_k_m for --bits 4, q8_0 for --bits 8.")
+@click.option("--group-size", type=int, multiple=True,
+              help="Columns sharing one scale (gptq, awq, rtn): 16, 32, 64, 128, 256, 512 or 1024 (dividing the "
+                   "layer widths), or -1 for one group per column; repeat to sweep.  [default: 128]")
 @click.option("--desc-act/--no-desc-act", default=False, show_default=True, help="Quantize columns by activation order.")
 @click.option("--sym/--no-sym", default=True, show_default=True, help="Symmetric quantization.")
 @click.option("--damp", type=float, multiple=True, default=(0.01,), show_default=True,
@@ -113,17 +127,17 @@ def finished_line(row: dict) -> str:
                    "exit 1 if one failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new job ids (with --dry-run: the planned jobs) as JSON.")
 @click.pass_context
-def submit(ctx, model_dir, bits, group_size, desc_act, sym, damp, calib, calib_samples, calib_max_len, batch_size,
+def submit(ctx, model_dir, method, bits, gguf_type, group_size, desc_act, sym, damp, calib, calib_samples, calib_max_len, batch_size,
            eval_data, eval_mode, eval_ppl, max_new_tokens, eval_batch_size, priority, max_attempts,
            trust_remote_code, allow_pickle, gpus_per_job, name, rerun, dry_run, wait_, as_json):
-    """Add quantize jobs (one per combination of --bits, --group-size, --damp), and with --eval an
+    """Add quantize jobs (one per combination of --method, --bits, --group-size, --damp), and with --eval an
     eval job for each plus one for the unquantized baseline: one sweep, with an id of its own.
     A job equal to one already queued, running or succeeded is not added (unless --rerun).
     Prints the new job ids."""
     import qrun
 
     result = qrun.submit(
-        model_dir, list(bits), group_size=list(group_size), desc_act=desc_act, sym=sym, damp=list(damp),
+        model_dir, list(bits), method=list(method), gguf_type=list(gguf_type), group_size=list(group_size), desc_act=desc_act, sym=sym, damp=list(damp),
         calib=calib, calib_samples=calib_samples, calib_max_len=calib_max_len, batch_size=batch_size,
         eval=eval_data, eval_mode=eval_mode, eval_ppl=eval_ppl, max_new_tokens=max_new_tokens,
         eval_batch_size=eval_batch_size, priority=priority, max_attempts=max_attempts,

@@ -200,6 +200,16 @@ def gpus_needed():
     return func.coalesce(Job.params["gpus"].as_integer(), 1)
 
 
+def runnable_by(gpus: int, compute_capability: float | None):
+    """SQL: the jobs a worker can run that holds `gpus` GPUs of this compute capability (None: a CPU
+    worker). A method that needs a GPU says so in its params (`needs_gpu`, `min_compute_capability`:
+    workers.methods): FP8 and bitsandbytes jobs are never claimed by a CPU worker."""
+    fits = gpus_needed() <= gpus
+    if compute_capability is None:
+        return and_(fits, Job.params["needs_gpu"].as_boolean().is_not(True))
+    return and_(fits, func.coalesce(Job.params["min_compute_capability"].as_float(), 0.0) <= compute_capability)
+
+
 def _ready():
     """Queued jobs whose upstream job (if any) succeeded, most urgent first."""
     upstream = aliased(Job)
@@ -259,13 +269,14 @@ def most_urgent_ready_job(db: Database) -> tuple[int, int] | None:
 
 
 def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAULT_LEASE_S, *,
-              gpus: int = 1, only_multi_gpu: bool = False,
-              passable: Collection[int] | None = None) -> Job | None:
+              gpus: int = 1, only_multi_gpu: bool = False, passable: Collection[int] | None = None,
+              compute_capability: float | None = None) -> Job | None:
     """Take the most urgent ready job for `worker`, in one atomic statement; None when none is ready.
 
     Ready: queued, and its upstream job (if any) succeeded. A worker holding `gpus` GPUs takes only
-    jobs that need no more (a CPU worker counts as one: it never takes a job that needs several);
-    `only_multi_gpu` limits it to jobs that need more than one. Expired leases are settled first, in
+    jobs that need no more (a CPU worker counts as one: it never takes a job that needs several), and
+    only jobs its device can run (`runnable_by`: compute_capability None is a CPU worker, which never
+    takes a job whose method needs a GPU); `only_multi_gpu` limits it to jobs that need more than one. Expired leases are settled first, in
     the same transaction, so any running qrun keeps the table honest. Orphans of failed upstream
     jobs are never ready; they are failed only when nothing is, as finding them scans the queue.
 
@@ -275,7 +286,7 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
     """
     if passable is not None and _waits_for_more_gpus(db, gpus, passable):
         return None
-    ready = _ready().where(gpus_needed() <= gpus)
+    ready = _ready().where(runnable_by(gpus, compute_capability))
     if only_multi_gpu:
         ready = ready.where(gpus_needed() > 1)
     if not db.is_sqlite:
@@ -540,14 +551,21 @@ def finished_among(db: Database, job_ids: Iterable[int]) -> set[int]:
                                                   Job.status.in_([st.value for st in FINISHED]))).scalars())
 
 
-def pending_count(db: Database, most_gpus: int | None = None) -> int:
-    """Jobs not yet finished: queued (runnable or waiting on upstream) or running. most_gpus: only
-    those that need no more GPUs (a CPU worker's drain is over when nothing it could ever take is left)."""
+def pending_count(db: Database, cpu_worker: bool = False) -> int:
+    """Jobs not yet finished: queued (runnable or waiting on upstream) or running. cpu_worker: only
+    those a CPU worker can run (its drain is over when nothing it could ever take is left)."""
     query = select(func.count()).select_from(Job).where(Job.status.notin_([st.value for st in FINISHED]))
-    if most_gpus is not None:
-        query = query.where(gpus_needed() <= most_gpus)
+    if cpu_worker:
+        query = query.where(runnable_by(1, None))
     with db.transaction() as s:
         return s.execute(query).scalar()
+
+
+def queued_for_a_gpu(db: Database) -> int:
+    """Queued jobs that only a GPU worker can take (their method needs one: workers.methods)."""
+    with db.transaction() as s:
+        return s.execute(select(func.count()).select_from(Job).where(
+            Job.status == Status.QUEUED.value, Job.params["needs_gpu"].as_boolean().is_(True))).scalar()
 
 
 def jobs_held_by(db: Database, worker: str) -> list[int]:

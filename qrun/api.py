@@ -75,12 +75,15 @@ class Submission:
                 for n, job in enumerate(self.planned, 1)]
 
 
-def submit(model, bits, *, group_size=128, desc_act=False, sym=True, damp=0.01, calib=None, calib_samples=128,
+def submit(model, bits=None, *, method="gptq", gguf_type=None, group_size=None, desc_act=False, sym=True, damp=0.01, calib=None, calib_samples=128,
            calib_max_len=1024, batch_size=16, eval=None, eval_mode="score", eval_ppl=None, max_new_tokens=32,
            eval_batch_size=8, priority=0, max_attempts=3, trust_remote_code=False, allow_pickle=False,
            name=None, rerun=False, dry_run=False, gpus_per_job=1, db=None) -> Submission:
-    """Add one quantize job per combination of bits, group_size and damp (each one value or a list), and
-    with `eval` (a labeled data file) an eval job after each plus one of the unquantized baseline.
+    """Add one quantize job per combination of method, bits, group_size and damp (each one value or a
+    list), and with `eval` (a labeled data file) an eval job after each plus one of the unquantized
+    baseline. Each method takes the part of the sweep that applies to it: method="awq" only 4 bits,
+    "gguf" its quant types (gguf_type, e.g. "q4_k_m"; default: one per width of bits), "fp8" and
+    "bnb-nf4" one variant each; group_size None is 128 where a method has groups.
 
     A job equal to one already queued, running or succeeded is not added again: the Submission's
     `existing` names it (rerun=True adds it anyway). All new jobs share one sweep id; `name` names the
@@ -90,7 +93,7 @@ def submit(model, bits, *, group_size=128, desc_act=False, sym=True, damp=0.01, 
     from qrun.sweeps import check_submission, check_sweep_name, plan_jobs
 
     request = check_submission(
-        model, bits, group_size=group_size, desc_act=desc_act, sym=sym, damp=damp, calib=calib,
+        model, bits, method=method, gguf_type=gguf_type, group_size=group_size, desc_act=desc_act, sym=sym, damp=damp, calib=calib,
         calib_samples=calib_samples, calib_max_len=calib_max_len, batch_size=batch_size, eval=eval,
         eval_mode=eval_mode, eval_ppl=eval_ppl, max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size,
         priority=priority, max_attempts=max_attempts, trust_remote_code=trust_remote_code,

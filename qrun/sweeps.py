@@ -15,6 +15,7 @@ from qrun.db.errors import BadInput
 from qrun.db.queue import JobSpec
 from qrun.db.states import Kind
 from qrun.variants import variant_labels
+from qrun.workers import methods
 
 EVAL_MODES = ("score", "generate")
 BASELINE = "baseline"
@@ -85,25 +86,33 @@ class SweepRequest:
     gpus: int = 1  # GPUs of one node each job holds
 
 
-def check_submission(model, bits, *, group_size=128, desc_act=False, sym=True, damp=0.01, calib=None,
-                     calib_samples=128, calib_max_len=1024, batch_size=16, eval=None, eval_mode="score",
-                     eval_ppl=None, max_new_tokens=32, eval_batch_size=8, priority=0, max_attempts=3,
-                     trust_remote_code=False, allow_pickle=False, gpus_per_job=1) -> SweepRequest:
-    """Every input of a submit checked (model, settings, files), and the sweep expanded: BadInput naming
-    the first bad one. Nothing is opened or written."""
+def check_submission(model, bits=None, *, method="gptq", gguf_type=None, group_size=None, desc_act=False, sym=True,
+                     damp=0.01, calib=None, calib_samples=128, calib_max_len=1024, batch_size=16, eval=None,
+                     eval_mode="score", eval_ppl=None, max_new_tokens=32, eval_batch_size=8, priority=0,
+                     max_attempts=3, trust_remote_code=False, allow_pickle=False, gpus_per_job=1) -> SweepRequest:
+    """Every input of a submit checked (model, methods, settings, files), and the sweep expanded: BadInput
+    naming the first bad one. Nothing is opened or written.
+
+    The sweep is methods × bits × group sizes × damps, each method taking the part that applies to it
+    (workers.methods): AWQ only 4 bits, GGUF its quant types, damp only GPTQ. group_size None: 128
+    where a method takes groups."""
     from qrun.workers.datasets import check_calibration_file
     from qrun.workers.inputs import (check_calibration_settings, check_gpus_per_job, check_job_counts,
-                                     check_priority, check_quantizable, check_quantize_settings, inspect_model)
+                                     check_priority, check_quantizable, inspect_model)
 
-    bits = as_values(bits, "--bits", int)
-    group_size = as_values(group_size, "--group-size", int)
+    chosen = [methods.check_method(m) for m in dict.fromkeys(as_names(method, "--method"))]
+    gguf_types = tuple(methods.check_gguf_type(t) for t in as_names(gguf_type, "--gguf-type")) if gguf_type else ()
+    if gguf_types and not any(m.name == "gguf" for m in chosen):
+        raise BadInput("--gguf-type applies to --method gguf only: add --method gguf")
+    bits = as_values(bits, "--bits", int) if bits not in (None, (), []) else ()
+    explicit_group = group_size not in (None, (), [])
+    group_size = as_values(group_size, "--group-size", int) if explicit_group else (128,)
     damp = as_values(damp, "--damp", float)
+    _check_options_apply(chosen, explicit_group, desc_act, sym, calib, damp)
     if eval_mode not in EVAL_MODES:
         raise BadInput(f"--eval-mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
     info = inspect_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     check_quantizable(info)
-    for b, g, d in itertools.product(bits, group_size, damp):
-        check_quantize_settings(info, b, g, d)
     check_calibration_settings(calib_samples, calib_max_len)
     check_job_counts(batch_size=batch_size, max_attempts=max_attempts)
     check_priority(priority)
@@ -114,17 +123,76 @@ def check_submission(model, bits, *, group_size=128, desc_act=False, sym=True, d
     if calib:
         check_calibration_file(calib, min_samples=min(calib_samples, 4))
     validate_eval_inputs(eval_data, eval_ppl, max_new_tokens, eval_batch_size)
-    points = [
-        {"bits": b, "group_size": g, "desc_act": desc_act, "sym": sym, "damp_percent": d,
-         "calib": calib or eval_data, "calib_samples": calib_samples, "calib_max_len": calib_max_len,
-         "batch_size": batch_size, "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
-        for b, g, d in dict.fromkeys(itertools.product(bits, group_size, damp))
-    ]
+    common = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+    calibration = {"calib": calib or eval_data, "calib_samples": calib_samples, "calib_max_len": calib_max_len,
+                   "batch_size": batch_size}
+    points = []
+    for chosen_method in chosen:
+        for point in methods.points_of_method(chosen_method, bits, gguf_types, alone=len(chosen) == 1):
+            points += _method_points(info, chosen_method, point, group_size, desc_act, sym, damp, calibration, common)
     eval_args = None
     if eval_data or eval_ppl:
         eval_args = dict(data=eval_data, mode=eval_mode, max_new_tokens=max_new_tokens, ppl=eval_ppl,
                          batch_size=eval_batch_size, trust_remote_code=trust_remote_code)
-    return SweepRequest(info.path, points, eval_args, priority, max_attempts, gpus_per_job)
+    return SweepRequest(info.path, list({_key(p): p for p in points}.values()), eval_args, priority,
+                        max_attempts, gpus_per_job)
+
+
+def as_names(value, option: str) -> tuple[str, ...]:
+    """A repeatable text option given as one value or several."""
+    values = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (value,)
+    if not values or any(not isinstance(v, str) or not v for v in values):
+        raise BadInput(f"{option} {value!r} must be a name or a list of names, like ['gptq', 'rtn']")
+    return values
+
+
+def _check_options_apply(chosen: list, explicit_group: bool, desc_act: bool, sym: bool, calib, damp) -> None:
+    """An option that no method of the sweep takes is refused, not silently ignored."""
+    names = ", ".join(m.name for m in chosen)
+    if explicit_group and not any(m.grouped for m in chosen):
+        raise BadInput(f"--group-size does not apply to --method {names} (they have their own block layout)")
+    if desc_act and not any(m.name == "gptq" for m in chosen):
+        raise BadInput(f"--desc-act is GPTQ's activation order: it does not apply to --method {names}")
+    if not sym and not any(m.name in ("gptq", "rtn") for m in chosen):
+        raise BadInput(f"--no-sym does not apply to --method {names}")
+    if calib and not any(m.calibrated for m in chosen):
+        raise BadInput(f"--calib does not apply to --method {names}: they use no calibration data")
+    if tuple(damp) != (0.01,) and not any(m.name == "gptq" for m in chosen):
+        raise BadInput(f"--damp is GPTQ's Hessian dampening: it does not apply to --method {names}")
+
+
+def _method_points(info, method, point: dict, group_sizes, desc_act, sym, damps, calibration: dict,
+                   common: dict) -> list[dict]:
+    """The params of one method's sweep point, crossed with the options that method takes, each checked."""
+    from qrun.workers.inputs import check_quantize_settings
+
+    extra = ({} if method.name == methods.DEFAULT_METHOD else {"method": method.name}) | methods.requirements(method)
+    if method.name == "gguf":
+        extra["gguf_type"] = point["gguf_type"]
+    if not method.grouped:
+        methods.check_widths(point | extra, info.widths or (("hidden size", info.hidden_size),
+                                                          ("intermediate size", info.intermediate_size)))
+        return [{"bits": point["bits"], **extra, **common}]
+    out = []
+    for g in group_sizes:
+        if method.name == "gptq":
+            for d in damps:
+                check_quantize_settings(info, point["bits"], g, d)
+                out.append({"bits": point["bits"], "group_size": g, "desc_act": desc_act, "sym": sym,
+                            "damp_percent": d, **calibration, **common})
+            continue
+        check_quantize_settings(info, point["bits"], g, 0.01, bits_of=method.bits)
+        settings = {"bits": point["bits"], "group_size": g}
+        if method.name == "rtn":
+            settings["sym"] = sym
+        out.append(settings | extra | (calibration if method.calibrated else {}) | common)
+    return out
+
+
+def _key(params: dict) -> str:
+    import json
+
+    return json.dumps(params, sort_keys=True)
 
 
 # ---------------------------------------------------------------- planning the jobs
@@ -192,8 +260,6 @@ def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:
     """Quantize jobs (one per sweep point), each followed by its eval, plus the baseline eval once.
     A job equal to one already queued, running or succeeded is not added (unless rerun): the plan
     names that job instead, and a new eval of an existing variant depends on the existing job."""
-    from qrun.workers.quantize import QuantizeParams
-
     from qrun.workers.inputs import gpus_param
 
     check_priority_cap(db, request.priority)
@@ -212,8 +278,9 @@ def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:
             index = plan.add(JobSpec(kind=Kind.QUANTIZE, params=params, **common), label)
         if eval_args is None:
             continue
-        # The eval's stored variant stays QuantizeParams.label(): what `qrun compare` groups by.
-        evaluation = eval_params(variant=QuantizeParams.from_dict(params).label(), **eval_args) | {"from_upstream": True} | gpus
+        # The eval's stored variant is the method's label (w4g128, rtn-w4g128, ...): what `qrun compare` groups by.
+        evaluation = (eval_params(variant=methods.label(params), **eval_args) | {"from_upstream": True} | gpus
+                      | methods.requirements(methods.method_of(params)))
         if existing is None:
             plan.add(JobSpec(kind=Kind.EVAL, params=evaluation, after=index, **common), label)
         elif _reuse(db, plan, rerun, Kind.EVAL, model, evaluation, label, upstream=existing) is None:

@@ -76,6 +76,8 @@ class QueueWorker:
         self._kernels_ready = False
         self._notices: collections.deque[str] = collections.deque(maxlen=200)
         self.device = self._bootstrap()
+        # What the jobs' methods may ask of the device (workers.methods); None: a CPU worker.
+        self.compute_capability = self._compute_capability() if use_gpu else None
         # The physical GPU, as Ray pinned it: what `qrun status` shows in its GPU column.
         self.gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if use_gpu else None
         self.name = describe_worker(slot)
@@ -105,6 +107,15 @@ class QueueWorker:
                 f"{os.environ.get('CUDA_VISIBLE_DEVICES')}); it must see exactly {self.gpus}"
             )
         return "cuda:0"  # with several GPUs, the job's model is spread from there (device_map="auto")
+
+    def _compute_capability(self) -> float:
+        """The GPU's compute capability as a number (9.0 for an H100); 0.0 for GPUs Ray only declares."""
+        if not self.device.startswith("cuda"):
+            return 0.0
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(0)
+        return major + minor / 10
 
     def identity(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "device": self.device,
@@ -197,7 +208,8 @@ class QueueWorker:
             self._build_kernels()
         passable = frozenset(self._passable) if self._lendable and not only_multi_gpu else None
         job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s, gpus=self.gpus,
-                              only_multi_gpu=only_multi_gpu, passable=passable)
+                              only_multi_gpu=only_multi_gpu, passable=passable,
+                              compute_capability=self.compute_capability)
         if job is not None:
             self._report(queue.worker_heartbeat, self.name, job=job.id)
             outcome = self.run_one(job)
@@ -206,9 +218,9 @@ class QueueWorker:
         if time.monotonic() - self._last_report >= WORKER_REPORT_S:
             self._report(queue.worker_heartbeat, self.name, job=None)
         self._remove_staging_of_finished_jobs()
-        # A GPU worker may yet be merged into one for jobs that need several GPUs; a CPU worker never.
-        takeable = None if self.use_gpu else self.gpus
-        if only_multi_gpu or (burst and queue.pending_count(self.db, takeable) == 0):
+        # A GPU worker may yet be merged into one for jobs that need several GPUs; a CPU worker never,
+        # and it never takes a job whose method needs a GPU: its drain ends when only such are left.
+        if only_multi_gpu or (burst and queue.pending_count(self.db, cpu_worker=not self.use_gpu) == 0):
             return DRAINED  # a worker of several GPUs lives only while such jobs are ready
         return IDLE
 

@@ -42,12 +42,27 @@ def test_a_label_says_bits_and_group_and_only_what_differs_in_the_set():
 
 
 def test_labels_are_unique_within_any_grid_of_different_variants():
-    grid = [POINT | dict(zip(("bits", "group_size", "desc_act", "sym", "damp_percent", "calib", "calib_samples",
-                               "calib_max_len", "method"), values))
+    gptq = [POINT | dict(zip(("bits", "group_size", "desc_act", "sym", "damp_percent", "calib", "calib_samples",
+                               "calib_max_len"), values))
             for values in itertools.product((4, 8), (64, 128), (False, True), (True, False), (0.01, 0.1),
-                                            ("/d/a.jsonl", "/d/b.jsonl"), (64, 128), (512, 1024), ("gptq", "awq"))]
+                                            ("/d/a.jsonl", "/d/b.jsonl"), (64, 128), (512, 1024))]
+    awq = [{"method": "awq", "bits": 4, "group_size": g, "calib": c, "calib_samples": 128, "calib_max_len": n}
+           for g, c, n in itertools.product((64, 128), ("/d/a.jsonl", "/d/b.jsonl"), (512, 1024))]
+    rtn = [{"method": "rtn", "bits": b, "group_size": g, "sym": sym}
+           for b, g, sym in itertools.product((4, 8), (64, 128), (True, False))]
+    others = [{"method": "fp8", "bits": 8, "needs_gpu": True}, {"method": "bnb-nf4", "bits": 4},
+              {"method": "gguf", "bits": 4, "gguf_type": "q4_k_m"}, {"method": "gguf", "bits": 4, "gguf_type": "q4_0"}]
+    grid = gptq + awq + rtn + others
     assert len({variant_key(p) for p in grid}) == len(grid)
     assert len(set(variant_labels(grid))) == len(grid)
+
+
+def test_a_setting_that_a_method_does_not_take_neither_names_nor_tells_apart_its_variant():
+    rtn = {"method": "rtn", "bits": 4, "group_size": 128}
+    assert variant_labels([POINT | {"bits": 4}, rtn]) == ["w4g128", "rtn-w4g128"]  # no cal:... on RTN
+    assert variant_key(rtn | {"damp_percent": 0.1}) == variant_key(rtn)
+    assert variant_labels([{"method": "fp8", "bits": 8}, {"method": "gguf", "bits": 8, "gguf_type": "q8_0"},
+                           {"method": "bnb-nf4", "bits": 4}]) == ["fp8", "gguf-q8_0", "bnb-nf4"]
 
 
 # ---------------------------------------------------------------- sweep ids and names

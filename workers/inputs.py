@@ -266,10 +266,12 @@ def check_shard_index(model_dir: Path) -> None:
                            "the model is incomplete, re-download it")
 
 
-def check_quantize_settings(info: ModelInfo, bits: int, group_size: int, damp: float) -> None:
-    """BadInput unless GPTQModel can quantize this model with these settings and load the result back."""
-    if bits not in SUPPORTED_BITS:
-        raise BadInput(f"--bits {bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+def check_quantize_settings(info: ModelInfo, bits: int, group_size: int, damp: float,
+                            bits_of: tuple[int, ...] = SUPPORTED_BITS) -> None:
+    """BadInput unless GPTQModel can quantize this model with these settings and load the result back.
+    bits_of: the widths the method takes (GPTQ's by default)."""
+    if bits not in bits_of:
+        raise BadInput(f"--bits {bits} is not supported: use one of {', '.join(map(str, bits_of))}")
     if group_size != -1 and group_size <= 0:
         raise BadInput(f"--group-size {group_size} must be positive, or -1 for one group per column")
     if group_size not in SUPPORTED_GROUP_SIZES:

@@ -121,8 +121,9 @@ def points_of_method(method: Method, bits: tuple[int, ...], gguf_types: tuple[st
         raise BadInput(f"--method {method.name} needs --bits ({widths})"
                        + (" or --gguf-type" if method.name == "gguf" else ""))
     if (alone and unfit) or (not fitting and not fixed):
-        raise BadInput(f"--method {method.name} quantizes to {widths} bits, not --bits {unfit[0]}"
-                       + ("; or give --gguf-type" if method.name == "gguf" else ""))
+        by = "" if method.name == DEFAULT_METHOD else f" by --method {method.name}"
+        raise BadInput(f"--bits {unfit[0]} is not supported{by}: use one of {widths}"
+                       + (", or give --gguf-type" if method.name == "gguf" else ""))
     if fixed:
         return [{"method": method.name, "bits": method.bits[0]}]
     if method.name == "gguf":
