@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qrun.cli.compare import comparison_rows
+from qrun.cli.compare import comparison_rows, describe_smallest, groups, plot_points, smallest_within
 from qrun.cli.main import cli
 from qrun.db import queue
 from qrun.db.states import Kind
@@ -273,3 +273,246 @@ def test_predictions_without_read_permission_are_named(db, sweep, tmp_path):
     assert result.returncode == 0, result.stderr
     line, agreement = _warning_and_agreement(result, path)
     assert line.endswith("Permission denied") and agreement is None
+
+
+# ---------------------------------------------------------------- several methods: size order, --max-drop, --plot
+
+
+def _method_variant(db, tmp_path, model, data, params: dict, size: float, f1: float, perplexity: float) -> int:
+    """A succeeded quantize job of these params and its succeeded eval (F1 and perplexity as given)."""
+    quantize = _finish(db, tmp_path, queue.JobSpec(kind=Kind.QUANTIZE, model=str(model), params=params),
+                       {"quantize_s": 5.0})
+    metrics = _scores(0.9, 0.9, 0.9, size, perplexity=perplexity) | {"f1": f1}
+    return _finish(db, tmp_path, _eval(model, data, "ignored", quantize), metrics)
+
+
+# (params, size in bytes, F1, perplexity); the baseline: 4.1 MB, F1 0.912, perplexity 10.0
+METHOD_VARIANTS = (
+    ({"bits": 8, "group_size": 128}, 2.2e6, 0.913, 10.01),
+    ({"method": "fp8", "bits": 8}, 2.05e6, 0.911, 10.02),
+    ({"method": "gguf", "bits": 4, "gguf_type": "q4_k_m"}, 1.25e6, 0.899, 10.3),
+    ({"method": "gguf", "bits": 4, "gguf_type": "q4_0"}, 1.18e6, 0.880, 10.9),  # 4 bits too: another variant
+    ({"method": "awq", "bits": 4, "group_size": 128}, 1.2e6, 0.909, 10.1),
+    ({"method": "bnb-nf4", "bits": 4}, 1.15e6, 0.897, 10.2),
+    ({"bits": 4, "group_size": 128}, 1.1e6, 0.905, 10.4),  # GPTQ as every job before methods: no `method`
+    ({"method": "rtn", "bits": 4, "group_size": 128}, 0.9e6, 0.871, 12.5),
+)
+BY_SIZE = ["baseline", "w8g128", "fp8", "gguf-q4_k_m", "awq-w4g128", "gguf-q4_0", "bnb-nf4", "w4g128", "rtn-w4g128"]
+
+
+@pytest.fixture
+def methods(db, tmp_path, source):
+    """A baseline and a variant of each method, each evaluated on one data file."""
+    data = tmp_path / "methods.jsonl"
+    baseline = _finish(db, tmp_path, _eval(source, data, "baseline"),
+                       _scores(0.9, 0.9, 0.9, 4.1e6, perplexity=10.0) | {"f1": 0.912})
+    ids = [_method_variant(db, tmp_path, source, data, *variant) for variant in METHOD_VARIANTS]
+    return {"data": data, "baseline": baseline, "ids": ids}
+
+
+def test_rows_of_several_methods_baseline_first_then_by_size_and_named_by_method(db, methods):
+    rows = comparison_rows(db)
+    assert [r["variant"] for r in rows] == BY_SIZE
+    assert [r["method"] for r in rows] == [None, "gptq", "fp8", "gguf", "awq", "gguf", "bnb-nf4", "gptq", "rtn"]
+    assert [r["size_bytes"] for r in rows] == sorted((r["size_bytes"] for r in rows), reverse=True)
+    assert {r["gguf_type"] for r in rows if r["method"] == "gguf"} == {"q4_k_m", "q4_0"}
+    assert all(r["within_max_drop"] is None and r["max_drop_answer"] is None for r in rows)  # only with max_drop
+
+
+def test_smallest_within_names_the_smallest_variant_that_keeps_f1(db, methods):
+    rows = comparison_rows(db)
+    answer = smallest_within(rows, "f1", 0.01)
+    assert (answer["metric"], answer["max_drop"], answer["lower_is_better"]) == ("f1", 0.01, False)
+    assert answer["baseline"] == 0.912 and answer["threshold"] == pytest.approx(0.902)
+    pick, below = answer["pick"], answer["next_smaller"]
+    assert (pick["variant"], pick["method"], pick["value"], pick["size_bytes"]) == ("w4g128", "gptq", 0.905, 1_100_000)
+    assert pick["delta"] == pytest.approx(-0.007) and pick["size_pct"] == pytest.approx(100 * 1.1 / 4.1)
+    assert (below["variant"], below["value"]) == ("rtn-w4g128", 0.871) and below["delta"] == pytest.approx(-0.041)
+    assert describe_smallest(rows) == (
+        "smallest within 0.01 F1 of the baseline (0.912): w4g128 — 1.1 MB (27% of baseline), F1 0.905; "
+        "next smaller: rtn-w4g128 — 0.9 MB (22% of baseline), F1 0.871 (−0.041)")
+    # 0.902 is exactly one point below 0.912 (0.0100000000000000009 in floating point): still within
+    assert smallest_within([*rows[:1], {**rows[7], "f1": 0.902}], "f1", 0.01)["pick"]["variant"] == "w4g128"
+    # a tighter drop: awq's 0.909 is within 0.005, GPTQ's 0.905 is not; the next smaller is the largest below awq
+    tight = smallest_within(rows, "f1", 0.005)
+    assert (tight["pick"]["variant"], tight["next_smaller"]["variant"]) == ("awq-w4g128", "gguf-q4_0")
+    assert describe_smallest(rows, max_drop=0) == (
+        "smallest within 0 F1 of the baseline (0.912): w8g128 — 2.2 MB (54% of baseline), F1 0.913; "
+        "next smaller: fp8 — 2.0 MB (50% of baseline), F1 0.911 (−0.001)")
+
+
+def test_perplexity_drops_by_rising(db, methods):
+    rows = comparison_rows(db)
+    answer = smallest_within(rows, "perplexity", 0.5)
+    assert answer["lower_is_better"] and answer["threshold"] == 10.5
+    assert (answer["pick"]["variant"], answer["next_smaller"]["variant"]) == ("w4g128", "rtn-w4g128")
+    assert describe_smallest(rows, "perplexity", 0.5) == (
+        "smallest within 0.5 perplexity of the baseline (10.00, lower is better): w4g128 — 1.1 MB (27% of "
+        "baseline), perplexity 10.40; next smaller: rtn-w4g128 — 0.9 MB (22% of baseline), perplexity 12.50 (+2.50)")
+    assert smallest_within(rows, "perplexity", 0.05)["pick"]["variant"] == "fp8"
+
+
+def _row(variant, f1, size_pct, bits=4, **more) -> dict:
+    """A row as the demo's tests make them: no model, data or bytes, only the share of the baseline."""
+    return {"variant": variant, "bits": bits, "f1": f1, "size_pct": size_pct, **more}
+
+
+def test_describe_smallest_says_what_it_cannot_answer():
+    base = _row("baseline", 0.990, 100.0, bits=16)
+    assert smallest_within([_row("w4g128", 0.98, 60.0)]) is None  # no baseline
+    assert describe_smallest([_row("w4g128", 0.98, 60.0)]) == (
+        "no baseline F1 to measure a drop from: evaluate the unquantized model on the same data "
+        "(qrun submit --eval, or qrun eval --model on the source model)")
+    assert describe_smallest([{**base, "f1": None}], "f1") == "no row has F1: nothing to hold against a drop of 0.01"
+    assert describe_smallest([base]) == ("no variant here has F1 and a size: nothing to compare with the baseline "
+                                         "(0.990)")
+    worse = [base, _row("w8g128", 0.950, 73.5, bits=8), _row("w4g128", 0.900, 59.4)]
+    assert smallest_within(worse)["pick"] is None
+    assert describe_smallest(worse) == ("no variant within 0.01 F1 of the baseline (0.990); the largest: w8g128 — "
+                                        "74% of baseline, F1 0.950 (−0.040)")
+    flat = [base, _row("w8g128", 0.990, 73.5, bits=8), _row("w2g128", 0.995, 52.3, bits=2)]
+    assert describe_smallest(flat) == ("smallest within 0.01 F1 of the baseline (0.990): w2g128 — 52% of baseline, "
+                                       "F1 0.995; nothing here is smaller")
+    # rows without the metric or a size are skipped
+    assert smallest_within([*flat, _row("w1g128", 0.999, None), _row("w3", None, 40.0)])["pick"]["variant"] == "w2g128"
+    # equal sizes: the better one
+    twins = [base, _row("rtn-w4g128", 0.985, 50.0), _row("w4g128", 0.989, 50.0)]
+    assert smallest_within(twins)["pick"]["variant"] == "w4g128"
+
+
+def test_smallest_within_takes_one_group_and_known_metrics(db, sweep, methods):
+    rows = comparison_rows(db)
+    with pytest.raises(ValueError, match=r"rows of 3 comparison groups: pass one group's rows"):
+        smallest_within(rows)
+    with pytest.raises(ValueError, match=r"metric 'auc' is not one of f1, precision, recall, accuracy, perplexity"):
+        smallest_within(groups(rows)[0], "auc")
+    answers = [smallest_within(g) for g in groups(rows)]  # data.jsonl, methods.jsonl, other.jsonl (a baseline alone)
+    assert [a["pick"] and a["pick"]["variant"] for a in answers] == ["w8g128", "w4g128", None]
+
+
+def test_max_drop_answers_under_each_table_and_in_every_format(db, methods):
+    table = _compare("--max-drop", "0.01").stdout.splitlines()
+    assert [line.split()[0] for line in table[2:11]] == BY_SIZE
+    assert table[11:] == ["", describe_smallest(comparison_rows(db))]
+    header = table[1].split()
+    assert header[:4] == ["variant", "bits", "method", "size"]
+    assert table[3].split()[:3] == ["w8g128", "8", "gptq"] and table[2].split()[:3] == ["baseline", "16", "-"]
+
+    rows = json.loads(_compare("--max-drop", "0.01", "--format", "json").stdout)
+    assert rows == json.loads(json.dumps(comparison_rows(db, metric="f1", max_drop=0.01)))
+    assert [r["variant"] for r in rows if r["smallest_within"]] == ["w4g128"]
+    assert [r["variant"] for r in rows if r["within_max_drop"]] == ["baseline", "w8g128", "fp8", "awq-w4g128",
+                                                                    "w4g128"]
+    assert {r["max_drop_answer"] for r in rows} == {describe_smallest(comparison_rows(db))}
+    by_perplexity = json.loads(_compare("--max-drop", "0.05", "--metric", "perplexity", "--format", "json").stdout)
+    assert [r["variant"] for r in by_perplexity if r["smallest_within"]] == ["fp8"]
+    assert "perplexity 10.02" in by_perplexity[0]["max_drop_answer"]
+
+    markdown = _compare("--max-drop", "0.01", "--format", "markdown").stdout.splitlines()
+    assert markdown[2].startswith("| variant | bits | method |") and markdown[-1].startswith("smallest within 0.01 F1")
+    table_csv = list(csv.DictReader(io.StringIO(_compare("--max-drop", "0.01", "--format", "csv").stdout)))
+    assert [r["smallest_within"] for r in table_csv].count("True") == 1
+    assert table_csv[0]["max_drop_answer"].startswith("smallest within 0.01 F1")
+
+
+def test_no_max_drop_no_answer_and_gptq_sweeps_keep_their_table(db, sweep):
+    table = _compare("--data", str(sweep["data"])).stdout.splitlines()
+    assert [line.split()[:3] for line in table[2:]] == [["baseline", "16", "-"], ["w8g128", "8", "gptq"],
+                                                         ["w4g128", "4", "gptq"]]
+    answered = _compare("--data", str(sweep["data"]), "--max-drop", "0.01").stdout.splitlines()
+    assert answered[:len(table)] == table and answered[len(table):] == [
+        "", "smallest within 0.01 F1 of the baseline (0.686): w8g128 — 1.5 MB (50% of baseline), F1 0.686; "
+            "next smaller: w4g128 — 1.0 MB (33% of baseline), F1 0.500 (−0.186)"]
+
+
+def test_a_group_without_baseline_says_so_and_exits_0(db, tmp_path, source):
+    q4 = _quantize(db, tmp_path, source, 4, 1.0)
+    _finish(db, tmp_path, _eval(source, tmp_path / "d.jsonl", "w4g128", q4), _scores(0.5, 0.5, 0.5, 1e6))
+    result = _compare("--max-drop", "0.01")
+    assert result.stdout.splitlines()[-1].startswith("no baseline F1 to measure a drop from")
+    (row,) = json.loads(_compare("--max-drop", "0.01", "--format", "json").stdout)
+    assert (row["within_max_drop"], row["smallest_within"]) == (None, False)
+    assert row["max_drop_answer"].startswith("no baseline F1")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--max-drop", "-0.01"], "Error: --max-drop -0.01: give a drop of 0 or more (0.01 = one point of F1)"),
+    (["--max-drop", "nan"], "Error: --max-drop nan: give a drop of 0 or more (0.01 = one point of F1)"),
+    (["--max-drop", "1pt"],
+     "Error: Invalid value for '--max-drop': '1pt' is not a valid float. (see `qrun compare --help`)"),
+    (["--metric", "auc"], "Error: Invalid value for '--metric': 'auc' is not one of 'f1', 'precision', 'recall', "
+                          "'accuracy', 'perplexity'. (see `qrun compare --help`)"),
+])
+def test_bad_metric_or_drop_is_bad_input(db, methods, args, line):
+    result = run_qrun("compare", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == line
+
+
+def test_help_says_a_perplexity_drop_is_a_rise():
+    text = " ".join(CliRunner().invoke(cli, ["compare", "--help"]).stdout.split())
+    assert "Perplexity: lower is better, so a drop is a rise." in text
+    assert "(0.01 = one point of F1; for perplexity, at most D higher)" in text
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
+def test_several_methods_fit_narrow_terminals(db, methods, width):
+    from qrun.cli.table import display_width
+
+    result = run_qrun("compare", "--max-drop", "0.01", env={"COLUMNS": str(width)}, check=True)
+    lines = result.stdout.splitlines()
+    assert all(display_width(line) <= width and line == line.rstrip() for line in lines), result.stdout
+    answer = lines[len(lines) - lines[::-1].index(""):]  # the lines after the last blank one
+    assert " ".join(answer) == describe_smallest(comparison_rows(db))
+    assert not any(line.endswith((" 1.1", " 0.9")) for line in answer)  # a size stays with its unit
+    if width >= 80:  # a table: each variant's row starts with its label (which names any method but GPTQ)
+        assert [line.split()[0] for line in lines[2:11]] == BY_SIZE
+        assert lines[1].split()[:3] == (["variant", "bits", "method"] if width >= 100 else ["variant", "bits", "size"])
+    else:  # too narrow for the columns that must stay: a block per variant, the method in each
+        assert [line.split()[1] for line in lines if line.startswith("variant ")] == BY_SIZE
+        assert [line.split()[1] for line in lines if line.startswith("method ")] == [
+            "-", "gptq", "fp8", "gguf", "awq", "gguf", "bnb-nf4", "gptq", "rtn"]
+
+
+def test_plot_points_pareto_front_and_band(db, methods):
+    (group,) = groups(comparison_rows(db))
+    points = plot_points(group, "f1", 0.01)
+    assert sorted(p["variant"] for p in points) == sorted(BY_SIZE)
+    assert [p["variant"] for p in points if p["pareto"]] == ["rtn-w4g128", "w4g128", "awq-w4g128", "fp8", "w8g128"]
+    assert [p["variant"] for p in points if p["pick"]] == ["w4g128"]
+    assert [p["variant"] for p in points if p["baseline"]] == ["baseline"]
+    assert {p["variant"] for p in points if p["within"]} == {"baseline", "w8g128", "fp8", "awq-w4g128", "w4g128"}
+    assert all(p["within"] is None for p in plot_points(group, "f1"))
+    lower = plot_points(group, "perplexity")
+    assert [p["variant"] for p in lower if p["pareto"]] == ["rtn-w4g128", "w4g128", "bnb-nf4", "awq-w4g128",
+                                                            "fp8", "w8g128", "baseline"]
+
+
+def test_plot_draws_one_labelled_point_per_variant(db, methods, sweep, tmp_path):
+    from matplotlib.collections import PathCollection
+
+    from qrun.cli.compare import draw_plot
+
+    rows = comparison_rows(db)
+    fig, panels = draw_plot(rows, "f1", 0.01)
+    assert [len(points) for points in panels] == [3, 9, 1]  # the GPTQ sweep's group, the methods', a baseline alone
+    # the methods' panel: one label per variant, a linear x (0.9 to 4.1 MB is not a wide range), the band
+    ax = fig.axes[1]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(BY_SIZE)
+    assert ax.get_xscale() == "linear" and len(ax.patches) == 1
+    drawn = sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection))
+    assert drawn == 8 + 1 + 1  # the variants, the baseline as a star, the ring round the pick
+    out = tmp_path / "methods.png"
+    result = _compare("--plot", str(out), "--max-drop", "0.01", "--metric", "f1")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {out}" in result.stderr
+
+
+def test_plot_of_a_wide_size_range_has_a_log_axis(db, tmp_path, source):
+    from qrun.cli.compare import draw_plot
+
+    data = tmp_path / "data.jsonl"
+    _finish(db, tmp_path, _eval(source, data, "baseline"), _scores(0.9, 0.9, 0.9, 140e9) | {"f1": 0.9})
+    _method_variant(db, tmp_path, source, data, {"method": "gguf", "bits": 4, "gguf_type": "q4_0"}, 4e9, 0.85, 9.0)
+    fig, (points,) = draw_plot(comparison_rows(db), "f1")
+    assert len(points) == 2 and fig.axes[0].get_xscale() == "log" and not fig.axes[0].patches
+
