@@ -90,10 +90,14 @@ def directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.gguf")  # a GGUF artifact's weights are its llama.cpp file
+
+
 def weights_sha256(directory: Path) -> str:
-    """One digest over every safetensors file, in name order (the weights, not the metadata)."""
+    """One digest over every weights file (safetensors, a GGUF artifact's .gguf), in name order (the
+    weights, not the metadata)."""
     digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.safetensors")):
+    for path in sorted(p for pattern in WEIGHT_PATTERNS for p in directory.glob(pattern)):
         digest.update(path.name.encode())
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
