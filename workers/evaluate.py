@@ -82,11 +82,44 @@ def resolve_model_dir(db, job) -> Path:
 
 
 def is_gptq_dir(model_dir: Path) -> bool:
+    """A GPTQModel checkpoint (gptq, and awq, rtn, fp8 written by GPTQModel)."""
     return (Path(model_dir) / "quantize_config.json").is_file()
+
+
+def gguf_file_of(model_dir: Path) -> str | None:
+    """The .gguf file of a GGUF artifact (qrun's quantize writes one: model.gguf), or None."""
+    found = sorted(p.name for p in Path(model_dir).glob("*.gguf"))
+    return found[0] if found else None
+
+
+def is_bitsandbytes_dir(model_dir: Path) -> bool:
+    """A transformers checkpoint saved in bitsandbytes' 4- or 8-bit form (bnb-nf4)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    quant = config.get("quantization_config") or {}
+    return str(quant.get("quant_method", "")).lower() == "bitsandbytes" and not is_gptq_dir(model_dir)
+
+
+def artifact_format(model_dir: Path) -> str:
+    """How an artifact is loaded: "gguf", "bitsandbytes", "gptqmodel" or "transformers" (plain weights)."""
+    if gguf_file_of(model_dir):
+        return "gguf"
+    if is_gptq_dir(model_dir):
+        return "gptqmodel"
+    if is_bitsandbytes_dir(model_dir):
+        return "bitsandbytes"
+    return "transformers"
 
 
 def safetensors_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def weights_bytes(model_dir: Path) -> int:
+    """The model's weights on disk: its safetensors files, or its .gguf file."""
+    return safetensors_bytes(model_dir) + sum(p.stat().st_size for p in Path(model_dir).glob("*.gguf"))
 
 
 MARLIN_BITS = (4, 8)
@@ -106,7 +139,9 @@ def gptq_backend(model_dir: Path, device: str) -> str:
         config = json.loads((Path(model_dir) / "quantize_config.json").read_text())
     except (OSError, ValueError):
         return "auto"
-    fits = (config.get("bits") in MARLIN_BITS and config.get("group_size") in MARLIN_GROUP_SIZES
+    # Marlin reads GPTQ (gptq and rtn jobs) and AWQ weights; FP8 has its own kernel (GPTQModel's choice).
+    method = str(config.get("quant_method") or config.get("method") or "gptq").lower()
+    fits = (method in ("gptq", "awq") and config.get("bits") in MARLIN_BITS and config.get("group_size") in MARLIN_GROUP_SIZES
             and config.get("sym", True))
     return "marlin" if fits else "auto"
 
@@ -123,6 +158,14 @@ def _load_gptq(model_dir: Path, device: str, trust_remote_code: bool):
         # Marlin also has shape limits (a tiny model's layers may be too narrow): let GPTQModel choose.
         log.warning("loading %s with the %s kernel failed (%s); letting GPTQModel choose", model_dir, backend, exc)
         return GPTQModel.load(str(model_dir), device=device, trust_remote_code=trust_remote_code)
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise BadInput("this model is stored in bitsandbytes' 4-bit form: the worker needs the bitsandbytes "
+                       "package (pip install 'qrun-quant[bnb]')") from exc
 
 
 def gpu_device_map(device: str):
@@ -143,7 +186,8 @@ def load_model(model_dir: Path, device: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    if is_gptq_dir(model_dir):
+    kind = artifact_format(model_dir)
+    if kind == "gptqmodel":
         model = _load_gptq(model_dir, device, trust_remote_code).model
     else:
         from transformers import AutoModelForCausalLM
@@ -152,8 +196,18 @@ def load_model(model_dir: Path, device: str, trust_remote_code: bool):
         dtype = torch.float32
         if on_gpu:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        extra: dict = {}
+        if kind == "gguf":
+            # transformers' GGUF loader: reads the llama.cpp file and dequantizes its blocks to `dtype`
+            extra["gguf_file"] = gguf_file_of(model_dir)
+        elif kind == "bitsandbytes":
+            # the 4-bit weights load as bitsandbytes' Linear4bit (the config.json's quantization_config);
+            # the other tensors in bf16, the compute dtype they were quantized for
+            _require_bitsandbytes()
+            dtype = torch.bfloat16
+        device_map = gpu_device_map(device) if on_gpu else ({"": "cpu"} if kind == "bitsandbytes" else None)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     device_map=gpu_device_map(device) if on_gpu else None)
+                                                     device_map=device_map, **extra)
     model.eval()
     return model, tokenizer
 
@@ -462,7 +516,7 @@ def run_eval(ctx) -> tuple[dict[str, float | None], list[queue.ArtifactRecord]]:
     started = time.perf_counter()
     model, tokenizer = load_model(model_dir, ctx.device, params.trust_remote_code)
     metrics: dict[str, float | None] = {"load_s": time.perf_counter() - started,
-                                        "model_size_bytes": safetensors_bytes(model_dir)}
+                                        "model_size_bytes": weights_bytes(model_dir)}
     plan = plan_eval(params, model, tokenizer)
     print(f"=== eval {params.variant} of {model_dir}: {len(plan.samples)} samples ({params.mode}), "
           f"{len(plan.ppl_ids)} perplexity tokens", flush=True)
