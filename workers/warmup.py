@@ -17,7 +17,11 @@ from pathlib import Path
 # What quantize and eval jobs load on each kind of device (GPTQModel 7.7). On a CPU: the packer every
 # quantize job uses, and the int4 kernel used where the CPU has AVX512-BF16 (name -> CPU flag needed);
 # left to the jobs, the demo's first 4-bit job showed the build (29.5 s against 3.5 s for 8 bits).
-GPU_KERNELS = ("gptq_cuda", "marlin_fp16", "marlin_bf16")
+# The same int4 kernel serves AWQ checkpoints on a CPU. On a GPU, an AWQ quantize job packs with the
+# AWQ GEMM extension ("awq") and its eval loads Marlin (built here anyway). The other methods build
+# nothing: rtn is GPTQ's path, fp8 (one scale per row) dequantizes in plain torch, gguf is written in
+# numpy and read back by transformers, bnb-nf4 uses bitsandbytes' prebuilt kernels.
+GPU_KERNELS = ("gptq_cuda", "marlin_fp16", "marlin_bf16", "awq")
 CPU_KERNELS = {"pack_block_cpu": None, "int4_qzero_group_scaled_cpu": "avx512_bf16"}
 
 
