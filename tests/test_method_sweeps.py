@@ -1,8 +1,9 @@
 """The method as a sweep dimension (issue #14): `--method` crosses with the options that apply to each
 method, every method's own options are checked at submit (exit 2, one line naming it), and a job whose
 method needs a GPU is never claimed by a CPU worker: it waits, `qrun status` says what for, and a
-CPU-only `qrun run --until-empty` ends and says how many wait. Real console script, real SQLite and
-Postgres tables, a real Ray run; what each method's job does is tests/test_methods.py's business."""
+CPU-only `qrun run --until-empty` ends and says how many wait (every method runs on a CPU today, so
+RTN plays a GPU-only one there). Real console script, real SQLite and Postgres tables, a real Ray run;
+what each method's job does is tests/test_methods.py's business."""
 
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ def test_methods_cross_with_the_bits_that_apply_to_each(qrun_home, tiny_qwen2):
     assert params["rtn-w4g128"] == {"bits": 4, "group_size": 128, "sym": True, "method": "rtn",
                                     "trust_remote_code": False, "allow_pickle": False}  # no calibration, no damp
     assert params["awq-w4g128"]["calib_samples"] == 128 and "damp_percent" not in params["awq-w4g128"]
-    assert params["fp8"]["needs_gpu"] is True and params["fp8"]["min_compute_capability"] == 8.9
-    assert params["bnb-nf4"]["needs_gpu"] is True and "min_compute_capability" not in params["bnb-nf4"]
-    assert "needs_gpu" not in params["gguf-q8_0"]
+    assert params["fp8"] == {"bits": 8, "method": "fp8", "trust_remote_code": False, "allow_pickle": False}
+    assert params["gguf-q8_0"]["gguf_type"] == "q8_0"
+    assert not any("needs_gpu" in p for p in params.values())  # every method runs on a CPU worker today
 
 
 def test_gguf_types_and_fixed_width_methods_need_no_bits(qrun_home, tiny_qwen2):
@@ -44,12 +45,27 @@ def test_gguf_types_and_fixed_width_methods_need_no_bits(qrun_home, tiny_qwen2):
     assert [r["variant"] for r in planned(tiny_qwen2, "--method", "gguf", "--bits", "8")] == ["gguf-q8_0"]
 
 
-def test_an_eval_of_a_gpu_only_variant_needs_a_gpu_too(qrun_home, tiny_qwen2, tmp_path):
+@pytest.fixture
+def gpu_only_rtn(monkeypatch):
+    """A method that needs a GPU: none does with GPTQModel 7.7 and bitsandbytes 0.50, so RTN plays one."""
+    from dataclasses import replace
+
+    from qrun.workers import methods
+
+    monkeypatch.setitem(methods.METHODS, "rtn", replace(methods.METHODS["rtn"], needs_gpu=True,
+                                                        min_compute_capability=8.9))
+
+
+def test_a_method_that_needs_a_gpu_puts_it_in_its_jobs_and_their_evals(qrun_home, tiny_qwen2, tmp_path, gpu_only_rtn):
+    import qrun
+
     data = write_labeled(tmp_path / "eval.jsonl")
-    rows = planned(tiny_qwen2, "--method", "bnb-nf4", "--method", "rtn", "--bits", "4", "--eval", str(data))
-    evals = {r["variant"]: r["params"] for r in rows if r["kind"] == "eval"}
-    assert evals["bnb-nf4"]["needs_gpu"] is True and evals["bnb-nf4"]["variant"] == "bnb-nf4"
-    assert "needs_gpu" not in evals["rtn-w4g128"] and "needs_gpu" not in evals["baseline"]
+    plan = qrun.submit(str(tiny_qwen2), bits=4, method=["rtn", "gptq"], eval=str(data), dry_run=True)
+    params = {(job.kind, job.label): job.spec.params for job in plan.planned}
+    assert params[("quantize", "rtn-w4g128")]["needs_gpu"] is True
+    assert params[("quantize", "rtn-w4g128")]["min_compute_capability"] == 8.9
+    assert params[("eval", "rtn-w4g128")]["needs_gpu"] is True  # loading it needs the GPU too
+    assert "needs_gpu" not in params[("quantize", "w4g128")] and "needs_gpu" not in params[("eval", "baseline")]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -83,6 +99,7 @@ def queue_db(qrun_home):
 
 
 def test_only_a_worker_whose_device_can_run_a_method_claims_its_job(any_db):
+    # As a GPU-only method's submit would make them (none is GPU-only today: see gpu_only_rtn).
     fp8, nf4, rtn = queue.submit_jobs(any_db, [
         JobSpec(Kind.QUANTIZE, "/m", {"method": "fp8", "bits": 8, "needs_gpu": True, "min_compute_capability": 8.9}),
         JobSpec(Kind.QUANTIZE, "/m", {"method": "bnb-nf4", "bits": 4, "needs_gpu": True}),
@@ -97,16 +114,18 @@ def test_only_a_worker_whose_device_can_run_a_method_claims_its_job(any_db):
     assert queue.claim_job(any_db, "h100", "2", compute_capability=9.0).id == fp8
 
 
-def test_a_cpu_run_leaves_gpu_only_jobs_queued_and_says_so(qrun_home, tiny_qwen2):
-    submitted = run_qrun("submit", "--model", str(tiny_qwen2), "--method", "fp8", "--method", "rtn", "--bits", "8",
-                         "--json", check=True)
-    fp8_job, rtn_job = json.loads(submitted.stdout)
-    status = run_qrun("status", "--json", check=True)
+def test_a_cpu_run_leaves_gpu_only_jobs_queued_and_says_so(qrun_home, tiny_qwen2, db):
+    """A job whose method needs a GPU (params as a GPU-only method's submit makes them) beside one that
+    does not: `status` says what the first waits for, a CPU-only `qrun run --until-empty` runs the
+    other, ends, and says how many wait."""
+    rtn = {"method": "rtn", "bits": 8, "group_size": 32, "sym": True}
+    gpu_only, plain = queue.submit_jobs(db, [
+        JobSpec(Kind.QUANTIZE, str(tiny_qwen2), rtn | {"needs_gpu": True, "min_compute_capability": 8.9}),
+        JobSpec(Kind.QUANTIZE, str(tiny_qwen2), rtn | {"group_size": 64})])
     assert run_qrun("status", check=True).stdout.count("needs a GPU, cc ≥ 8.9") == 1
-    assert {row["id"] for row in json.loads(status.stdout)} == {fp8_job, rtn_job}
     result = run_qrun("run", "--until-empty", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "1 job(s) wait for a GPU worker" in result.stderr
     rows = {row["id"]: row for row in json.loads(run_qrun("status", "--json", check=True).stdout)}
-    assert rows[rtn_job]["status"] == "succeeded", rows[rtn_job]
-    assert rows[fp8_job]["status"] == "queued"
+    assert rows[plain]["status"] == "succeeded", rows[plain]
+    assert rows[gpu_only]["status"] == "queued"

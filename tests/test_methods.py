@@ -3,9 +3,8 @@ writes its artifact (safetensors only; GGUF: one llama.cpp .gguf file), the arti
 the loader its users use, and an eval job after it (as `qrun submit --eval` plans one) yields metrics.
 
 GPTQModel 7.7 runs every method here on a CPU: rtn, awq, fp8 and gguf through GPTQModel, bnb-nf4
-through transformers' BitsAndBytesConfig (bitsandbytes' CPU kernels). The method table sends fp8 and
-bnb-nf4 to GPU workers only; their tests lift that for this process (`on_any_device`). The model is 2 layers of width
-256 (GGUF's K-quants pack rows in blocks of 256); each method takes a few seconds, after GPTQModel's
+through transformers' BitsAndBytesConfig (bitsandbytes' CPU kernels), so the method table marks none
+GPU-only. The model is 2 layers of width 256 (GGUF's K-quants pack rows in blocks of 256); each method takes a few seconds, after GPTQModel's
 import (~10 s, once per process).
 """
 
@@ -30,18 +29,6 @@ def wide_qwen2(tmp_path_factory) -> Path:
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "wide-qwen2", arch="qwen2",
                             hidden=256, intermediate=512, layers=2)
-
-
-@pytest.fixture
-def on_any_device(monkeypatch):
-    """The method table marks fp8 and bnb-nf4 GPU-only (the queue gives them to GPU workers only), yet
-    both run on a CPU here (GPTQModel's FP8 dequantizes before each matmul; bitsandbytes has CPU
-    kernels): let this test's CPU worker take them, to prove the worker's code path end to end."""
-    from dataclasses import replace
-
-    for name in ("fp8", "bnb-nf4"):
-        monkeypatch.setitem(methods.METHODS, name, replace(methods.METHODS[name], needs_gpu=False,
-                                                           min_compute_capability=None))
 
 
 def run_pair(db, model: Path, point: dict, data: Path) -> tuple[dict, dict, Path]:
@@ -95,7 +82,7 @@ def baseline_bytes(model: Path) -> int:
     ({"method": "fp8", "bits": 8}, "F8_E4M3"),
 ])
 def test_gptqmodel_methods_quantize_load_back_and_evaluate(db, qrun_home, wide_qwen2, tmp_path, restore_umask,
-                                                             on_any_device, point, weight_dtype):
+                                                             point, weight_dtype):
     """rtn, awq, fp8: GPTQModel writes safetensors and a quantize_config.json naming the method; the eval
     job loads the artifact with GPTQModel (its CPU kernels) and classifies every dialog."""
     from safetensors import safe_open
@@ -160,8 +147,7 @@ def test_gguf_writes_a_llama_cpp_file_that_transformers_loads(db, qrun_home, wid
 
 
 @pytest.mark.slow
-def test_bnb_nf4_is_what_transformers_loads_as_4_bit(db, qrun_home, wide_qwen2, tmp_path, restore_umask,
-                                                    on_any_device):
+def test_bnb_nf4_is_what_transformers_loads_as_4_bit(db, qrun_home, wide_qwen2, tmp_path, restore_umask):
     """bnb-nf4: transformers' BitsAndBytesConfig (NF4, double quantization) quantizes while loading;
     the saved safetensors load back as bitsandbytes' Linear4bit with no quantization config given."""
     pytest.importorskip("bitsandbytes")
@@ -181,13 +167,15 @@ def test_bnb_nf4_is_what_transformers_loads_as_4_bit(db, qrun_home, wide_qwen2, 
     assert_evaluated(evaluated, baseline_bytes(wide_qwen2))
 
 
-def test_a_method_that_needs_a_gpu_fails_on_a_cpu_in_one_line():
+def test_a_method_that_needs_a_gpu_fails_on_a_cpu_in_one_line(monkeypatch):
     """The queue never gives a CPU worker a job whose method needs a GPU; run there anyway, it stops
-    before loading anything, naming the method."""
+    before loading anything, naming the method. (None needs one today: bnb-nf4 plays one here.)"""
+    from dataclasses import replace
+
     from qrun.db.errors import BadInput
     from qrun.workers.quantize import QuantizeParams, check_device
 
-    assert methods.METHODS["bnb-nf4"].needs_gpu
+    monkeypatch.setitem(methods.METHODS, "bnb-nf4", replace(methods.METHODS["bnb-nf4"], needs_gpu=True))
     with pytest.raises(BadInput) as caught:
         check_device(QuantizeParams(bits=4, method="bnb-nf4"), "cpu")
     assert str(caught.value) == ("--method bnb-nf4 needs a CUDA GPU and this worker runs on cpu: "

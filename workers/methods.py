@@ -6,7 +6,9 @@ dispatches on the method's name (workers.quantize).
 
 A job's params carry the method as `method` (absent: GPTQ, as every job before methods existed) and,
 for GGUF, its quant type as `gguf_type`. A method that needs a GPU puts `needs_gpu: true` (and, where
-it needs newer GPUs, `min_compute_capability`) into the params: a CPU worker never claims such a job.
+it needs newer GPUs, `min_compute_capability`) into the params: a CPU worker never claims such a job
+(db.queue.runnable_by). With GPTQModel 7.7 and bitsandbytes 0.50 every method here runs on a CPU too
+(slowly where a GPU kernel would help); the requirement stays for a method that cannot.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            about="AWQ (GPTQModel): activation-aware scales, calibrated; 4 bits"),
     Method("rtn", (2, 3, 4, 8), grouped=True, calibrated=False,
            about="round-to-nearest: no calibration, the floor that calibration must beat"),
-    Method("fp8", (8,), grouped=False, calibrated=False, needs_gpu=True, min_compute_capability=8.9,
-           about="FP8 e4m3 weights (GPTQModel): Ada/Hopper GPUs (compute capability 8.9 or more)"),
+    # FP8 with one scale per output row: GPTQModel dequantizes before each matmul, so it runs on any
+    # device (its per-tensor variant would use Hopper's FP8 matmuls, at a cost in precision).
+    Method("fp8", (8,), grouped=False, calibrated=False,
+           about="FP8 e4m3 weights, a scale per row (GPTQModel); dequantized per matmul on any device"),
     Method("gguf", (4, 5, 6, 8), grouped=False, calibrated=False,
            about="GGUF (llama.cpp, Ollama): its own quant types, --gguf-type q4_k_m, q8_0, ..."),
-    Method("bnb-nf4", (4,), grouped=False, calibrated=False, needs_gpu=True,
-           about="bitsandbytes NF4 with double quantization (QLoRA's loading, seed 002): CUDA GPUs"),
+    # bitsandbytes has had CPU kernels since 0.46: NF4 quantizes and runs on a CPU worker too.
+    Method("bnb-nf4", (4,), grouped=False, calibrated=False,
+           about="bitsandbytes NF4 with double quantization (QLoRA's loading, seed 002)"),
 )}
 
 # GGUF quant types qrun makes, with their bit width; the default type for each width of --bits.
