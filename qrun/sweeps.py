@@ -170,6 +170,7 @@ def _method_points(info, method, point: dict, group_sizes, desc_act, sym, damps,
     if method.name == "gguf":
         extra["gguf_type"] = point["gguf_type"]
     if not method.grouped:
+        methods.check_architecture(point | extra, info.architecture)
         methods.check_widths(point | extra, info.widths or (("hidden size", info.hidden_size),
                                                           ("intermediate size", info.intermediate_size)))
         return [{"bits": point["bits"], **extra, **common}]

@@ -98,6 +98,16 @@ def queue_db(qrun_home):
     return open_database(f"sqlite:///{qrun_home / 'qrun.db'}")
 
 
+def test_gguf_is_refused_at_submit_for_a_model_class_it_cannot_write(qrun_home, tmp_path):
+    from qrun.demo.tiny import build_tiny_model
+
+    llama = build_tiny_model(tmp_path / "tiny-llama", arch="llama", hidden=256, intermediate=512, layers=1)
+    result = run_qrun("submit", "--model", str(llama), "--method", "gguf", "--gguf-type", "q8_0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("Error: --method gguf writes llama.cpp files for Qwen2ForCausalLM models; "
+                                     "this model is LlamaForCausalLM")
+
+
 def test_only_a_worker_whose_device_can_run_a_method_claims_its_job(any_db):
     # As a GPU-only method's submit would make them (none is GPU-only today: see gpu_only_rtn).
     fp8, nf4, rtn = queue.submit_jobs(any_db, [

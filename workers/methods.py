@@ -149,6 +149,18 @@ def check_method_options(method: Method, group_sizes: tuple[int, ...], desc_act:
         raise BadInput(f"--method {method.name} uses no calibration data: leave out --calib")
 
 
+# The model classes whose GGUF file qrun writes (llama.cpp's names differ per architecture; Llama's
+# q/k rows would also need permuting): workers.quantize.GGUF_ARCHS is the same list by model_type.
+GGUF_ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+
+def check_architecture(params: dict, architecture: str) -> None:
+    """BadInput when the method cannot write this model class (GGUF: Qwen2 only, for now)."""
+    if method_of(params).name == "gguf" and architecture not in GGUF_ARCHITECTURES:
+        raise BadInput(f"--method gguf writes llama.cpp files for {', '.join(GGUF_ARCHITECTURES)} models; "
+                       f"this model is {architecture or 'of no named class'}")
+
+
 def check_widths(params: dict, widths) -> None:
     """BadInput when a layer width does not fit the method's blocks. widths: (name, width) pairs.
     GGUF packs each row in blocks: 256 weights for K-quants (q4_k_m, q6_k), 32 for q4_0/q8_0."""
