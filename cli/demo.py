@@ -1,6 +1,7 @@
-"""`qrun demo`: the whole loop on this machine, offline -- build a tiny demo model, queue its 8-, 4-
-and 2-bit GPTQ variants with evals, drain the queue, print the comparison with the baseline and one
-sentence read from it (the smallest variant within a point of the baseline's F1).
+"""`qrun demo`: the whole loop on this machine, offline -- build a tiny demo model (with the outlier
+channels of real LLMs: demo/build.py), queue its GPTQ and round-to-nearest variants at 8, 4 and 2 bits
+with evals, drain the queue, print the comparison with the baseline and one sentence read from it
+(the smallest variant within a point of the baseline's F1, and what the next one down costs).
 
 Running it again reuses the model and skips variants already queued or done, so a second run only
 reprints the comparison (or finishes what an interrupted run left). The terminal shows qrun's lines
@@ -10,7 +11,6 @@ only: Ray's, torch's and GPTQModel's notices go to $QRUN_HOME/logs/run-*.log.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -20,51 +20,20 @@ from typing import Iterator, TextIO
 import click
 
 from qrun.cli.common import open_db, stderr_line
-from qrun.db.states import Kind
 
-DEMO_BITS = (8, 4, 2)  # from near-lossless down to where GPTQ is expected to hurt
+DEMO_BITS = (8, 4, 2)  # from near-lossless down to where calibration decides whether answers survive
+DEMO_METHODS = ("gptq", "rtn")  # GPTQ (calibrated) beside round-to-nearest: what calibration buys
 F1_TOLERANCE = 0.01  # "within a point"
-GROUP_SIZES = (128, 32)  # the first that divides the model's widths
-EVAL_DEFAULTS = dict(mode="score", max_new_tokens=32, ppl=None, batch_size=8, trust_remote_code=False)
+METHOD_NAMES = {"gptq": "GPTQ", "rtn": "round-to-nearest"}
 
 
-def pick_group_size(info) -> int:
-    return next(g for g in GROUP_SIZES if info.hidden_size % g == 0 and info.intermediate_size % g == 0)
+def demo_request(model: Path, eval_file: Path, calib_file: Path):
+    """The demo's sweep, checked as `qrun submit --method gptq --method rtn --bits 8 --bits 4 --bits 2
+    --calib CALIB --batch-size 1 --eval EVAL` checks it."""
+    from qrun.sweeps import check_submission
 
-
-def sweep_point(bits: int, group_size: int, calib: str) -> dict:
-    """A quantize job's params, with the keys `qrun submit` gives them (so equal jobs compare equal)."""
-    return {"bits": bits, "group_size": group_size, "desc_act": False, "sym": True, "damp_percent": 0.01,
-            "calib": calib, "calib_samples": 128, "calib_max_len": 1024, "batch_size": 1,
-            "trust_remote_code": False, "allow_pickle": False}
-
-
-def _live_eval_of(db, quantize_job_id: int) -> bool:
-    from qrun.db import queue
-
-    return any(j.depends_on == quantize_job_id and j.kind == Kind.EVAL.value
-               and j.status in ("queued", "running", "succeeded") for j in queue.list_jobs(db))
-
-
-def demo_specs(db, model: str, eval_file: str, calib_file: str, group_size: int) -> list:
-    """Jobs still missing for the demo: variants not yet queued or done, evals whose earlier try failed."""
-    from qrun.cli.submit import build_specs, eval_params
-    from qrun.db.queue import JobSpec, find_equivalent_job
-
-    eval_args = dict(data=eval_file, **EVAL_DEFAULTS)
-    missing, specs = [], []
-    for bits in DEMO_BITS:
-        params = sweep_point(bits, group_size, calib_file)
-        done = find_equivalent_job(db, Kind.QUANTIZE, model, params)
-        if done is None:
-            missing.append(params)
-        elif not _live_eval_of(db, done):
-            from qrun.workers.quantize import QuantizeParams
-
-            label = QuantizeParams.from_dict(params).label()
-            specs.append(JobSpec(kind=Kind.EVAL, model=model, depends_on=done,
-                                 params=eval_params(variant=label, **eval_args) | {"from_upstream": True}))
-    return build_specs(model, missing, priority=0, max_attempts=3, eval_args=eval_args, db=db) + specs
+    return check_submission(str(model), bits=list(DEMO_BITS), method=list(DEMO_METHODS), calib=str(calib_file),
+                            batch_size=1, eval=str(eval_file))
 
 
 def build_cpu_kernels(log: TextIO) -> None:
@@ -74,7 +43,7 @@ def build_cpu_kernels(log: TextIO) -> None:
     missing = cpu_kernels_to_build()
     if not missing:
         return
-    stderr_line("qrun demo: building GPTQModel's CPU kernels, once (~40 s)...")
+    stderr_line("qrun demo: building GPTQModel's CPU kernels, once (~80 s on 2 cores)...")
     started = time.perf_counter()
     with redirect_stdout(log), redirect_stderr(log):  # its banner and compile progress
         for name, _, ok, why in build_kernels("cpu", missing):
@@ -126,25 +95,44 @@ def library_notices_to(log: TextIO) -> Iterator[None]:
 
 
 def trade_off_sentence(rows: list[dict]) -> str | None:
-    """One sentence read from the comparison: the smallest variant within a point of the baseline's
-    F1, and what the next one down costs. None without a baseline or quantized variants with an F1."""
-    base = next((r for r in rows if r["variant"] == "baseline" and r.get("f1") is not None), None)
-    variants = sorted((r for r in rows if r["variant"] != "baseline" and r.get("f1") is not None and r["bits"]),
-                      key=lambda r: (-r["bits"], -(r.get("group_size") or 0)))
-    if base is None or not variants:
+    """One sentence read from the comparison (the rows of one group): the smallest variant within a
+    point of the baseline's F1, and what the next one down costs -- or, where none is smaller, what
+    another method at the same size costs. None without a baseline or quantized variants with an F1."""
+    from qrun.cli.compare import TOLERANCE, smallest_within
+
+    found = smallest_within(rows, metric="f1", max_drop=F1_TOLERANCE)
+    if found is None or (found["pick"] is None and found["next_smaller"] is None):
         return None
-    within = [r for r in variants if r["f1"] >= base["f1"] - F1_TOLERANCE - 1e-9]
-    if not within:
-        return (f"Every variant costs more than a point of F1: {variants[0]['variant']} already "
-                f"{_points(variants[0], base)}.")
-    smallest = min(within, key=lambda r: (r["bits"], r.get("size_pct") or 0))
-    lower = [r for r in variants if r["bits"] < smallest["bits"]]
-    kept = f"{smallest['variant']} is the smallest variant within a point of the baseline's F1 " \
-           f"({smallest['f1']:.3f} vs {base['f1']:.3f}{_size(smallest)})"
-    if not lower:
-        return f"{kept}, and the smallest in this sweep: no variant here loses more than a point."
-    below = lower[0]
-    return f"{kept}; the next one down, {below['variant']}{_size(below)}, {_points(below, base)}."
+    by_variant = {r["variant"]: r for r in rows}
+    base = next(r for r in rows if r["variant"] == "baseline")
+    if found["pick"] is None:
+        largest = by_variant[found["next_smaller"]["variant"]]
+        return f"Every variant costs more than a point of F1: {largest['variant']} already {_points(largest, base)}."
+    pick = by_variant[found["pick"]["variant"]]
+    kept = f"{pick['variant']} is the smallest variant within a point of the baseline's F1 " \
+           f"({pick['f1']:.3f} vs {base['f1']:.3f}{_size(pick)})"
+    if found["next_smaller"] is not None:
+        below = by_variant[found["next_smaller"]["variant"]]
+        return f"{kept}; the next one down, {below['variant']}{_size(below)}, {_points(below, base)}."
+    out = [r for r in rows if r["variant"] != "baseline" and r.get("f1") is not None
+           and r["f1"] < found["threshold"] - TOLERANCE]  # not within, as smallest_within counts it
+    return f"{kept}{_none_smaller(pick, out, base)}"
+
+
+def _none_smaller(pick: dict, out: list[dict], base: dict) -> str:
+    """The end of the sentence when no variant is smaller than `pick`: what a variant of the same size
+    that is not within costs (round-to-nearest beside GPTQ), else the worst larger one, else none."""
+    same_size = [r for r in out if (r.get("bits"), r.get("group_size")) == (pick.get("bits"), pick.get("group_size"))]
+    if same_size:
+        other = min(same_size, key=lambda r: r["f1"])
+        method = METHOD_NAMES.get(other.get("method"), other.get("method") or "another method")
+        calibrated = (pick.get("method"), other.get("method")) == ("gptq", "rtn")
+        buys = ": that is what GPTQ's calibration buys" if calibrated else ""
+        return f"; {method} at that size, {other['variant']}, {_points(other, base)}{buys}."
+    if out:
+        worst = min(out, key=lambda r: r["f1"])
+        return f", and the smallest in this sweep; {worst['variant']} {_points(worst, base)}."
+    return ", and the smallest in this sweep: no variant here loses more than a point."
 
 
 def _size(row: dict) -> str:
@@ -160,17 +148,19 @@ def _points(row: dict, base: dict) -> str:
 
 def first_line(log: Path) -> str:
     bits = ", ".join(map(str, DEMO_BITS[:-1])) + f" and {DEMO_BITS[-1]}"
-    return (f"qrun demo: trains a tiny model on this machine (once), quantizes it to {bits} bits with GPTQ, scores "
-            f"every variant against the baseline: about 2 minutes on 2 cores, +40 s the first time GPTQModel "
-            f"builds its CPU kernels. Library notices: {log}")
+    methods = " and ".join(METHOD_NAMES[m] for m in DEMO_METHODS)
+    return (f"qrun demo: trains a tiny model on this machine (once), quantizes it with {methods} at {bits} bits, "
+            f"scores every variant against the baseline: about 70 s on 2 idle cores, +80 s the first time "
+            f"GPTQModel builds its CPU kernels. Library notices: {log}")
 
 
 @click.command()
 @click.pass_context
 def demo(ctx):
     """Show qrun end to end on this machine, offline: train a tiny demo model on synthetic dialogs
-    (once; kept under $QRUN_HOME/demo), quantize it to 8, 4 and 2 bits, evaluate every variant and the
-    baseline, and print `qrun compare` and what it says. The model is a toy, not a fraud detector."""
+    (once; kept under $QRUN_HOME/demo), quantize it with GPTQ and round-to-nearest at 8, 4 and 2
+    bits, evaluate every variant and the baseline, and print `qrun compare` and what it says. The
+    model is a toy, not a fraud detector."""
     from qrun.cli.run import run_log_path
 
     log_path = run_log_path()
@@ -182,22 +172,19 @@ def demo(ctx):
 
 
 def _run_demo(ctx, log: TextIO) -> bool:
-    from qrun.cli.compare import comparison_rows, print_table
+    from qrun.cli.compare import comparison_rows, groups, print_table
     from qrun.db import queue
     from qrun.db.session import qrun_home
     from qrun.demo.build import DISCLAIMER, build_demo
-    from qrun.workers.inputs import check_quantize_settings, inspect_model
+    from qrun.sweeps import plan_jobs
 
     paths = build_demo(qrun_home())
-    info = inspect_model(paths.model)
-    stderr_line(f"qrun demo: model {info.path} (held-out accuracy {paths.info()['eval_accuracy']:.3f} "
-                f"when built)")
-    group_size = pick_group_size(info)
-    for bits in DEMO_BITS:
-        check_quantize_settings(info, bits, group_size, 0.01)
+    request = demo_request(paths.model, paths.eval, paths.calib)
+    model, eval_file = request.model, request.eval_args["data"]
+    stderr_line(f"qrun demo: model {model} (held-out accuracy {paths.info()['eval_accuracy']:.3f} when built)")
     db = open_db(ctx)
-    eval_file = str(paths.eval.resolve())
-    specs = demo_specs(db, info.path, eval_file, str(paths.calib.resolve()), group_size)
+    # plan_jobs leaves out jobs already queued, running or done, and plans again an eval that failed
+    specs = plan_jobs(db, request).specs
     if specs:
         ids = queue.submit_jobs(db, specs)
         stderr_line(f"qrun demo: submitted job(s) {', '.join(map(str, ids))}")
@@ -209,15 +196,16 @@ def _run_demo(ctx, log: TextIO) -> bool:
 
         build_cpu_kernels(log)
         ok = not drain(db, "qrun demo", ray_notices=log)
-    rows = comparison_rows(db, model=info.path, data=eval_file)
+    rows = comparison_rows(db, model=model, data=eval_file)
     if rows:
         print_table(rows)
-        sentence = trade_off_sentence(rows)
+        scored = [g for g in groups(rows) if g[0].get("mode") == "score"]  # the demo's evals, not a user's others
+        sentence = trade_off_sentence(scored[0]) if scored else None
         if sentence:
             stderr_line(f"\nqrun demo: {sentence}")
     else:
         stderr_line("qrun demo: no eval of the demo model succeeded: see `qrun status` and the job logs")
-    stderr_line(f"\n{DISCLAIMER}\nSee `qrun status` for the jobs, `qrun compare --model {info.path}` for this "
+    stderr_line(f"\n{DISCLAIMER}\nSee `qrun status` for the jobs, `qrun compare --model {model}` for this "
                 "table again (--format json/csv/markdown, --plot FILE.png).")
     return ok
 

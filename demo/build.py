@@ -3,8 +3,10 @@
 `build_demo(home)` generates the demo dataset, trains a small causal LM from scratch on the
 chat-templated prompt and its answer (`{"is_fraud": true}` or `... false}`), and keeps training
 until the held-out accuracy -- scored as qrun's eval does, by comparing the log-probabilities of
-the two answers -- reaches the target. Everything lands in $QRUN_HOME/demo/ (written to a
-temporary directory, then renamed), and a later call reuses it.
+the two answers -- reaches the target. Then it gives the model the outlier channels of real LLMs
+(`make_outlier_channels`, a change that keeps the function it computes), so that quantization costs
+what it costs them: round-to-nearest loses answers, calibrated GPTQ keeps them. Everything lands
+in $QRUN_HOME/demo/ (written to a temporary directory, then renamed), and a later call reuses it.
 
 It is a demo model trained on synthetic data, not a fraud detector.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 from qrun.db.errors import QrunError
 from qrun.demo.dataset import generate_splits, write_jsonl
 
-DEMO_VERSION = 1  # bump when the data or the model changes, so stale caches are rebuilt
+DEMO_VERSION = 2  # bump when the data or the model changes, so stale caches are rebuilt
 SEED = 20240819
 SPLITS = {"train": 1600, "valid": 120, "eval": 200}
 CALIB_ROWS = 128  # taken from the training split: calibration data should look like training data
@@ -37,6 +39,11 @@ WARMUP_STEPS = 10
 MAX_STEPS = 400
 VALIDATE_EVERY = 20
 STOP_ACCURACY = 0.97  # on the validation split; the eval split is scored once, at the end
+# Outlier channels (make_outlier_channels): per decoder layer and per norm, the channels that matter
+# most for the answer, scaled up by OUTLIER_SCALE, with the columns that read them scaled down.
+OUTLIER_CHANNELS = 16  # of 128: with 8, 4-bit round-to-nearest lost only ~1 point
+OUTLIER_SCALE = 30.0
+IMPORTANCE_ROWS = 64  # of the validation split (never the eval split) that rank the channels
 TIME_BUDGET_S = 180.0  # ~20 s on an idle 2-core CPU; the margin is for a busy one. Past it: fail clearly
 DISCLAIMER = ("qrun demo: this is a tiny model trained in seconds on synthetic dialogs, to show the queue at work. "
               "It is not a fraud detector.")
@@ -118,11 +125,13 @@ def _build_into(paths: DemoPaths, seed: int) -> None:
     say(f"qrun demo: training a {_count_params(model) / 1e6:.1f}M-parameter Qwen2-architecture model on "
         f"{len(data['train'])} synthetic dialogs (CPU)...")
     history = train(model, data["train"], data["valid"], deadline=started + TIME_BUDGET_S)
+    outliers = make_outlier_channels(model, data["valid"][:IMPORTANCE_ROWS])
     # Saved in bfloat16, as real checkpoints are; scored after the same rounding, as qrun's eval sees it.
     with torch.no_grad():
         for param in model.parameters():  # parameters only: buffers such as RoPE's are recomputed on load
             param.copy_(param.to(torch.bfloat16))
     accuracy = score_accuracy(model, data["eval"])
+    valid_accuracy = score_accuracy(model, data["valid"])  # as training left it: the outlier step changes nothing
     build_s = time.perf_counter() - started
     if accuracy < TARGET_ACCURACY:
         raise DemoBuildError(
@@ -131,8 +140,9 @@ def _build_into(paths: DemoPaths, seed: int) -> None:
             "run `qrun demo` again when it is idle")
     _save_model(model, tokenizer, paths.model, accuracy)
     paths.manifest.write_text(json.dumps({
-        "version": DEMO_VERSION, "seed": seed, "eval_accuracy": accuracy, "build_s": round(build_s, 1),
-        "training": history, "rows": {name: len(rows) for name, rows in splits.items()}, "calib_rows": CALIB_ROWS,
+        "version": DEMO_VERSION, "seed": seed, "eval_accuracy": accuracy, "valid_accuracy": valid_accuracy,
+        "build_s": round(build_s, 1), "training": history, "outliers": outliers,
+        "rows": {name: len(rows) for name, rows in splits.items()}, "calib_rows": CALIB_ROWS,
         "note": DISCLAIMER,
     }, indent=2, ensure_ascii=False))
     say(f"qrun demo: model ready in {build_s:.0f}s, held-out accuracy {accuracy:.3f} on {len(data['eval'])} dialogs")
@@ -298,6 +308,68 @@ def score_accuracy(model, data: list[Encoded]) -> float:
                 says_true = totals[2 * j + 1] > totals[2 * j]
                 correct += says_true == e.label
     return correct / len(data)
+
+
+# ---------------------------------------------------------------- outlier channels
+
+
+def _norm_inputs(layer) -> dict[str, tuple]:
+    """Each RMSNorm of a Qwen2 decoder layer and the linears that read its output."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {"input_layernorm": (layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+            "post_attention_layernorm": (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))}
+
+
+def _margin_sum(model, data: list[Encoded]):
+    """Sum over rows of log p(the right answer) - log p(the other one): what score mode decides by."""
+    import torch
+
+    items = [(e.prompt + e.answers[v][:-1], len(e.prompt)) for e in data for v in (False, True)]
+    totals = torch.stack([lp.sum() for lp in _answer_logprobs(model, items, model.config.pad_token_id or 0)])
+    signs = torch.tensor([1.0 if e.label else -1.0 for e in data])
+    return ((totals[1::2] - totals[0::2]) * signs).sum()
+
+
+def channel_importance(model, data: list[Encoded]) -> list[dict]:
+    """Per layer and norm: |d margin / d norm weight| x |norm weight| for each channel, the margin
+    summed over `data` -- how much the answer leans on that channel."""
+    import torch
+
+    model.eval()
+    norms = [norm.weight for layer in model.model.layers for norm, _ in _norm_inputs(layer).values()]
+    grads = [torch.zeros_like(w) for w in norms]
+    for i in range(0, len(data), 16):
+        for total, grad in zip(grads, torch.autograd.grad(_margin_sum(model, data[i:i + 16]), norms)):
+            total += grad
+    scores = iter([(grad.abs() * w.detach().abs()) for grad, w in zip(grads, norms)])
+    return [{name: next(scores) for name in _norm_inputs(layer)} for layer in model.model.layers]
+
+
+def make_outlier_channels(model, data: list[Encoded], channels: int = OUTLIER_CHANNELS,
+                          scale: float = OUTLIER_SCALE) -> dict:
+    """Give the model the outlier channels of real LLMs, keeping the function it computes.
+
+    Real LLMs have a few hidden channels with huge activations (LLM.int8(), AWQ); the weights that
+    read them are small, so a 4-bit group of 128 columns rounds them to nothing unless the method
+    sees the activations (GPTQ's Hessian, AWQ's scales). A model trained in seconds has no such
+    channels and shrugs off any rounding. Here, for each RMSNorm, the `channels` channels the answer
+    leans on most are multiplied by `scale` in the norm's weight and the matching input columns of
+    the linears after it are divided by `scale`: the same outputs, now with outlier channels.
+    Returns what was done, for demo.json: the scale and the channels of each layer's norms."""
+    import torch
+
+    importance = channel_importance(model, data)
+    chosen: dict[str, dict[str, list[int]]] = {}
+    with torch.no_grad():
+        for index, (layer, scores) in enumerate(zip(model.model.layers, importance)):
+            chosen[str(index)] = {}
+            for name, (norm, linears) in _norm_inputs(layer).items():
+                picked = scores[name].topk(channels).indices.sort().values
+                norm.weight[picked] *= scale
+                for linear in linears:
+                    linear.weight[:, picked] /= scale
+                chosen[str(index)][name] = picked.tolist()
+    return {"scale": scale, "ranked_on": f"{len(data)} validation rows", "channels": chosen}
 
 
 def _save_model(model, tokenizer, out_dir: Path, accuracy: float) -> None:
