@@ -8,8 +8,7 @@ import click
 from qrun.cli.common import open_db, print_json, stderr_line
 from qrun.db.errors import BadInput
 from qrun.db.states import Kind
-# The demo builds its jobs with these; they live in the library now.
-from qrun.sweeps import EVAL_MODES, build_specs, check_file, eval_params, validate_eval_inputs  # noqa: F401
+from qrun.sweeps import EVAL_MODES, check_file, eval_params, validate_eval_inputs
 
 
 def _params_that_matter(kind: str, params: dict) -> str:

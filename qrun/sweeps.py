@@ -287,9 +287,3 @@ def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:
         elif _reuse(db, plan, rerun, Kind.EVAL, model, evaluation, label, upstream=existing) is None:
             plan.add(JobSpec(kind=Kind.EVAL, params=evaluation, depends_on=existing, **common), label)
     return plan
-
-
-def build_specs(model: str, sweep: list[dict], priority: int, max_attempts: int, eval_args: dict | None,
-                db, rerun: bool = False) -> list[JobSpec]:
-    """plan_jobs' specs for already checked sweep points (the demo's entry)."""
-    return plan_jobs(db, SweepRequest(model, sweep, eval_args, priority, max_attempts), rerun).specs
