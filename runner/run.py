@@ -159,7 +159,10 @@ def worker_env(threads: int) -> dict[str, str]:
     """What a worker sets in its own environment before it imports torch (see QueueWorker)."""
     env = {"QRUN_HOME": str(qrun_home()), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "OMP_NUM_THREADS": str(threads),
            "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", str(gptqmodel_cpu_workers(threads)))}
-    for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAKE_GPUS_ENV):
+    # GPTQMODEL_TORCH_EXTENSIONS_DIR: where kernels were built ahead (qrun warmup, the demo): the
+    # workers must look there too, or their first job builds them again.
+    for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAKE_GPUS_ENV,
+                 "GPTQMODEL_TORCH_EXTENSIONS_DIR"):
         if name in os.environ:
             env[name] = os.environ[name]
     return env

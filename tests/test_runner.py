@@ -26,6 +26,18 @@ def test_worker_env_keeps_a_users_gptqmodel_setting(qrun_home, monkeypatch):
     assert worker_env(threads=16)["GPTQMODEL_CPU_WORKERS"] == "8"
 
 
+def test_workers_look_for_kernels_where_they_were_built_ahead(qrun_home, monkeypatch, tmp_path):
+    """`qrun warmup` and the demo build kernels into GPTQMODEL_TORCH_EXTENSIONS_DIR when it is set: the
+    workers get it too (else their first job would build the kernels again, inside its time)."""
+    from qrun.workers.warmup import kernel_cache_dir
+
+    assert "GPTQMODEL_TORCH_EXTENSIONS_DIR" not in worker_env(threads=1)
+    monkeypatch.setenv("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(tmp_path / "kernels"))
+    env = worker_env(threads=1)
+    monkeypatch.setattr("os.environ", env)  # as a worker process sees it
+    assert kernel_cache_dir("pack_block_cpu") == tmp_path / "kernels" / "pack_block_cpu"
+
+
 def test_worker_applies_its_environment_before_anything_else(db, monkeypatch):
     monkeypatch.delenv("QRUN_JOB_MEMORY_MB", raising=False)
     QueueWorker(db.url, "cpu0", use_gpu=False, env={"QRUN_JOB_MEMORY_MB": "1234"})
