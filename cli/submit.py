@@ -185,22 +185,17 @@ def eval_command(ctx, model_dir, data, ppl, mode, max_new_tokens, batch_size, pr
                  gpus_per_job, as_json):
     """Add an eval job for an existing model or artifact directory."""
     from qrun.db.queue import JobSpec, submit_jobs
-    from qrun.workers.inputs import check_gpus_per_job, check_priority, gpus_param, inspect_model, read_quantize_config
+    from qrun.workers.inputs import check_gpus_per_job, check_priority, gpus_param, inspect_model, quantized_variant
 
     if not data and not ppl:
         raise BadInput("qrun eval needs --data FILE (classification) or --ppl FILE (perplexity), or both")
-    info = inspect_model(model_dir, trust_remote_code=trust_remote_code)
+    info = inspect_model(model_dir, trust_remote_code=trust_remote_code, allow_gguf=True)
     data = check_file(data, "eval file")
     ppl = check_file(ppl, "perplexity file")
     validate_eval_inputs(data, ppl, max_new_tokens, batch_size, batch_option="batch_size")
     check_priority(priority)
     check_gpus_per_job(gpus_per_job)
-    variant = "baseline"
-    quant_config = read_quantize_config(info.path)
-    if quant_config is not None:
-        from qrun.workers.quantize import QuantizeParams
-
-        variant = QuantizeParams.from_dict(quant_config).label()
+    variant = quantized_variant(info.path)
     params = eval_params(data, mode, max_new_tokens, ppl, batch_size, variant, trust_remote_code) | gpus_param(gpus_per_job)
     ids = submit_jobs(open_db(ctx), [JobSpec(kind=Kind.EVAL, model=info.path, params=params, priority=priority)])
     print_json(ids) if as_json else click.echo(ids[0])

@@ -20,6 +20,7 @@ from qrun.db import queue
 from qrun.db.states import Kind
 from qrun.workers import methods
 from qrun.workers.artifacts import UNSAFE_SUFFIXES
+from qrun.workers.inputs import inspect_model, quantized_variant
 from conftest import write_labeled
 
 
@@ -52,6 +53,9 @@ def run_pair(db, model: Path, point: dict, data: Path) -> tuple[dict, dict, Path
     path = Path(artifact.path)
     assert path.name.endswith(f"-{methods.label(point)}-job{quantize_id}")
     assert artifact.bytes == sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    # `qrun eval --model ARTIFACT` reads the same variant back from the artifact's own files.
+    inspect_model(path, allow_gguf=True)
+    assert quantized_variant(path) == methods.label(point)
     return metrics[quantize_id], metrics[eval_id], path
 
 

@@ -175,8 +175,11 @@ def _safetensors_data_end(header: dict, path: Path) -> int:
     return end
 
 
-def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
-    """Everything a quantize or eval job needs to know about a model directory, or BadInput."""
+def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+                  allow_gguf: bool = False) -> ModelInfo:
+    """Everything a quantize or eval job needs to know about a model directory, or BadInput.
+    allow_gguf: a llama.cpp `.gguf` file counts as the weights (an artifact of `--method gguf`, which
+    `qrun eval` can load; nothing quantizes from one)."""
     model_dir = Path(path)
     config = read_model_config(model_dir)
     config_file = model_dir / "config.json"
@@ -196,9 +199,11 @@ def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pi
     weights = sorted(p for p in model_dir.iterdir() if p.is_file())
     has_safetensors = any(p.suffix == ".safetensors" for p in weights)
     has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in weights)
-    if not has_safetensors and not has_pickle:
-        raise BadInput(f"model directory {model_dir} holds no weights (*.safetensors)")
-    if not has_safetensors and not allow_pickle:
+    has_gguf = allow_gguf and any(p.suffix == ".gguf" for p in weights)
+    if not has_safetensors and not has_pickle and not has_gguf:
+        raise BadInput(f"model directory {model_dir} holds no weights (*.safetensors"
+                       + (" or a .gguf file)" if allow_gguf else ")"))
+    if not has_safetensors and has_pickle and not allow_pickle:
         raise BadInput(
             f"model {model_dir} has only pickle weights (.bin), which can run code when loaded: convert them "
             "to safetensors, or pass --allow-pickle if you trust the source"
@@ -215,8 +220,46 @@ def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pi
         has_safetensors=has_safetensors,
         needs_remote_code=needs_remote_code,
         widths=tuple((label, sizes[name]) for label, name in WIDTH_FIELDS.items() if name in sizes),
-        quantized="quantization_config" in config or (model_dir / "quantize_config.json").is_file(),
+        quantized="quantization_config" in config or (model_dir / "quantize_config.json").is_file() or has_gguf,
     )
+
+
+def quantized_variant(model_dir: str | Path) -> str:
+    """The variant label (workers.methods.label) of a quantized model directory, read from its files:
+    GPTQModel's quantize_config.json (gptq, awq, fp8; rtn is GPTQ's format with a weight-only record),
+    transformers' bitsandbytes config (bnb-nf4), a llama.cpp .gguf file (its file type); "baseline"
+    for an unquantized model."""
+    from qrun.workers import methods
+
+    model_dir = Path(model_dir)
+    gguf_files = sorted(model_dir.glob("*.gguf"))
+    if gguf_files:
+        return f"gguf-{gguf_file_type(gguf_files[0])}"
+    config = read_quantize_config(model_dir)
+    if config is not None:
+        params = {key: config[key] for key in ("bits", "group_size", "desc_act", "sym") if key in config}
+        method = str(config.get("method") or config.get("quant_method") or methods.DEFAULT_METHOD).lower()
+        if method == "gptq" and (config.get("meta") or {}).get("weight_only") is not None:
+            method = "rtn"  # GPTQModel writes RTN in GPTQ's format and records its weight-only pass
+        if method in methods.METHODS and method != methods.DEFAULT_METHOD:
+            params["method"] = method
+        return methods.label(params)
+    hf = read_model_config(model_dir).get("quantization_config") or {}
+    if hf.get("quant_method") == "bitsandbytes" and hf.get("bnb_4bit_quant_type") == "nf4":
+        return "bnb-nf4"
+    return "baseline"
+
+
+def gguf_file_type(path: Path) -> str:
+    """The quant type a .gguf file names (general.file_type), as --gguf-type spells it: q4_k_m, q8_0."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).get_field("general.file_type")
+        file_type = gguf.LlamaFileType(int(field.parts[field.data[0]][0]))
+    except Exception as exc:  # noqa: BLE001 -- a truncated or foreign file: say which
+        raise BadInput(f"GGUF file {path} names no quant type that qrun reads ({exc})") from exc
+    return file_type.name.removeprefix("MOSTLY_").lower()
 
 
 def check_quantizable(info: ModelInfo) -> None:
