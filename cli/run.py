@@ -115,7 +115,7 @@ def _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note) -> lis
     if burst and not summary.interrupted:
         waiting = queue.queued_for_a_gpu(db)
         if waiting:
-            stderr_line(f"{who}: {waiting} job(s) wait for a GPU worker (their method needs a GPU: fp8, bnb-nf4); "
+            stderr_line(f"{who}: {waiting} job(s) wait for a GPU worker (their method needs a GPU); "
                         "run qrun where there is one")
     if summary.interrupted:
         click.get_current_context().exit(130)

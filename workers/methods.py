@@ -83,16 +83,6 @@ def requirements(method: Method) -> dict:
     return needs
 
 
-def what_it_waits_for(params: dict) -> str | None:
-    """For `qrun status`: the kind of worker a queued job of this method waits for, or None (any)."""
-    if not params.get("needs_gpu"):
-        return None
-    method = method_of(params)
-    cc = params.get("min_compute_capability")
-    return (f"waits for a GPU worker ({method.name} needs a GPU" +
-            (f" of compute capability {cc:g} or more)" if cc else ")"))
-
-
 def label(params: dict) -> str:
     """A variant's short name, as in tables and artifact names: GPTQ keeps its historic w4g128;
     other grouped methods prefix their name (awq-w4g128, rtn-w8g128); the others name their type
@@ -135,18 +125,6 @@ def points_of_method(method: Method, bits: tuple[int, ...], gguf_types: tuple[st
         return [{"method": "gguf", "bits": b, "gguf_type": GGUF_DEFAULT_TYPE[b]} for b in fitting]
     return [{"method": method.name, "bits": b} for b in fitting]
 
-
-def check_method_options(method: Method, group_sizes: tuple[int, ...], desc_act: bool, sym: bool,
-                         calib: str | None, explicit_group_size: bool) -> None:
-    """Options that mean nothing for this method, given explicitly: refused rather than ignored."""
-    if not method.grouped and explicit_group_size:
-        raise BadInput(f"--method {method.name} takes no --group-size (it has its own block layout)")
-    if method.name != "gptq" and desc_act:
-        raise BadInput(f"--method {method.name} takes no --desc-act (GPTQ's activation order)")
-    if not method.grouped and not sym:
-        raise BadInput(f"--method {method.name} takes no --asym")
-    if not method.calibrated and calib:
-        raise BadInput(f"--method {method.name} uses no calibration data: leave out --calib")
 
 
 # The model classes whose GGUF file qrun writes (llama.cpp's names differ per architecture; Llama's
