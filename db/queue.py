@@ -263,9 +263,12 @@ def most_urgent_ready_job(db: Database) -> tuple[int, int] | None:
     """(id, GPUs it needs) of the job the next free worker should take; None when none is ready.
     The runner makes room on one node when that job needs several GPUs (runner.run)."""
     with db.transaction() as s:
-        picked = _fair_pick(s, _ready())
-        gpus = None if picked is None else s.execute(select(gpus_needed()).where(Job.id == picked)).scalar()
-    return (picked, gpus) if picked is not None else None
+        return _most_urgent(s)
+
+
+def _most_urgent(s: Session) -> tuple[int, int] | None:
+    picked = _fair_pick(s, _ready())
+    return None if picked is None else (picked, s.execute(select(gpus_needed()).where(Job.id == picked)).scalar())
 
 
 def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAULT_LEASE_S, *,
@@ -284,8 +287,6 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
     holds: when the most urgent ready job is such a job and not among these ids (the runner has not
     decided yet where it runs), the worker takes nothing, so that no later job overtakes it meanwhile.
     """
-    if passable is not None and _waits_for_more_gpus(db, gpus, passable):
-        return None
     ready = _ready().where(runnable_by(gpus, compute_capability))
     if only_multi_gpu:
         ready = ready.where(gpus_needed() > 1)
@@ -294,6 +295,10 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
     now = utcnow()
     with db.transaction() as s:
         _reap_expired_leases(s, now)
+        if passable is not None:
+            head = _most_urgent(s)
+            if head is not None and head[1] > gpus and head[0] not in passable:
+                return None  # it waits to be placed: no later job may take its place meanwhile
         # SQLite: the transaction holds the write lock from its start (BEGIN IMMEDIATE), so the pick
         # and the update below are one atomic step. Postgres: the pick locks its row (SKIP LOCKED:
         # concurrent claimers pass it by) until this transaction ends.
@@ -312,12 +317,6 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
             return s.get(Job, row.id)
     fail_orphans(db)
     return None
-
-
-def _waits_for_more_gpus(db: Database, gpus: int, passable: Collection[int]) -> bool:
-    """Whether the most urgent ready job needs more than `gpus` GPUs and may not be passed by yet."""
-    head = most_urgent_ready_job(db)
-    return head is not None and head[1] > gpus and head[0] not in passable
 
 
 def _held(worker: str, job_id: int):

@@ -405,7 +405,7 @@ class Supervisor:
             return
         self.passable.add(job_id)
         for slot, actor in self.actors.items():
-            if slot.gpus == 1 and slot not in lent:
+            if slot.use_gpu and slot.gpus == 1 and slot not in lent:  # those a multi-GPU job may borrow
                 actor.may_pass.remote([job_id])
 
     def _room_changed(self, slot: Slot) -> None:
