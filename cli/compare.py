@@ -345,7 +345,8 @@ def smallest_within(rows: list[dict], metric: str = "f1", max_drop: float = 0.01
             "next_smaller": _summary(below, metric, value) if below else None}
 
 
-def _within(row: dict, base: dict, metric: str, max_drop: float) -> bool:
+def within_drop(row: dict, base: dict, metric: str, max_drop: float) -> bool:
+    """Whether `row`'s metric is at most `max_drop` worse than `base`'s (perplexity: higher is worse)."""
     drop = base[metric] - row[metric] if metric not in LOWER_IS_BETTER else row[metric] - base[metric]
     return drop <= max_drop + TOLERANCE
 
@@ -362,7 +363,7 @@ def _choose(rows: list[dict], metric: str, max_drop: float) -> tuple[dict, dict 
     sign = -1 if metric in LOWER_IS_BETTER else 1  # sign * value: higher is better
     variants = [r for r in rows if r.get("variant") != BASELINE and r.get(metric) is not None
                 and r.get(size) is not None]
-    inside = [r for r in variants if _within(r, base, metric, max_drop)]
+    inside = [r for r in variants if within_drop(r, base, metric, max_drop)]
     # the smallest; of equal sizes the better one, then the fewer bits, then the label
     pick = min(inside, key=lambda r: (r[size], -sign * r[metric], r.get("bits") or 0, str(r.get("variant"))),
                default=None)
@@ -431,7 +432,7 @@ def mark_smallest(group: list[dict], metric: str, max_drop: float) -> None:
     sentence = describe_smallest(group, metric, max_drop)
     for row in group:
         if base is not None and row.get(metric) is not None:
-            row["within_max_drop"] = _within(row, base, metric, max_drop)
+            row["within_max_drop"] = within_drop(row, base, metric, max_drop)
         row["smallest_within"] = row is pick
         row["max_drop_answer"] = sentence
 
@@ -562,7 +563,7 @@ def plot_points(group: list[dict], metric: str = "f1", max_drop: float | None = 
                         for o in rows)
         points.append({"variant": row["variant"], "size_mb": row["size_bytes"] / 1e6, "value": row[metric],
                        "baseline": row["variant"] == BASELINE, "pareto": not dominated,
-                       "within": _within(row, base, metric, max_drop) if base is not None else None,
+                       "within": within_drop(row, base, metric, max_drop) if base is not None else None,
                        "pick": row is pick})
     return points
 

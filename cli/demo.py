@@ -98,7 +98,7 @@ def trade_off_sentence(rows: list[dict]) -> str | None:
     """One sentence read from the comparison (the rows of one group): the smallest variant within a
     point of the baseline's F1, and what the next one down costs -- or, where none is smaller, what
     another method at the same size costs. None without a baseline or quantized variants with an F1."""
-    from qrun.cli.compare import TOLERANCE, smallest_within
+    from qrun.cli.compare import smallest_within, within_drop
 
     found = smallest_within(rows, metric="f1", max_drop=F1_TOLERANCE)
     if found is None or (found["pick"] is None and found["next_smaller"] is None):
@@ -115,7 +115,7 @@ def trade_off_sentence(rows: list[dict]) -> str | None:
         below = by_variant[found["next_smaller"]["variant"]]
         return f"{kept}; the next one down, {below['variant']}{_size(below)}, {_points(below, base)}."
     out = [r for r in rows if r["variant"] != "baseline" and r.get("f1") is not None
-           and r["f1"] < found["threshold"] - TOLERANCE]  # not within, as smallest_within counts it
+           and not within_drop(r, base, "f1", F1_TOLERANCE)]
     return f"{kept}{_none_smaller(pick, out, base)}"
 
 
