@@ -74,17 +74,24 @@ V1_ROWS = [
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def v1_database(request, qrun_home):
     """The URL of a database holding version 1's tables and rows, not yet opened by today's qrun."""
+    url, engine = _with_v1_rows(request, qrun_home, "v1.db")
+    engine.dispose()
+    return url
+
+
+def _with_v1_rows(request, qrun_home, sqlite_name: str):
+    """(URL, engine) of a fresh database (SQLite file or the test's Postgres, as `request.param` says)
+    holding version 1's tables and rows."""
     if request.param == "sqlite":
         qrun_home.mkdir(parents=True)
-        url = f"sqlite:///{qrun_home / 'v1.db'}"
+        url = f"sqlite:///{qrun_home / sqlite_name}"
     else:
         url = request.getfixturevalue("postgres_url")
     engine = create_engine(url)
     with engine.begin() as conn:
         for statement in v1_ddl(request.param) + V1_ROWS:
             conn.execute(text(statement))
-    engine.dispose()
-    return url
+    return url, engine
 
 
 def _store_raw(url: str, statement: str, read_back: str | None = None):
@@ -167,15 +174,7 @@ def v2_database(request, qrun_home):
 
     from qrun.db.session import MIGRATIONS
 
-    if request.param == "sqlite":
-        qrun_home.mkdir(parents=True)
-        url = f"sqlite:///{qrun_home / 'v2.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        for statement in v1_ddl(request.param) + V1_ROWS:
-            conn.execute(text(statement))
+    url, engine = _with_v1_rows(request, qrun_home, "v2.db")
     with Session(engine) as session, session.begin():
         MIGRATIONS[1](session)
         session.execute(text("UPDATE qrun_meta SET value = '2' WHERE key = 'schema_version'"))
