@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -23,6 +25,7 @@ from typing import Callable
 
 from qrun.db.errors import BadInput
 from qrun.workers import methods
+from qrun.workers.engine import DEFAULT_ENGINE, Engine, gptq_speedups, gptqmodel_options, stage_times
 from qrun.workers.calibration import calibration_texts, tokenize_calibration
 
 log = logging.getLogger("qrun.quantize")
@@ -136,10 +139,12 @@ def check_device(params: QuantizeParams, device: str) -> None:
 
 
 def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device: str, num_layers: int,
-                   progress: Progress, offload_dir: Path | None = None) -> dict[str, float]:
+                   progress: Progress, offload_dir: Path | None = None,
+                   engine: Engine = DEFAULT_ENGINE) -> dict[str, float]:
     """Quantize model_dir into out_dir (which must exist) with the job's method; return the job's metrics.
 
-    offload_dir: where GPTQModel parks finished modules (default: a temporary directory of its own).
+    offload_dir: where GPTQModel parks finished modules, if it offloads (workers.engine decides;
+    default: a temporary directory of its own). engine: how GPTQModel is driven (speed, not result).
     """
     import torch
 
@@ -152,41 +157,45 @@ def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device
     if name == "bnb-nf4":
         metrics = _quantize_bnb_nf4(params, model_dir, out_dir, device, num_layers, progress)
     else:
-        metrics = _quantize_gptqmodel(params, model_dir, out_dir, device, num_layers, progress, offload_dir)
+        metrics = _quantize_gptqmodel(params, model_dir, out_dir, device, num_layers, progress, offload_dir, engine)
     metrics["wall_s"] = time.perf_counter() - started
     metrics["bits"] = params.bits
     if methods.METHODS[name].grouped:
         metrics["group_size"] = params.group_size
     if on_gpu:
         metrics["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    # The worker process's peak resident memory so far (Linux counts KiB): this job's, unless an
+    # earlier job in the same worker took more.
+    metrics["process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return metrics
 
 
-def gptqmodel_config(params: QuantizeParams, offload_dir: Path | None = None):
-    """GPTQModel's quantize config for the job's method (bnb-nf4 goes through transformers instead)."""
+def gptqmodel_config(params: QuantizeParams, engine_options: dict | None = None):
+    """GPTQModel's quantize config for the job's method (bnb-nf4 goes through transformers instead).
+    engine_options: where GPTQModel keeps finished modules and activations (workers.engine)."""
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.config import AWQConfig, FP8Config, GGUFConfig, RTNConfig
 
-    offload = {"offload_to_disk_path": str(offload_dir)} if offload_dir else {}
+    where = engine_options or {}
     name = params.method_name
     if name == "gptq":
         return QuantizeConfig(bits=params.bits, group_size=params.group_size, desc_act=params.desc_act,
                               sym=params.sym, damp_percent=params.damp_percent,
                               true_sequential=params.true_sequential, static_groups=params.static_groups,
-                              **act_group_aware_option(params), **offload)
+                              **act_group_aware_option(params), **where)
     if name == "awq":  # GEMM format: what AutoAWQ, transformers and vLLM read
-        return AWQConfig(bits=params.bits, group_size=params.group_size, sym=params.sym, **offload)
+        return AWQConfig(bits=params.bits, group_size=params.group_size, sym=params.sym, **where)
     if name == "rtn":  # GPTQ format, so every GPTQ loader (and qrun's GPTQ eval path) reads it
-        return RTNConfig(bits=params.bits, group_size=params.group_size, sym=params.sym, **offload)
+        return RTNConfig(bits=params.bits, group_size=params.group_size, sym=params.sym, **where)
     if name == "fp8":  # e4m3 weights, one scale per output row: weight-only, no activation scales
-        return FP8Config(**offload)
+        return FP8Config(**where)
     if name == "gguf":
-        return GGUFConfig(bits=params.gguf_type_or_default, **offload)
+        return GGUFConfig(bits=params.gguf_type_or_default, **where)
     raise ValueError(f"method {name!r} is not quantized through GPTQModel")
 
 
 def _quantize_gptqmodel(params: QuantizeParams, model_dir: str, out_dir: Path, device: str, num_layers: int,
-                        progress: Progress, offload_dir: Path | None) -> dict[str, float]:
+                        progress: Progress, offload_dir: Path | None, engine: Engine) -> dict[str, float]:
     from gptqmodel import GPTQModel
     from transformers import AutoTokenizer
 
@@ -202,7 +211,7 @@ def _quantize_gptqmodel(params: QuantizeParams, model_dir: str, out_dir: Path, d
         calibration = tokenize_calibration(samples, tokenizer, params.calib_max_len)
         if not calibration:
             raise ValueError(f"calibration data {params.calib or '(built-in)'} has no sample of 10 tokens or more")
-    config = gptqmodel_config(params, offload_dir)
+    config = gptqmodel_config(params, gptqmodel_options(engine, model_dir, device, calibration, offload_dir))
     progress(0, num_layers, "loading model")
     load_start = time.perf_counter()
     model = GPTQModel.load(model_dir, config, device=device, trust_remote_code=params.trust_remote_code)
@@ -215,7 +224,9 @@ def _quantize_gptqmodel(params: QuantizeParams, model_dir: str, out_dir: Path, d
     if not method.calibrated:
         progress(0, num_layers, f"{method.name}: all layers")
     quant_start = time.perf_counter()
-    model.quantize(calibration, batch_size=params.batch_size, tokenizer=tokenizer)
+    speedups = gptq_speedups(engine) if method.name == "gptq" else contextlib.nullcontext()
+    with speedups:
+        model.quantize(calibration, batch_size=params.batch_size, tokenizer=tokenizer)
     quantize_s = time.perf_counter() - quant_start
     progress(num_layers, num_layers, "saving")
     save_start = time.perf_counter()
@@ -235,7 +246,7 @@ def _quantize_gptqmodel(params: QuantizeParams, model_dir: str, out_dir: Path, d
     metrics = {"load_s": load_s, "quantize_s": quantize_s, "save_s": save_s,
                # rtn/fp8/gguf: mean absolute weight error per module (GPTQModel's quant log); gptq/awq: layer loss
                "loss_mean": sum(losses) / len(losses) if losses else None,
-               "loss_max": max(losses) if losses else None}
+               "loss_max": max(losses) if losses else None, **stage_times(model)}
     if calibration is not None:
         metrics["calib_samples"] = len(calibration)
         metrics["calib_tokens"] = sum(len(r["input_ids"]) for r in calibration)
