@@ -12,8 +12,9 @@ from qrun.cli.common import stderr_line
               help="Whose kernels: a GPU's (cuda), a CPU's, or this machine's (auto).")
 def warmup(device):
     """Build (or load from the cache) the kernels GPTQModel compiles on first use, so that no job
-    pays for it: on a new GPU machine gptq_cuda (~21 s) and Marlin fp16/bf16 (~2 min each); on a CPU
-    the AVX-512 int4 kernel (~45 s). Workers do the same before their first job."""
+    pays for it: on a new GPU machine gptq_cuda (~21 s), Marlin fp16/bf16 (~2 min each) and AWQ's; on
+    a CPU the AVX-512 int4 kernel (~45 s). Workers build them in the background, holding each job
+    back until the kernels it uses are ready; after warmup they only load them."""
     from qrun.workers.warmup import build_kernels, describe
 
     if device == "auto":

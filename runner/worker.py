@@ -73,7 +73,8 @@ class QueueWorker:
         # such a job until the runner has placed it, then passes it (ids the runner sends, may_pass).
         self._lendable = use_gpu and gpus == 1
         self._passable: set[int] = set()
-        self._kernels_ready = False
+        self._builds = None  # workers.warmup.BackgroundBuilds, started when the first job is ready
+        self._builds_told = False
         self._notices: collections.deque[str] = collections.deque(maxlen=200)
         self.device = self._bootstrap()
         # What the jobs' methods may ask of the device (workers.methods); None: a CPU worker.
@@ -144,20 +145,30 @@ class QueueWorker:
             taken.append(self._notices.popleft())
         return taken
 
-    def _build_kernels(self) -> None:
-        """Before the first job: build (or load) GPTQModel's kernels, so that no job's time includes
-        a one-time build (workers.warmup). Said in the run's output only when something was built."""
-        from qrun.workers.warmup import build_kernels, cpu_kernels_to_build, describe, was_built
+    def _start_kernel_builds(self) -> None:
+        """Once a job is ready: build (or load) GPTQModel's kernels in the background (workers.warmup).
+        On a CPU the cache is checked on disk, without importing GPTQModel, and only what is missing is built."""
+        from qrun.workers.warmup import BackgroundBuilds, cpu_kernels_to_build, kernels_for
 
-        self._kernels_ready = True  # tried once: a job that needs a kernel that failed says why itself
-        try:
-            # On a CPU the cache is checked on disk (no import at all once built); a GPU's are loaded.
-            results = build_kernels(self.device, None if self.device.startswith("cuda") else cpu_kernels_to_build())
-        except Exception as exc:  # noqa: BLE001 -- GPTQModel itself did not import: the job will say so
-            self.notice(f"GPTQModel's kernels were not built ahead: {describe_error(exc)}")
-            return
-        if was_built(results):
-            self.notice(describe(results))
+        gpu = self.device.startswith("cuda")
+        self._builds = BackgroundBuilds(kernels_for(self.device) if gpu else cpu_kernels_to_build())
+
+    def _wait_for_kernels(self, job) -> None:
+        """Before a job: wait for the kernels it uses, so that no job's time includes their build.
+        Said in the run's output once, when every kernel is ready and something was built."""
+        from qrun.workers.warmup import kernels_a_job_uses
+
+        upstream = queue.get_job(self.db, job.depends_on).params if job.depends_on is not None else None
+        self._builds.wait(kernels_a_job_uses(job.kind, job.params, job.model, upstream, self.device), self._stop)
+        self._tell_builds()
+
+    def _tell_builds(self) -> None:
+        from qrun.workers.warmup import describe, was_built
+
+        if not self._builds_told and self._builds is not None and self._builds.finished():
+            self._builds_told = True
+            if was_built(self._builds.results):
+                self.notice(describe(self._builds.results))
 
     def _report(self, write, *args, **kwargs) -> None:
         """Keep this worker's row (`qrun workers`) current. It is a view, not the queue: a write
@@ -204,13 +215,22 @@ class QueueWorker:
         """Claim and run one job: (job id, outcome); or IDLE / DRAINED when there is none to claim."""
         if self._yield.is_set():
             return DRAINED
-        if not self._kernels_ready and queue.most_urgent_ready_job(self.db) is not None:
-            self._build_kernels()
+        if self._builds is None or not self._builds.finished():
+            ready = queue.most_urgent_ready_job(self.db)
+            if ready is not None:
+                if self._builds is None:
+                    self._start_kernel_builds()
+                self._wait_for_kernels(queue.get_job(self.db, ready[0]))
+            if self._stop.is_set():
+                return IDLE  # the drain ends there
+        self._tell_builds()
         passable = frozenset(self._passable) if self._lendable and not only_multi_gpu else None
         job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s, gpus=self.gpus,
                               only_multi_gpu=only_multi_gpu, passable=passable,
                               compute_capability=self.compute_capability)
         if job is not None:
+            if self._builds is not None and not self._builds.finished():
+                self._wait_for_kernels(job)  # another job than the one waited for: its kernels too
             self._report(queue.worker_heartbeat, self.name, job=job.id)
             outcome = self.run_one(job)
             self._report(queue.worker_heartbeat, self.name, job=None, finished_one=True)

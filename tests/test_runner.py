@@ -109,3 +109,55 @@ def test_a_cpu_worker_drains_past_a_job_that_needs_several_gpus(db, tiny_qwen2):
     (big,) = queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, str(tiny_qwen2), {"bits": 4, "gpus": 2})])
     assert QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30).drain(burst=True) == []
     assert queue.get_job(db, big).status == "queued"
+
+
+def test_a_job_waits_only_for_the_kernels_it_uses():
+    """A GPU worker builds its kernels in the background and holds a job back only for its own: a
+    GPTQ quantize job for gptq_cuda (~25 s on a fresh machine), not for Marlin (~2 min each)."""
+    from qrun.workers.warmup import CPU_KERNELS, GPU_KERNELS, MARLIN, kernels_a_job_uses
+
+    gpu = "cuda:0"
+    assert kernels_a_job_uses("quantize", {"bits": 4}, "m", None, gpu) == ("gptq_cuda",)
+    assert kernels_a_job_uses("quantize", {"bits": 4, "method": "awq"}, "m", None, gpu) == ("awq",)
+    for method in ("rtn", "fp8", "gguf", "bnb-nf4"):
+        assert kernels_a_job_uses("quantize", {"bits": 8, "method": method}, "m", None, gpu) == ()
+    for method in (None, "rtn", "awq"):  # an eval of a GPTQ-format or AWQ artifact loads Marlin
+        assert kernels_a_job_uses("eval", {}, "m", {"bits": 4, "method": method}, gpu) == MARLIN
+    assert kernels_a_job_uses("eval", {}, "m", {"bits": 8, "method": "fp8"}, gpu) == ()
+    assert kernels_a_job_uses("quantize", {"bits": 4}, "m", None, "cpu") == tuple(CPU_KERNELS)
+    assert set(MARLIN) | {"gptq_cuda", "awq"} == set(GPU_KERNELS)
+
+
+def test_an_eval_of_a_checkpoint_on_disk_waits_for_marlin_only_if_it_is_one(tmp_path):
+    from qrun.workers.warmup import MARLIN, kernels_a_job_uses
+
+    assert kernels_a_job_uses("eval", {}, str(tmp_path), None, "cuda:0") == ()  # a plain model: transformers
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "quant_method": "awq"}))
+    assert kernels_a_job_uses("eval", {}, str(tmp_path), None, "cuda:0") == MARLIN
+
+
+def test_background_builds_run_at_the_lowest_priority_and_report_what_failed():
+    import threading
+
+    from qrun.workers.warmup import BackgroundBuilds, _lowest_priority_for_this_thread
+
+    seen = {}
+
+    def probe():
+        _lowest_priority_for_this_thread()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    assert seen["nice"] == 19 and os.getpriority(os.PRIO_PROCESS, 0) == before  # that thread only
+
+    builds = BackgroundBuilds(["no_such_kernel"])
+    builds.wait(["no_such_kernel"])
+    assert builds.finished()
+    ((name, _, ok, why),) = builds.results
+    assert name == "no_such_kernel" and not ok and why
+    nothing = BackgroundBuilds([])
+    nothing.wait(["gptq_cuda"])  # nothing to build: no wait, not even GPTQModel's import
+    assert nothing.finished() and nothing.results == []
