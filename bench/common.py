@@ -25,6 +25,9 @@ SHAPES = {
     # Qwen2-0.5B's published shape.
     "qwen2-0.5b": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936,
                        max_positions=32768),
+    # Qwen2-7B's published shape (untied lm_head), for how time and memory grow with the model.
+    "qwen2-7b": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064,
+                     max_positions=32768, tie=False),
     "tiny": dict(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=None, max_positions=2048),
 }
 
@@ -43,7 +46,7 @@ def build_bench_model(out_dir: Path, shape: str, seed: int = 0) -> Path:
     config = Qwen2Config(vocab_size=s["vocab"] or len(tokenizer), hidden_size=s["hidden"],
                          intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
                          num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                         max_position_embeddings=s["max_positions"], tie_word_embeddings=True)
+                         max_position_embeddings=s["max_positions"], tie_word_embeddings=s.get("tie", True))
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
     torch.manual_seed(seed)
@@ -159,6 +162,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def fmt(value) -> str:
     if isinstance(value, float):
+        if value and abs(value) < 0.01:
+            return f"{value:.3e}"
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
     return "" if value is None else str(value)
 

@@ -4,6 +4,7 @@ Uses the same calibration token ids as qrun (workers.calibration) so both quanti
 """
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ def main(model_dir: str, calib: str, bits: int, group_size: int, out: str, sampl
     model.save(out)
     save_s = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     losses = [float(r["loss"]) for r in getattr(model, "quant_log", []) or [] if "loss" in r]
-    print(json.dumps({"load_s": load_s, "quantize_s": quantize_s, "save_s": save_s, "peak_gpu_mem_gb": peak, "batch_size": batch_size,
+    print(json.dumps({"load_s": load_s, "quantize_s": quantize_s, "save_s": save_s, "peak_gpu_mem_gb": peak, "process_peak_rss_gb": rss, "batch_size": batch_size,
                       "loss_mean": sum(losses) / len(losses) if losses else None,
                       "calib_tokens": sum(len(r["input_ids"]) for r in rows)}))
 

@@ -63,6 +63,7 @@ def job_row(path: str, bits: int, job: dict) -> dict:
     m = job["metrics"]
     return {"path": path, "bits": bits, "quantize_s": m["quantize_s"], "load_s": m.get("load_s"),
             "save_s": m.get("save_s"), "peak_gpu_mem_gb": m.get("peak_gpu_mem_gb"),
+            "process_peak_rss_gb": m.get("process_peak_rss_gb"),
             "calib_tokens": m["calib_tokens"], "job_wall_s": m["job_wall_s"], "loss_mean": m.get("loss_mean")}
 
 
@@ -147,7 +148,8 @@ def summarise(rows: list[dict], bits: int) -> list[dict]:
         summary.append({"bits": bits, "path": path, "runs": len(runs), "wall_s": med(runs, "wall_s"),
                         "load_s": med(runs, "load_s"), "quantize_s": med(runs, "quantize_s"),
                         "save_s": med(runs, "save_s"), "startup_s": med(runs, "startup_s"),
-                        "peak_gb": runs[0]["peak_gpu_mem_gb"],
+                        "loss_mean": med(runs, "loss_mean"),
+                        "peak_gb": runs[0]["peak_gpu_mem_gb"], "peak_rss_gb": runs[0].get("process_peak_rss_gb"),
                         "ratio": med(runs, "wall_s") / med(direct, "wall_s") if direct else None})
     return summary
 
