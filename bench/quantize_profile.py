@@ -6,12 +6,13 @@ switches qrun's engine settings (workers.engine.Engine) or the job's calibration
 quantize() time, GPTQModel's own stage times (its region timer), the GPU's mean utilisation (NVML,
 every 100 ms), the mean layer loss (the same data, so it must stay within 1%) and peak GPU memory.
 
---torch-profile [VARIANT...] runs a CUDA-level profile (torch.profiler, CPU and CUDA activity) of the probe on a
-4-layer model of the same width, for the variants named (default: the first and the last): the top kernels and operators by
-GPU time, and GPU busy time against wall time. --py-spy [VARIANT...] samples every thread's Python stack during
-those variants (default: the first) (py-spy's raw "collapsed" format). --awq then quantizes and evaluates AWQ 4-bit
-(issue #14's missing row), with the bf16 baseline's perplexity beside it; its kernels are built in
-the background (nice 19) while the profile runs.
+--torch-profile [VARIANT...] runs a CUDA-level profile (torch.profiler, CPU and CUDA activity) of
+the probe on a 4-layer model of the same width, for the variants named (default: the first and the
+last): the top kernels and operators by GPU time, and kernel and copy time against wall time.
+--py-spy [VARIANT...] samples every thread's Python stack during those variants (default: the
+first; py-spy's raw "collapsed" format). --awq then quantizes and evaluates AWQ 4-bit (issue #14's
+GPU row), with the bf16 baseline's perplexity beside it; its kernels are built in the background
+(nice 19) while the profile runs. --shape qwen2-7b: the same job on Qwen2-7B's shape.
 
     source bench/device_env.sh && python3 bench/quantize_profile.py --torch-profile --py-spy --awq
     python bench/quantize_profile.py --shape tiny --samples 16 --max-len 256     # CPU smoke test
