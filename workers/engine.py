@@ -150,7 +150,10 @@ def _half_input_hessian():
         hessian = self.qcfg.hessian
         if (matrix.is_cuda and matrix.dtype in (torch.bfloat16, torch.float16) and matrix.dim() == 2
                 and matrix.shape[0] > 0 and hessian.chunk_size is None and hessian.chunk_bytes is None):
-            return torch.mm(matrix.T, matrix, out_dtype=torch.float32)
+            try:
+                return torch.mm(matrix.T, matrix, out_dtype=torch.float32)
+            except (TypeError, NotImplementedError):  # a torch without mm's out_dtype: GPTQModel's way
+                pass
         return original(self, matrix)
 
     return _swapped(GPTQ, "compute_hessian_xtx", compute_hessian_xtx)
