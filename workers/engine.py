@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +78,11 @@ def available_host_memory() -> int | None:
                     available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    limit = os.environ.get("QRUN_JOB_MEMORY_MB", "")
-    if limit.isdigit():
-        cap = int(limit) << 20
-        available = cap if available is None else min(available, cap)
+    from qrun.workers.limits import job_memory_cap_mb
+
+    cap_mb = job_memory_cap_mb()
+    if cap_mb is not None:
+        available = cap_mb << 20 if available is None else min(available, cap_mb << 20)
     return available
 
 
@@ -104,12 +104,15 @@ def calibration_fits_gpu(engine: Engine, model_dir: str, device: str, calibratio
 
 
 def _hidden_size(model_dir: str) -> int | None:
+    """config.json's hidden size, read as the job's input checks read it (text_config too); None if absent."""
+    from qrun.workers.inputs import read_sizes
+
+    config_file = Path(model_dir) / "config.json"
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError):
         return None
-    hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
-    return hidden if isinstance(hidden, int) else None
+    return read_sizes(config, config_file, required=()).get("hidden_size")
 
 
 @contextlib.contextmanager
