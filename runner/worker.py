@@ -215,12 +215,14 @@ class QueueWorker:
         """Claim and run one job: (job id, outcome); or IDLE / DRAINED when there is none to claim."""
         if self._yield.is_set():
             return DRAINED
+        waited_for = None
         if self._builds is None or not self._builds.finished():
             ready = queue.most_urgent_ready_job(self.db)
             if ready is not None:
                 if self._builds is None:
                     self._start_kernel_builds()
-                self._wait_for_kernels(queue.get_job(self.db, ready[0]))
+                waited_for = ready[0]
+                self._wait_for_kernels(queue.get_job(self.db, waited_for))
             if self._stop.is_set():
                 return IDLE  # the drain ends there
         self._tell_builds()
@@ -229,7 +231,7 @@ class QueueWorker:
                               only_multi_gpu=only_multi_gpu, passable=passable,
                               compute_capability=self.compute_capability)
         if job is not None:
-            if self._builds is not None and not self._builds.finished():
+            if job.id != waited_for and self._builds is not None and not self._builds.finished():
                 self._wait_for_kernels(job)  # another job than the one waited for: its kernels too
             self._report(queue.worker_heartbeat, self.name, job=job.id)
             outcome = self.run_one(job)
