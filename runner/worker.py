@@ -22,7 +22,7 @@ import threading
 import time
 
 from qrun.db import queue
-from qrun.db.errors import JobLost
+from qrun.db.errors import BadInput, JobLost
 from qrun.db.session import GROUP_UMASK, artifacts_root, open_database, pin_qrun_home, qrun_home
 from qrun.workers import artifacts
 from qrun.workers.artifacts import runner_marker
@@ -73,8 +73,7 @@ class QueueWorker:
         # such a job until the runner has placed it, then passes it (ids the runner sends, may_pass).
         self._lendable = use_gpu and gpus == 1
         self._passable: set[int] = set()
-        self._builds = None  # workers.warmup.BackgroundBuilds, started when the first job is ready
-        self._builds_told = False
+        self._builds = None  # workers.warmup.KernelBuilds, started when the first job is ready
         self._notices: collections.deque[str] = collections.deque(maxlen=200)
         self.device = self._bootstrap()
         # What the jobs' methods may ask of the device (workers.methods); None: a CPU worker.
@@ -146,29 +145,36 @@ class QueueWorker:
         return taken
 
     def _start_kernel_builds(self) -> None:
-        """Once a job is ready: build (or load) GPTQModel's kernels in the background (workers.warmup).
-        On a CPU the cache is checked on disk, without importing GPTQModel, and only what is missing is built."""
-        from qrun.workers.warmup import BackgroundBuilds, cpu_kernels_to_build, kernels_for
+        """Once a job is ready: GPTQModel's import and the builds of the kernels jobs wait for
+        (workers.warmup.KernelBuilds). On a CPU the cache is checked on disk, without importing
+        GPTQModel: where nothing is missing, nothing is imported or built here."""
+        from qrun.workers.warmup import KernelBuilds, cpu_kernels_to_build, kernels_for
 
         gpu = self.device.startswith("cuda")
-        self._builds = BackgroundBuilds(kernels_for(self.device) if gpu else cpu_kernels_to_build())
+        self._builds = KernelBuilds(kernels_for(self.device) if gpu else cpu_kernels_to_build(),
+                                    first_load_imports=gpu)
 
     def _wait_for_kernels(self, job) -> None:
-        """Before a job: wait for the kernels it uses, so that no job's time includes their build.
-        Said in the run's output once, when every kernel is ready and something was built."""
-        from qrun.workers.warmup import kernels_a_job_uses
+        """Before a job: build (or load) the kernels it uses and wait for them, so that no job's time
+        includes a build. What was built is said in the run's output."""
+        from qrun.workers.warmup import describe, kernels_a_job_uses, was_built
 
-        upstream = queue.get_job(self.db, job.depends_on).params if job.depends_on is not None else None
-        self._builds.wait(kernels_a_job_uses(job.kind, job.params, job.model, upstream, self.device), self._stop)
-        self._tell_builds()
+        if self._builds is None:
+            self._start_kernel_builds()
+        self._builds.wait(kernels_a_job_uses(job.kind, job.params, self._model_dir_of(job), self.device), self._stop)
+        built = self._builds.new_results()
+        if was_built(built):
+            self.notice(describe(built))
 
-    def _tell_builds(self) -> None:
-        from qrun.workers.warmup import describe, was_built
+    def _model_dir_of(self, job):
+        """The directory the job reads (an eval: its upstream's artifact, which exists once the job is
+        ready); None where it cannot be found: the job itself then says why."""
+        from qrun.workers.evaluate import resolve_model_dir
 
-        if not self._builds_told and self._builds is not None and self._builds.finished():
-            self._builds_told = True
-            if was_built(self._builds.results):
-                self.notice(describe(self._builds.results))
+        try:
+            return resolve_model_dir(self.db, job) if job.kind == "eval" else job.model
+        except BadInput:
+            return None
 
     def _report(self, write, *args, **kwargs) -> None:
         """Keep this worker's row (`qrun workers`) current. It is a view, not the queue: a write
@@ -215,24 +221,24 @@ class QueueWorker:
         """Claim and run one job: (job id, outcome); or IDLE / DRAINED when there is none to claim."""
         if self._yield.is_set():
             return DRAINED
+        # The most urgent ready job is most likely the one this worker claims: its kernels are built
+        # (and waited for) before the claim, not inside the job. Another job claimed instead (a
+        # race, fair share) waits for its own after the claim.
         waited_for = None
-        if self._builds is None or not self._builds.finished():
+        if self._builds is None or self._builds.buildable:  # a CPU whose kernels are cached: nothing to wait for
             ready = queue.most_urgent_ready_job(self.db)
-            if ready is not None:
-                if self._builds is None:
-                    self._start_kernel_builds()
-                waited_for = ready[0]
-                self._wait_for_kernels(queue.get_job(self.db, waited_for))
+            waited_for = ready[0] if ready is not None else None
+        if waited_for is not None:
+            self._wait_for_kernels(queue.get_job(self.db, waited_for))
             if self._stop.is_set():
                 return IDLE  # the drain ends there
-        self._tell_builds()
         passable = frozenset(self._passable) if self._lendable and not only_multi_gpu else None
         job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s, gpus=self.gpus,
                               only_multi_gpu=only_multi_gpu, passable=passable,
                               compute_capability=self.compute_capability)
         if job is not None:
-            if job.id != waited_for and self._builds is not None and not self._builds.finished():
-                self._wait_for_kernels(job)  # another job than the one waited for: its kernels too
+            if job.id != waited_for and (self._builds is None or self._builds.buildable):
+                self._wait_for_kernels(job)
             self._report(queue.worker_heartbeat, self.name, job=job.id)
             outcome = self.run_one(job)
             self._report(queue.worker_heartbeat, self.name, job=None, finished_one=True)

@@ -111,35 +111,53 @@ def test_a_cpu_worker_drains_past_a_job_that_needs_several_gpus(db, tiny_qwen2):
     assert queue.get_job(db, big).status == "queued"
 
 
-def test_a_job_waits_only_for_the_kernels_it_uses():
+def test_a_job_waits_only_for_the_kernels_it_uses(tmp_path):
     """A GPU worker builds its kernels in the background and holds a job back only for its own: a
     GPTQ quantize job for gptq_cuda (~25 s on a fresh machine), not for Marlin (~2 min each)."""
     from qrun.workers.warmup import CPU_KERNELS, GPU_KERNELS, MARLIN, kernels_a_job_uses
 
     gpu = "cuda:0"
-    assert kernels_a_job_uses("quantize", {"bits": 4}, "m", None, gpu) == ("gptq_cuda",)
-    assert kernels_a_job_uses("quantize", {"bits": 4, "method": "awq"}, "m", None, gpu) == ("awq",)
+    assert kernels_a_job_uses("quantize", {"bits": 4}, "m", gpu) == ("gptq_cuda",)
+    assert kernels_a_job_uses("quantize", {"bits": 4, "method": "awq"}, "m", gpu) == ("awq",)
     for method in ("rtn", "fp8", "gguf", "bnb-nf4"):
-        assert kernels_a_job_uses("quantize", {"bits": 8, "method": method}, "m", None, gpu) == ()
-    for method in (None, "rtn", "awq"):  # an eval of a GPTQ-format or AWQ artifact loads Marlin
-        assert kernels_a_job_uses("eval", {}, "m", {"bits": 4, "method": method}, gpu) == MARLIN
-    assert kernels_a_job_uses("eval", {}, "m", {"bits": 8, "method": "fp8"}, gpu) == ()
-    assert kernels_a_job_uses("quantize", {"bits": 4}, "m", None, "cpu") == tuple(CPU_KERNELS)
+        assert kernels_a_job_uses("quantize", {"bits": 8, "method": method}, "m", gpu) == ()
+    assert kernels_a_job_uses("quantize", {"bits": 4}, "m", "cpu") == tuple(CPU_KERNELS)
+    assert kernels_a_job_uses("eval", {}, None, gpu) == ()  # its artifact is gone: the job says so itself
     assert set(MARLIN) | {"gptq_cuda", "awq"} == set(GPU_KERNELS)
 
 
-def test_an_eval_of_a_checkpoint_on_disk_waits_for_marlin_only_if_it_is_one(tmp_path):
-    from qrun.workers.warmup import MARLIN, kernels_a_job_uses
+def _checkpoint(path, quantize_config: dict | None, dtype: str = "bfloat16"):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2", "dtype": dtype}))
+    if quantize_config is not None:
+        (path / "quantize_config.json").write_text(json.dumps(quantize_config))
+    return path
 
-    assert kernels_a_job_uses("eval", {}, str(tmp_path), None, "cuda:0") == ()  # a plain model: transformers
-    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "quant_method": "awq"}))
-    assert kernels_a_job_uses("eval", {}, str(tmp_path), None, "cuda:0") == MARLIN
+
+def test_an_eval_waits_for_the_one_marlin_kernel_its_checkpoint_loads_with(tmp_path):
+    """GPTQModel loads a checkpoint in its config's dtype where that is float16, else in bfloat16, and
+    Marlin is built once per dtype (~2 min each on a fresh machine): an eval waits for that one only,
+    and for none where the checkpoint does not load with Marlin."""
+    from qrun.workers.warmup import kernels_a_job_uses
+
+    def waits_for(name, quantize_config, dtype="bfloat16"):
+        return kernels_a_job_uses("eval", {}, _checkpoint(tmp_path / name, quantize_config, dtype), "cuda:0")
+
+    assert waits_for("plain", None) == ()  # not a GPTQModel checkpoint: transformers loads it
+    for method in ("gptq", "awq"):  # rtn checkpoints are GPTQ's format, "gptq" in their config
+        assert waits_for(f"{method}-bf16", {"bits": 4, "group_size": 128, "quant_method": method}) == ("marlin_bf16",)
+        assert waits_for(f"{method}-fp16", {"bits": 4, "group_size": 128, "quant_method": method},
+                         "float16") == ("marlin_fp16",)
+    assert waits_for("fp32", {"bits": 8, "group_size": 128, "quant_method": "gptq"}, "float32") == ("marlin_bf16",)
+    assert waits_for("w2", {"bits": 2, "group_size": 128, "quant_method": "gptq"}) == ()  # not Marlin's
+    assert waits_for("fp8", {"bits": 8, "quant_method": "fp8"}) == ()
+    assert kernels_a_job_uses("eval", {}, tmp_path / "fp8", "cpu") != ()  # a CPU worker: the CPU kernels
 
 
-def test_background_builds_run_at_the_lowest_priority_and_report_what_failed():
+def test_kernel_builds_run_on_demand_at_the_lowest_priority_and_report_what_failed():
     import threading
 
-    from qrun.workers.warmup import BackgroundBuilds, _lowest_priority_for_this_thread
+    from qrun.workers.warmup import KernelBuilds, _lowest_priority_for_this_thread
 
     seen = {}
 
@@ -153,11 +171,14 @@ def test_background_builds_run_at_the_lowest_priority_and_report_what_failed():
     thread.join()
     assert seen["nice"] == 19 and os.getpriority(os.PRIO_PROCESS, 0) == before  # that thread only
 
-    builds = BackgroundBuilds(["no_such_kernel"])
-    builds.wait(["no_such_kernel"])
-    assert builds.finished()
+    builds = KernelBuilds(["no_such_kernel"])
+    assert builds.results == []  # nothing is built before a job asks for it
+    builds.wait(["no_such_kernel", "gptq_cuda"])  # gptq_cuda is not this worker's to build: not waited for
     ((name, _, ok, why),) = builds.results
     assert name == "no_such_kernel" and not ok and why
-    nothing = BackgroundBuilds([])
+    assert builds.new_results() == [(name, _, ok, why)] and builds.new_results() == []
+    builds.wait(["no_such_kernel"])  # built once: asked again, nothing new
+    assert len(builds.results) == 1
+    nothing = KernelBuilds([])
     nothing.wait(["gptq_cuda"])  # nothing to build: no wait, not even GPTQModel's import
-    assert nothing.finished() and nothing.results == []
+    assert nothing.results == []

@@ -3,17 +3,17 @@
 GPTQModel compiles its kernels on first use and caches them (~/.cache/gptqmodel, behind a lock
 shared by every process of the machine): on a fresh H100 machine `gptq_cuda` took 21 s inside the
 first quantize job and each Marlin kernel ~2 min inside the first GPTQ eval; on a CPU, the AVX-512
-int4 kernel ~45 s. `qrun warmup` builds them all ahead of time for an admin. A worker starts
-building (or, once cached, just loading) them as it sees its first ready job, in the background at
-the lowest CPU priority, and before it takes a job waits only for the kernels that job uses: a GPTQ
-quantize job starts once `gptq_cuda` is ready (~25 s on a fresh machine) rather than after every
-kernel (~7 min for the four), and a GPTQ eval once Marlin is.
+int4 kernel ~45 s. `qrun warmup` builds them all ahead of time for an admin. A worker builds (or,
+once cached, just loads) a kernel when the job it is about to claim uses it, in a thread at the
+lowest CPU priority, and claims the job once it is ready: a GPTQ quantize job waits for `gptq_cuda`
+(~25 s on a fresh machine), a GPTQ eval for the Marlin kernel of its dtype (~2 min), and nothing is
+built that no job uses, nor beside a running job (KernelBuilds says why).
 """
-
 from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -106,24 +106,34 @@ def describe(results: list[tuple[str, float, bool, str]]) -> str:
     return "GPTQModel's kernels ready (built once per machine): " + ", ".join(parts)
 
 
-def kernels_a_job_uses(kind: str, params: dict, model_dir: str, upstream_params: dict | None,
-                       device: str) -> tuple[str, ...]:
+def kernels_a_job_uses(kind: str, params: dict, model_dir: Path | str | None, device: str) -> tuple[str, ...]:
     """The kernels a job will load on `device`: a GPTQ quantize job gptq_cuda, an AWQ one awq, an eval
-    of a GPTQ-format (gptq, rtn) or AWQ checkpoint Marlin (its dtype is the artifact's: both are
-    waited for). On a CPU, every CPU kernel (the packer serves every quantize job)."""
+    the Marlin kernel of the dtype its checkpoint loads in, where it loads with Marlin (`model_dir`:
+    the directory the eval reads, its upstream job's artifact included; None where that cannot be
+    told, and the job then says why itself). On a CPU, every CPU kernel (the packer serves every
+    quantize job)."""
     if not device.startswith("cuda"):
         return tuple(CPU_KERNELS)
     if kind == "quantize":
         return {"gptq": ("gptq_cuda",), "awq": ("awq",)}.get(params.get("method") or "gptq", ())
-    if upstream_params is not None:  # the eval of a quantize job's artifact
-        method = upstream_params.get("method") or "gptq"
-    else:  # the eval of a model on disk: a GPTQModel checkpoint names its method
-        try:
-            config = json.loads((Path(model_dir) / "quantize_config.json").read_text())
-        except (OSError, ValueError):
-            return ()
-        method = str(config.get("quant_method") or config.get("method") or "gptq").lower()
-    return MARLIN if method in ("gptq", "rtn", "awq") else ()
+    if model_dir is None:
+        return ()
+    from qrun.workers.evaluate import gptq_backend, is_gptq_dir
+
+    if not is_gptq_dir(Path(model_dir)) or gptq_backend(Path(model_dir), device) != "marlin":
+        return ()
+    return (marlin_kernel_for(Path(model_dir)),)
+
+
+def marlin_kernel_for(model_dir: Path) -> str:
+    """GPTQModel loads a checkpoint in the dtype its config names where that is float16, else in
+    bfloat16 (gptqmodel.utils.model.auto_dtype), and Marlin is compiled once per dtype."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    return "marlin_fp16" if dtype.removeprefix("torch.") == "float16" else "marlin_bf16"
 
 
 def _lowest_priority_for_this_thread() -> None:
@@ -135,42 +145,84 @@ def _lowest_priority_for_this_thread() -> None:
         pass
 
 
-class BackgroundBuilds:
-    """The kernels built one after another in a thread of their own, at the lowest CPU priority.
-    wait() returns once the named ones are built (or failed: the job then says why itself)."""
+class KernelBuilds:
+    """GPTQModel's kernels, built (or loaded from the machine's cache) in a thread of their own at the
+    lowest CPU priority, one at a time, each when the job a worker is about to claim needs it.
 
-    def __init__(self, names: tuple[str, ...] | list[str]):
-        self.names = tuple(names)
+    Only on demand, never ahead: a build beside a running job slows it, whatever its priority (on an
+    H200, the Marlin fp16 and AWQ builds that a worker used to start for every kernel made the quantize
+    jobs beside them 1.5x slower: 27 s against 18 s), and a kernel no job of the queue uses is not
+    worth minutes of 16 cores. The worker waits before it claims the job, so no job's time includes
+    a build. The thread first imports GPTQModel, so that no job imports it from another thread at the
+    same time (Python's import-deadlock error); with a Marlin kernel, what a first GPTQ load imports."""
+
+    def __init__(self, buildable: tuple[str, ...] | list[str], first_load_imports: bool = False):
+        self.buildable = tuple(buildable)  # what this worker may build: the rest is never waited for
+        self.first_load_imports = first_load_imports  # a GPU worker's: see FIRST_LOAD_IMPORTS
         self.results: list[tuple[str, float, bool, str]] = []
-        # GPTQModel's import comes first, and every wait waits for it: a job importing the same
-        # modules from another thread at the same time could meet Python's import-deadlock error.
-        self._steps = {name: threading.Event() for name in ("import", *self.names)}
+        self._told = 0  # results already reported (new_results)
+        self._imported = threading.Event()
+        self._import_error: str | None = None
+        self._built: dict[str, threading.Event] = {}
+        self._todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="qrun-kernel-builds", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         _lowest_priority_for_this_thread()
         try:
-            if self.names:
+            if self.buildable:
                 import gptqmodel  # noqa: F401 -- its import (seconds) is no build: kept out of the timings
-            self._steps["import"].set()
-            for name in self.names:
-                self.results.append(_timed_build(name))
-                self._steps[name].set()
         except Exception as exc:  # noqa: BLE001 -- GPTQModel itself did not import: the jobs will say so
-            why = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-            self.results = [(name, 0.0, False, why) for name in self.names]
+            self._import_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         finally:
-            for event in self._steps.values():
-                event.set()
+            self._imported.set()
+        while True:
+            name = self._todo.get()
+            why = self._import_error
+            self.results.append((name, 0.0, False, why) if why else _timed_build(name))
+            if name in MARLIN and self.first_load_imports and not why:
+                import_what_a_first_load_imports()  # the eval waiting for Marlin loads a GPTQ checkpoint next
+            self._built[name].set()
+
+    def _request(self, names) -> list[threading.Event]:
+        with self._lock:
+            for name in names:
+                if name not in self._built:
+                    self._built[name] = threading.Event()
+                    self._todo.put(name)
+            return [self._built[name] for name in names]
 
     def wait(self, names, stop: threading.Event | None = None) -> None:
-        """Wait for GPTQModel's import and those of `names` this builds; return early once `stop` is set."""
-        for name in ("import", *names):
-            event = self._steps.get(name)
-            while event is not None and not event.wait(0.5):
+        """Build those of `names` this worker may build, after GPTQModel's import, and wait for them;
+        return early once `stop` is set."""
+        for event in [self._imported, *self._request([n for n in names if n in self.buildable])]:
+            while not event.wait(0.5):
                 if stop is not None and stop.is_set():
                     return
 
-    def finished(self) -> bool:
-        return all(event.is_set() for event in self._steps.values())
+    def new_results(self) -> list[tuple[str, float, bool, str]]:
+        """The builds finished since the last call (for the worker's notice)."""
+        fresh = self.results[self._told:]
+        self._told += len(fresh)
+        return fresh
+
+
+# What GPTQModel 7.7's first GPTQ load on a GPU imports besides itself: torch.compile's stack (inductor,
+# AOT autograd, networkx, and the modules they script with TorchScript at import; ~500 modules). Seen on
+# an H200 (bench/load_profile.py): the first Marlin load in a process took 3.5 s, the next 1.1 s; with
+# these imported first, 1.3 s. The build thread imports them once per worker, with the first Marlin
+# kernel, before the first eval of a GPTQ checkpoint is claimed: no job pays them, and a worker that
+# only quantizes never does (~7 s of its start-up on that machine).
+FIRST_LOAD_IMPORTS = ("torch._inductor.compile_fx",)
+
+
+def import_what_a_first_load_imports() -> None:
+    import importlib
+
+    for name in FIRST_LOAD_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 -- a warm-up: the load imports (or fails on) it itself
+            pass
