@@ -5,12 +5,15 @@
 # it lies in .device/whl: the first call builds one and leaves a copy in $OUT/wheels to carry next time.
 set -e
 mkdir -p /tmp/site /tmp/wheels
+built=""  # pypcre's wheel, where the carried bundle has none (a machine kept warm has it from the last call)
 if ! ls .device/whl/pypcre-*.whl >/dev/null 2>&1; then
-    python3 -m pip wheel -q --no-index --no-deps --no-build-isolation -w /tmp/wheels .device/pypcre-*.tar.gz
+    ls /tmp/wheels/pypcre-*.whl >/dev/null 2>&1 ||
+        python3 -m pip wheel -q --no-index --no-deps --no-build-isolation -w /tmp/wheels .device/pypcre-*.tar.gz
     [ -n "$OUT" ] && mkdir -p "$OUT/wheels" && cp /tmp/wheels/pypcre-*.whl "$OUT/wheels/"
+    built=$(ls /tmp/wheels/pypcre-*.whl)
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .device/whl/*.whl $(ls /tmp/wheels/*.whl 2>/dev/null)
+    .device/whl/*.whl $built
 tar xJf .device/ray-trimmed.tar.xz -C /tmp/site
 # The bundle's tar drops the executable bit of Ray's own binaries (gcs_server, raylet, ...).
 find /tmp/site/ray -type f ! -name '*.*' -exec chmod +x {} +
