@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -182,3 +183,22 @@ def test_kernel_builds_run_on_demand_at_the_lowest_priority_and_report_what_fail
     nothing = KernelBuilds([])
     nothing.wait(["gptq_cuda"])  # nothing to build: no wait, not even GPTQModel's import
     assert nothing.results == []
+
+
+def test_a_gpu_workers_build_thread_imports_what_the_kernels_first_jobs_import():
+    """What a process's first GPTQ quantize imports (`datasets`, ~700 modules with pandas and pyarrow)
+    is imported by the build thread with gptq_cuda, before the job is claimed, and only by a worker
+    that asks for it (a GPU worker's). A fresh interpreter: this one may have imported it already."""
+    probe = textwrap.dedent("""
+        import sys
+        from qrun.workers.warmup import KernelBuilds
+        plain = KernelBuilds(["gptq_cuda"])
+        plain.wait(["gptq_cuda"])
+        assert "gptqmodel" in sys.modules and "datasets" not in sys.modules
+        warming = KernelBuilds(["gptq_cuda"], warm_imports=True)
+        warming.wait(["gptq_cuda"])
+        assert "datasets" in sys.modules and "gptqmodel.looper.module_looper" in sys.modules
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]

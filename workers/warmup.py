@@ -154,11 +154,12 @@ class KernelBuilds:
     jobs beside them 1.5x slower: 27 s against 18 s), and a kernel no job of the queue uses is not
     worth minutes of 16 cores. The worker waits before it claims the job, so no job's time includes
     a build. The thread first imports GPTQModel, so that no job imports it from another thread at the
-    same time (Python's import-deadlock error); with a Marlin kernel, what a first GPTQ load imports."""
+    same time (Python's import-deadlock error), and with each kernel what the jobs that use it import
+    the first time (WARM_IMPORTS)."""
 
-    def __init__(self, buildable: tuple[str, ...] | list[str], first_load_imports: bool = False):
+    def __init__(self, buildable: tuple[str, ...] | list[str], warm_imports: bool = False):
         self.buildable = tuple(buildable)  # what this worker may build: the rest is never waited for
-        self.first_load_imports = first_load_imports  # a GPU worker's: see FIRST_LOAD_IMPORTS
+        self.warm_imports = warm_imports  # a GPU worker's: see WARM_IMPORTS
         self.results: list[tuple[str, float, bool, str]] = []
         self._told = 0  # results already reported (new_results)
         self._imported = threading.Event()
@@ -182,8 +183,8 @@ class KernelBuilds:
             name = self._todo.get()
             why = self._import_error
             self.results.append((name, 0.0, False, why) if why else _timed_build(name))
-            if name in MARLIN and self.first_load_imports and not why:
-                import_what_a_first_load_imports()  # the eval waiting for Marlin loads a GPTQ checkpoint next
+            if self.warm_imports and not why:
+                import_what_first_jobs_import(name)  # what the job waiting for this kernel imports first
             self._built[name].set()
 
     def _request(self, names) -> list[threading.Event]:
@@ -209,20 +210,29 @@ class KernelBuilds:
         return fresh
 
 
-# What GPTQModel 7.7's first GPTQ load on a GPU imports besides itself: torch.compile's stack (inductor,
-# AOT autograd, networkx, and the modules they script with TorchScript at import; ~500 modules). Seen on
-# an H200 (bench/load_profile.py): the first Marlin load in a process took 3.5 s, the next 1.1 s; with
-# these imported first, 1.3 s. The build thread imports them once per worker, with the first Marlin
-# kernel, before the first eval of a GPTQ checkpoint is claimed: no job pays them, and a worker that
-# only quantizes never does (~7 s of its start-up on that machine).
-FIRST_LOAD_IMPORTS = ("torch._inductor.compile_fx",)
+# What a process's first GPTQ quantize and first GPTQ load import besides GPTQModel itself (GPTQModel 7.7,
+# on the kernel whose jobs need them). The first quantize: Hugging Face `datasets` (with pandas and
+# pyarrow; GPTQModel checks the calibration's type against it) and GPTQModel's layer looper, ~700
+# modules: on this 2-core box the first of three equal tiny quantize jobs in a process took 5.5 s, the
+# others 2.7 s; with these imported first, 4.0 s. The first load: torch.compile's stack (inductor, AOT
+# autograd, networkx, and the modules they compile with TorchScript at import), ~500 modules: on an
+# H200 (bench/load_profile.py) the first Marlin load in a process took 3.5 s, the next 1.1 s; with it
+# imported first, 1.3 s. A GPU worker's build thread imports them with the kernel, before the first
+# job that needs them is claimed: no job pays them, and a worker that only quantizes never imports
+# what only evals use.
+WARM_IMPORTS = {
+    "gptq_cuda": ("datasets", "gptqmodel.looper.module_looper"),
+    "awq": ("datasets", "gptqmodel.looper.module_looper"),
+    "marlin_bf16": ("torch._inductor.compile_fx",),
+    "marlin_fp16": ("torch._inductor.compile_fx",),
+}
 
 
-def import_what_a_first_load_imports() -> None:
+def import_what_first_jobs_import(kernel: str) -> None:
     import importlib
 
-    for name in FIRST_LOAD_IMPORTS:
+    for name in WARM_IMPORTS.get(kernel, ()):
         try:
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 -- a warm-up: the load imports (or fails on) it itself
+        except Exception:  # noqa: BLE001 -- a warm-up: the job imports (or fails on) it itself
             pass
