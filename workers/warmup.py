@@ -9,6 +9,7 @@ lowest CPU priority, and claims the job once it is ready: a GPTQ quantize job wa
 (~25 s on a fresh machine), a GPTQ eval for the Marlin kernel of its dtype (~2 min), and nothing is
 built that no job uses, nor beside a running job (KernelBuilds says why).
 """
+
 from __future__ import annotations
 
 import json
