@@ -73,9 +73,8 @@ def main() -> None:
                              timeout=args.run_limit)
         run_output = run.stdout + run.stderr
     except subprocess.TimeoutExpired as cut:  # what was measured still comes back
-        run_output = f"{cut.stdout or ''}{cut.stderr or ''}\n(cut after {args.run_limit:.0f} s)"
-        if isinstance(run_output, bytes):
-            run_output = run_output.decode(errors="replace")
+        text = lambda out: out.decode(errors="replace") if isinstance(out, bytes) else (out or "")  # noqa: E731
+        run_output = f"{text(cut.stdout)}{text(cut.stderr)}\n(cut after {args.run_limit:.0f} s)"
     wall = time.perf_counter() - started
     rows = job_rows(env)
     table = first_vs_second(rows)
