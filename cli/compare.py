@@ -138,12 +138,9 @@ def _mode(params: dict) -> str | None:
 
 def _source_bits(model_dir: str) -> int:
     """Bits per weight of an unquantized model, from the dtype in its config (16 if unstated)."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return 16
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    return DTYPE_BITS.get(dtype.removeprefix("torch."), 16)
+    from qrun.workers.inputs import config_dtype
+
+    return DTYPE_BITS.get(config_dtype(model_dir) or "bfloat16", 16)
 
 
 def _quantized_bits(job, upstream) -> tuple[int | None, int | None]:

@@ -166,6 +166,10 @@ class QueueWorker:
         if was_built(built):
             self.notice(describe(built))
 
+    def _may_build(self) -> bool:
+        """Whether a job may still have to wait for a kernel here: not on a CPU whose kernels are cached."""
+        return self._builds is None or bool(self._builds.buildable)
+
     def _model_dir_of(self, job):
         """The directory the job reads (an eval: its upstream's artifact, which exists once the job is
         ready); None where it cannot be found: the job itself then says why."""
@@ -225,7 +229,7 @@ class QueueWorker:
         # (and waited for) before the claim, not inside the job. Another job claimed instead (a
         # race, fair share) waits for its own after the claim.
         waited_for = None
-        if self._builds is None or self._builds.buildable:  # a CPU whose kernels are cached: nothing to wait for
+        if self._may_build():
             ready = queue.most_urgent_ready_job(self.db)
             waited_for = ready[0] if ready is not None else None
         if waited_for is not None:
@@ -237,7 +241,7 @@ class QueueWorker:
                               only_multi_gpu=only_multi_gpu, passable=passable,
                               compute_capability=self.compute_capability)
         if job is not None:
-            if job.id != waited_for and (self._builds is None or self._builds.buildable):
+            if job.id != waited_for and self._may_build():
                 self._wait_for_kernels(job)
             self._report(queue.worker_heartbeat, self.name, job=job.id)
             outcome = self.run_one(job)

@@ -371,3 +371,14 @@ def check_gpus_per_job(gpus: int) -> None:
 def gpus_param(gpus: int) -> dict:
     """The job params' entry for its GPUs: none for one (so equal jobs of before stay equal)."""
     return {"gpus": gpus} if gpus > 1 else {}
+
+
+def config_dtype(model_dir: str | Path) -> str | None:
+    """The dtype a model's config.json names ("bfloat16", "float16", ...; transformers 4 wrote it as
+    torch_dtype, 5 as dtype), None where it names none or cannot be read."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = (config.get("torch_dtype") or config.get("dtype")) if isinstance(config, dict) else None
+    return str(dtype).removeprefix("torch.") if dtype else None

@@ -12,7 +12,6 @@ built that no job uses, nor beside a running job (KernelBuilds says why).
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -119,22 +118,14 @@ def kernels_a_job_uses(kind: str, params: dict, model_dir: Path | str | None, de
         return {"gptq": ("gptq_cuda",), "awq": ("awq",)}.get(params.get("method") or "gptq", ())
     if model_dir is None:
         return ()
-    from qrun.workers.evaluate import gptq_backend, is_gptq_dir
+    from qrun.workers.evaluate import gptq_backend  # "marlin" only for a GPTQModel checkpoint Marlin reads
+    from qrun.workers.inputs import config_dtype
 
-    if not is_gptq_dir(Path(model_dir)) or gptq_backend(Path(model_dir), device) != "marlin":
+    if gptq_backend(Path(model_dir), device) != "marlin":
         return ()
-    return (marlin_kernel_for(Path(model_dir)),)
-
-
-def marlin_kernel_for(model_dir: Path) -> str:
-    """GPTQModel loads a checkpoint in the dtype its config names where that is float16, else in
-    bfloat16 (gptqmodel.utils.model.auto_dtype), and Marlin is compiled once per dtype."""
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
-    return "marlin_fp16" if dtype.removeprefix("torch.") == "float16" else "marlin_bf16"
+    # GPTQModel loads a checkpoint in the dtype its config names where that is float16, else in
+    # bfloat16 (gptqmodel.utils.model.auto_dtype), and Marlin is compiled once per dtype.
+    return ("marlin_fp16",) if config_dtype(model_dir) == "float16" else ("marlin_bf16",)
 
 
 def _lowest_priority_for_this_thread() -> None:
