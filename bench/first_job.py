@@ -1,12 +1,15 @@
 """Does the first job on a fresh machine pay a one-time cost? (issue #15, item 1)
 
-On a fresh GPU machine (GPTQModel's kernel cache empty) one `qrun run --until-empty` runs two equal
-4-bit quantize jobs (damp 0.01 and 0.05: the same work, another value) and a perplexity eval of each,
-plus the baseline's. The worker builds GPTQModel's kernels in the background and holds each job back
-only for the kernels it uses (workers/warmup.py), so the first quantize and the first GPTQ eval should
-take as long as the second: the table prints each pair and its ratio. Then, in a fresh process,
-bench/load_profile.py profiles a first and a second GPTQ load (what a first eval still pays).
-Writes $OUT/first_job.json (after the run, also when it was cut short) and $OUT/load_profile.txt.
+On a fresh GPU machine (GPTQModel's kernel cache empty) one `qrun run --until-empty` runs three equal
+4-bit quantize jobs (damp 0.01, 0.05, 0.1: the same work, another value) and a perplexity eval of each,
+plus the baseline's. The worker builds GPTQModel's kernels and rehearses each kernel's first job on a
+tiny model before it claims the job that uses it (workers/warmup.py), so the first quantize and the
+first GPTQ eval should take as long as the later ones: the table prints the first's time, the later
+ones' median, their ratio, and the later ones' max / min (the machine's own noise). Then, in a fresh process,
+bench/load_profile.py profiles a first and a second GPTQ load (what a first eval still pays), and
+bench/first_quantize_profile.py a first and a second quantize().
+Writes $OUT/first_job.json (after the run, also when it was cut short), $OUT/load_profile.txt and
+$OUT/first_quantize_profile.txt.
 
     source bench/device_env.sh && python3 bench/first_job.py --shape qwen2-0.5b
     python3 bench/first_job.py --shape tiny --samples 8 --max-len 128    # CPU smoke test
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -33,22 +37,31 @@ def job_rows(env: dict) -> list[dict]:
              "started_at": j.get("started_at"), "job_wall_s": j["metrics"].get("job_wall_s"),
              "quantize_s": j["metrics"].get("quantize_s"), "load_s": j["metrics"].get("load_s"),
              "ppl_s": j["metrics"].get("ppl_s"), "error": j.get("error"),
+             # GPTQModel's own account of quantize(): where a first job's extra time went
+             **{k: v for k, v in j["metrics"].items() if k.startswith("stage_")},
              "artifact": next((a["path"] for a in j.get("artifacts") or [] if a["kind"] == "model"), None)}
             for j in jobs]
 
 
-def first_vs_second(rows: list[dict]) -> list[dict]:
-    """The first and second quantize job, and the first and second eval of a quantized model, in the
-    order the worker ran them: their times and second / first."""
+def first_vs_later(rows: list[dict]) -> list[dict]:
+    """The first quantize job against the later ones, and the first eval of a quantized model against
+    the later ones, in the order the worker ran them: the first's time, the median of the later ones'
+    (what a warm worker takes), first / that median, and max / min of the later ones (the machine's
+    own run-to-run noise, against which the first job's ratio is to be read)."""
     ran = sorted((r for r in rows if r["status"] == "succeeded"), key=lambda r: r["started_at"])
-    pairs = {"quantize": [r for r in ran if r["kind"] == "quantize"],
-             "GPTQ eval": [r for r in ran if r["kind"] == "eval" and r["of_artifact"]]}
+    runs = {"quantize": [r for r in ran if r["kind"] == "quantize"],
+            "GPTQ eval": [r for r in ran if r["kind"] == "eval" and r["of_artifact"]]}
     table = []
-    for what, (first, second, *_) in ((k, v) for k, v in pairs.items() if len(v) >= 2):
-        for measure in ("job_wall_s", "quantize_s", "load_s", "ppl_s"):
-            if first.get(measure) is not None and second.get(measure) is not None:
-                table.append({"jobs": what, "time": measure, "first": first[measure], "second": second[measure],
-                              "first/second": first[measure] / second[measure]})
+    for what, (first, *later) in ((k, v) for k, v in runs.items() if len(v) >= 2):
+        stages = sorted(k for k in first if k.startswith("stage_"))
+        for measure in ("job_wall_s", "quantize_s", "load_s", "ppl_s", *stages):
+            values = [r.get(measure) for r in later]
+            if first.get(measure) is None or None in values:
+                continue
+            median = statistics.median(values)
+            table.append({"jobs": what, "time": measure, "first": first[measure], "later": values,
+                          "later_median": median, "first/later": first[measure] / median if median else None,
+                          "later_max/min": max(values) / min(values) if min(values) else None})
     return table
 
 
@@ -57,14 +70,17 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen2-0.5b")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--damp", type=float, nargs="+", default=[0.01, 0.05, 0.1],
+                        help="one equal 4-bit quantize job (and its eval) per value")
     parser.add_argument("--run-limit", type=float, default=420, help="seconds the `qrun run` may take")
+    parser.add_argument("--no-profiles", action="store_true", help="only the queue run, not the profiles after it")
     args = parser.parse_args()
     work = Path("/tmp/first-job")
     work.mkdir(parents=True, exist_ok=True)
     model = build_bench_model(work / f"model-{args.shape}", args.shape)
     calib = write_calibration(work / "calib.jsonl", args.samples, args.max_len * 6)
     env = {**os.environ, **fresh_home(work, "first-job")}
-    subprocess.run([*qrun_base(), "submit", "--model", str(model), "--bits", "4", "--damp", "0.01", "--damp", "0.05",
+    subprocess.run([*qrun_base(), "submit", "--model", str(model), "--bits", "4", *(f"--damp={d}" for d in args.damp),
                     "--calib", str(calib), "--calib-samples", str(args.samples), "--calib-max-len", str(args.max_len),
                     "--eval-ppl", str(calib)], env=env, check=True)
     started = time.perf_counter()
@@ -77,17 +93,22 @@ def main() -> None:
         run_output = f"{text(cut.stdout)}{text(cut.stderr)}\n(cut after {args.run_limit:.0f} s)"
     wall = time.perf_counter() - started
     rows = job_rows(env)
-    table = first_vs_second(rows)
+    table = first_vs_later(rows)
     result = {"environment": environment(), "shape": args.shape, "run_wall_s": wall, "jobs": rows,
-              "first_vs_second": table, "run_output": run_output.splitlines()[-40:]}
+              "first_vs_later": table, "run_output": run_output.splitlines()[-40:]}
     (out_dir() / "first_job.json").write_text(json.dumps(result, indent=2))
     print(run_output[-3000:])
     for row in rows:
         print({k: v for k, v in row.items() if k != "artifact"})
     print(f"run wall {wall:.1f} s")
     for row in table:
-        print(f"{row['jobs']:10} {row['time']:11} first {row['first']:7.2f}  second {row['second']:7.2f}  "
-              f"first/second {row['first/second']:.2f}")
+        print(f"{row['jobs']:10} {row['time']:34} first {row['first']:7.2f}  later {row['later_median']:7.2f}  "
+              f"first/later {row['first/later']:.2f}  (later max/min {row['later_max/min']:.2f})")
+    if args.no_profiles:
+        return
+    # a first and second quantize() in a fresh process, profiled (what a first quantize job still pays)
+    subprocess.run([sys.executable, str(REPO / "bench" / "first_quantize_profile.py"), str(model), str(calib),
+                    "--samples", str(args.samples), "--max-len", str(args.max_len)], env=env, timeout=240)
     artifacts = [r["artifact"] for r in sorted(rows, key=lambda r: r["id"]) if r["artifact"]]
     if len(artifacts) >= 2:  # a fresh process each: as is, and with the worker's warm-up imports first
         for warm in ([], ["--warm"]):

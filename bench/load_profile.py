@@ -5,8 +5,8 @@ loaded (workers/warmup.py), the unquantized model loaded once (the baseline eval
 load_model on GPTQ artifact A, then B, then A again, each under cProfile. Prints each load's time
 and the functions whose cumulative time differs most between the first GPTQ load and the second;
 writes the three profiles to $OUT/load_profile.txt, and the modules the first GPTQ load imported.
-With --warm, the worker's warm-up imports (workers.warmup.WARM_IMPORTS) come first, as a GPU
-worker's build thread does them: the first GPTQ load should then take as long as the second.
+With --warm, the kernel's first eval is rehearsed on a tiny model first (workers.warmup.rehearse), as
+a GPU worker's build thread does it: the first GPTQ load should then take as long as the second.
 
     python3 bench/load_profile.py BASE_MODEL ARTIFACT_A ARTIFACT_B [--warm]
 """
@@ -36,7 +36,7 @@ def main() -> None:
 
     from qrun.workers.evaluate import load_model
     from qrun.workers.jobs import free_memory
-    from qrun.workers.warmup import build_kernel, import_what_first_jobs_import, kernels_a_job_uses
+    from qrun.workers.warmup import build_kernel, kernels_a_job_uses, rehearse
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
@@ -45,7 +45,7 @@ def main() -> None:
     for name in kernels_a_job_uses("eval", {}, first, device):
         build_kernel(name)
         if warm:
-            import_what_first_jobs_import(name)
+            print(f"rehearsal of {name}'s first eval: {rehearse(name, device)[0]:.2f} s", flush=True)
     print(f"gptqmodel import + kernels: {time.perf_counter() - started:.2f} s", flush=True)
     started = time.perf_counter()
     model, _ = load_model(base, device, False)

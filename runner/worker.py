@@ -152,7 +152,7 @@ class QueueWorker:
 
         gpu = self.device.startswith("cuda")
         self._builds = KernelBuilds(kernels_for(self.device) if gpu else cpu_kernels_to_build(),
-                                    warm_imports=gpu)
+                                    rehearse_on=self.device if gpu else None)
 
     def _wait_for_kernels(self, job) -> None:
         """Before a job: build (or load) the kernels it uses and wait for them, so that no job's time

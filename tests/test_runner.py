@@ -185,19 +185,35 @@ def test_kernel_builds_run_on_demand_at_the_lowest_priority_and_report_what_fail
     assert nothing.results == []
 
 
-def test_a_gpu_workers_build_thread_imports_what_the_kernels_first_jobs_import():
-    """What a process's first GPTQ quantize imports (`datasets`, ~700 modules with pandas and pyarrow)
-    is imported by the build thread with gptq_cuda, before the job is claimed, and only by a worker
-    that asks for it (a GPU worker's). A fresh interpreter: this one may have imported it already."""
+def test_a_gpu_workers_build_thread_rehearses_each_kernels_first_job():
+    """What a process's first quantize or GPTQ eval pays once (`datasets` with pandas and pyarrow,
+    GPTQModel's looper and set-ups, torch.compile's stack, CUDA's lazy loads) is paid by the build
+    thread's rehearsal on a tiny model, before the job is claimed, and only by a worker that asks for
+    it (a GPU worker's; here on the CPU, where the same code runs): the first real quantize after it
+    imports nothing. A fresh interpreter: this one may have imported it all already."""
     probe = textwrap.dedent("""
-        import sys
+        import json, sys, tempfile
+        from pathlib import Path
         from qrun.workers.warmup import KernelBuilds
         plain = KernelBuilds(["gptq_cuda"])
         plain.wait(["gptq_cuda"])
-        assert "gptqmodel" in sys.modules and "datasets" not in sys.modules
-        warming = KernelBuilds(["gptq_cuda"], warm_imports=True)
+        assert "gptqmodel" in sys.modules and "datasets" not in sys.modules and plain.rehearsals == []
+        warming = KernelBuilds(["gptq_cuda", "marlin_bf16"], rehearse_on="cpu")
         warming.wait(["gptq_cuda"])
-        assert "datasets" in sys.modules and "gptqmodel.looper.module_looper" in sys.modules
+        assert [(name, ok) for name, _, ok in warming.rehearsals] == [("gptq_cuda", True)], warming.rehearsals
+        from qrun.demo.tiny import build_tiny_model, sample_texts
+        from qrun.workers.quantize import QuantizeParams, quantize_model
+        work = Path(tempfile.mkdtemp())
+        model = build_tiny_model(work / "model", hidden=128, intermediate=256, layers=2, seed=1)
+        calib = work / "calib.jsonl"
+        calib.write_text("".join(json.dumps({"text": t}) + "\\n" for t in sample_texts()[:8]))
+        (work / "out").mkdir()
+        before = set(sys.modules)
+        quantize_model(QuantizeParams(bits=4, calib=str(calib), calib_samples=8, calib_max_len=64),
+                       str(model), work / "out", "cpu", 2, lambda *_: None)
+        assert set(sys.modules) == before, sorted(set(sys.modules) - before)[:20]
+        warming.wait(["marlin_bf16"])  # the eval's: an rtn checkpoint quantized, loaded, run forward
+        assert [(name, ok) for name, _, ok in warming.rehearsals][1:] == [("marlin_bf16", True)], warming.rehearsals
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)

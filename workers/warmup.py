@@ -12,12 +12,16 @@ built that no job uses, nor beside a running job (KernelBuilds says why).
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # What quantize and eval jobs load on each kind of device (GPTQModel 7.7). On a CPU: the packer every
 # quantize job uses, and the int4 kernel used where the CPU has AVX512-BF16 (name -> CPU flag needed);
@@ -147,12 +151,13 @@ class KernelBuilds:
     worth minutes of 16 cores. The worker waits before it claims the job, so no job's time includes
     a build. The thread first imports GPTQModel, so that no job imports it from another thread at the
     same time (Python's import-deadlock error), and with each kernel what the jobs that use it import
-    the first time (WARM_IMPORTS)."""
+    the first time, rehearsed on a tiny model (REHEARSALS)."""
 
-    def __init__(self, buildable: tuple[str, ...] | list[str], warm_imports: bool = False):
+    def __init__(self, buildable: tuple[str, ...] | list[str], rehearse_on: str | None = None):
         self.buildable = tuple(buildable)  # what this worker may build: the rest is never waited for
-        self.warm_imports = warm_imports  # a GPU worker's: see WARM_IMPORTS
+        self.rehearse_on = rehearse_on  # a GPU worker's device: see REHEARSALS
         self.results: list[tuple[str, float, bool, str]] = []
+        self.rehearsals: list[tuple[str, float, bool]] = []  # (kernel, seconds, ran through)
         self._told = 0  # results already reported (new_results)
         self._imported = threading.Event()
         self._import_error: str | None = None
@@ -175,8 +180,9 @@ class KernelBuilds:
             name = self._todo.get()
             why = self._import_error
             self.results.append((name, 0.0, False, why) if why else _timed_build(name))
-            if self.warm_imports and not why:
-                import_what_first_jobs_import(name)  # what the job waiting for this kernel imports first
+            if self.rehearse_on is not None and not why and name in REHEARSALS:
+                # what the job waiting for this kernel pays once per process
+                self.rehearsals.append((name, *rehearse(name, self.rehearse_on)))
             self._built[name].set()
 
     def _request(self, names) -> list[threading.Event]:
@@ -202,29 +208,68 @@ class KernelBuilds:
         return fresh
 
 
-# What a process's first GPTQ quantize and first GPTQ load import besides GPTQModel itself (GPTQModel 7.7,
-# on the kernel whose jobs need them). The first quantize: Hugging Face `datasets` (with pandas and
-# pyarrow; GPTQModel checks the calibration's type against it) and GPTQModel's layer looper, ~700
-# modules: on this 2-core box the first of three equal tiny quantize jobs in a process took 5.5 s, the
-# others 2.7 s; with these imported first, 4.0 s. The first load: torch.compile's stack (inductor, AOT
-# autograd, networkx, and the modules they compile with TorchScript at import), ~500 modules: on an
-# H200 (bench/load_profile.py) the first Marlin load in a process took 3.5 s, the next 1.1 s; with it
-# imported first, 1.3 s. A GPU worker's build thread imports them with the kernel, before the first
-# job that needs them is claimed: no job pays them, and a worker that only quantizes never imports
-# what only evals use.
-WARM_IMPORTS = {
-    "gptq_cuda": ("datasets", "gptqmodel.looper.module_looper"),
-    "awq": ("datasets", "gptqmodel.looper.module_looper"),
-    "marlin_bf16": ("torch._inductor.compile_fx",),
-    "marlin_fp16": ("torch._inductor.compile_fx",),
+# What a process's first job of a kind pays once, besides the kernel: imports (the first quantize:
+# Hugging Face `datasets` with pandas and pyarrow, and GPTQModel's looper, ~700 modules; the first
+# GPTQ load: torch.compile's stack, ~500), GPTQModel's one-time set-ups (its linear-algebra pre-warm,
+# its logging), and CUDA's lazy loading of each kernel and library handle (cuBLAS, cuSOLVER) at first
+# use. On an H200 (bench/first_job.py) importing the modules first left the first quantize 1.21x the
+# second (5.76 vs 4.76 s, spread over every GPTQModel stage) and the first GPTQ load 1.30x (0.96 vs
+# 0.74 s). So a GPU worker's build thread rehearses, once per process and before the first job that
+# needs the kernel is claimed, what that job does: the same qrun functions on a one-layer random model
+# of the commonest layout (Qwen2; bf16, as GPTQModel loads most checkpoints). kernel -> (job kind,
+# method, dtype); an eval rehearsal quantizes with rtn (GPTQ format, no calibration) to have
+# something to load.
+REHEARSALS = {
+    "gptq_cuda": ("quantize", "gptq", "bfloat16"),
+    "awq": ("quantize", "awq", "bfloat16"),
+    "marlin_bf16": ("eval", "rtn", "bfloat16"),
+    "marlin_fp16": ("eval", "rtn", "float16"),
 }
+# Marlin reads 4-bit group-128 weights whose in-features are a multiple of 128 and out-features of 64.
+REHEARSAL_SHAPE = dict(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
 
 
-def import_what_first_jobs_import(kernel: str) -> None:
-    import importlib
+def rehearse(kernel: str, device: str) -> tuple[float, bool]:
+    """Run what the first job that uses `kernel` runs, on a tiny model on `device`: (seconds, whether
+    it ran through). A warm-up only: a failure is logged, and the job then pays (or fails on) it itself."""
+    started = time.perf_counter()
+    ok = True
+    try:
+        with tempfile.TemporaryDirectory(prefix="qrun-rehearsal-") as work:
+            _rehearse(*REHEARSALS[kernel], device, Path(work))
+    except Exception:  # noqa: BLE001
+        ok = False
+        log.warning("the rehearsal of %s's first job failed (that job pays its one-time costs itself)",
+                    kernel, exc_info=True)
+    finally:
+        from qrun.workers.jobs import free_memory
 
-    for name in WARM_IMPORTS.get(kernel, ()):
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 -- a warm-up: the job imports (or fails on) it itself
-            pass
+        free_memory()
+    return time.perf_counter() - started, ok
+
+
+def _rehearse(kind: str, method: str, dtype: str, device: str, work: Path) -> None:
+    import json
+
+    from qrun.demo.tiny import build_tiny_model, sample_texts
+    from qrun.workers.quantize import QuantizeParams, quantize_model
+
+    model = build_tiny_model(work / "model", dtype=dtype, **REHEARSAL_SHAPE)
+    calib = work / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sample_texts()[:16]),
+                     encoding="utf-8")
+    params = QuantizeParams(bits=4, method=None if method == "gptq" else method, calib=str(calib),
+                            calib_samples=16, calib_max_len=64)
+    quantized = work / "quantized"
+    quantized.mkdir()
+    quantize_model(params, str(model), quantized, device, REHEARSAL_SHAPE["layers"], lambda *_: None,
+                   offload_dir=work / "offload")
+    if kind == "eval":
+        import torch
+
+        from qrun.workers.evaluate import load_model
+
+        loaded, tokenizer = load_model(quantized, device, False)
+        ids = tokenizer(sample_texts()[0], return_tensors="pt").input_ids.to(loaded.device)
+        with torch.inference_mode():
+            loaded(input_ids=ids)
