@@ -110,7 +110,7 @@ def main() -> None:
     subprocess.run([sys.executable, str(REPO / "bench" / "first_quantize_profile.py"), str(model), str(calib),
                     "--samples", str(args.samples), "--max-len", str(args.max_len)], env=env, timeout=240)
     artifacts = [r["artifact"] for r in sorted(rows, key=lambda r: r["id"]) if r["artifact"]]
-    if len(artifacts) >= 2:  # a fresh process each: as is, and with the worker's warm-up imports first
+    if len(artifacts) >= 2:  # a fresh process each: as is, and with the worker's rehearsal first
         for warm in ([], ["--warm"]):
             subprocess.run([sys.executable, str(REPO / "bench" / "load_profile.py"), str(model), *artifacts[:2], *warm],
                            env=env, timeout=180)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import sys
 import tempfile
@@ -29,12 +28,11 @@ from load_profile import cumulative_by_function  # noqa: E402
 
 
 def tiny_model_and_calibration(work: Path) -> tuple[str, str]:
+    from qrun.demo.dataset import write_jsonl
     from qrun.demo.tiny import build_tiny_model, sample_texts
 
     model = build_tiny_model(work / "tiny", arch="qwen2", hidden=128, intermediate=256, layers=2)
-    calib = work / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sample_texts()[:64]),
-                     encoding="utf-8")
+    calib = write_jsonl([{"text": t} for t in sample_texts()[:64]], work / "calib.jsonl")
     return str(model), str(calib)
 
 

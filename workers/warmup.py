@@ -150,8 +150,8 @@ class KernelBuilds:
     jobs beside them 1.5x slower: 27 s against 18 s), and a kernel no job of the queue uses is not
     worth minutes of 16 cores. The worker waits before it claims the job, so no job's time includes
     a build. The thread first imports GPTQModel, so that no job imports it from another thread at the
-    same time (Python's import-deadlock error), and with each kernel what the jobs that use it import
-    the first time, rehearsed on a tiny model (REHEARSALS)."""
+    same time (Python's import-deadlock error), and on a GPU worker, after each kernel, rehearses the
+    first job that uses it on a tiny model (REHEARSALS)."""
 
     def __init__(self, buildable: tuple[str, ...] | list[str], rehearse_on: str | None = None):
         self.buildable = tuple(buildable)  # what this worker may build: the rest is never waited for
@@ -249,15 +249,12 @@ def rehearse(kernel: str, device: str) -> tuple[float, bool]:
 
 
 def _rehearse(kind: str, method: str, dtype: str, device: str, work: Path) -> None:
-    import json
-
+    from qrun.demo.dataset import write_jsonl
     from qrun.demo.tiny import build_tiny_model, sample_texts
     from qrun.workers.quantize import QuantizeParams, quantize_model
 
     model = build_tiny_model(work / "model", dtype=dtype, **REHEARSAL_SHAPE)
-    calib = work / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sample_texts()[:16]),
-                     encoding="utf-8")
+    calib = write_jsonl([{"text": t} for t in sample_texts()[:16]], work / "calib.jsonl")
     params = QuantizeParams(bits=4, method=None if method == "gptq" else method, calib=str(calib),
                             calib_samples=16, calib_max_len=64)
     quantized = work / "quantized"
