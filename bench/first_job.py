@@ -8,7 +8,10 @@ first GPTQ eval should take as long as the later ones: the table prints the firs
 ones' median, their ratio, and the later ones' max / min (the machine's own noise). Then, in a fresh process,
 bench/load_profile.py profiles a first and a second GPTQ load (what a first eval still pays), and
 bench/first_quantize_profile.py a first and a second quantize().
-Writes $OUT/first_job.json (after the run, also when it was cut short), $OUT/load_profile.txt and
+Each job's row also says what the machine did meanwhile (bench/machine_activity.py: CPU cores busy and
+by which processes, CPU clock, dirty pages, GPU clocks and use), and so does each gap between jobs (the
+worker's builds and rehearsals). Writes $OUT/first_job.json (after the run, also when it was cut
+short), $OUT/first_job_activity.json (the whole timeline), $OUT/load_profile.txt and
 $OUT/first_quantize_profile.txt.
 
     source bench/device_env.sh && python3 bench/first_job.py --shape qwen2-0.5b
@@ -24,9 +27,11 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
-from common import REPO, build_bench_model, environment, fresh_home, out_dir, qrun_base, write_calibration
+from common import REPO, build_bench_model, environment, fresh_home, out_dir, qrun_base, utc_time, write_calibration
+from machine_activity import ActivitySampler
 
 
 def job_rows(env: dict) -> list[dict]:
@@ -41,6 +46,17 @@ def job_rows(env: dict) -> list[dict]:
              **{k: v for k, v in j["metrics"].items() if k.startswith("stage_")},
              "artifact": next((a["path"] for a in j.get("artifacts") or [] if a["kind"] == "model"), None)}
             for j in jobs]
+
+
+def add_activity(rows: list[dict], sampler: ActivitySampler) -> None:
+    """Each job's `activity` (the machine during the job) and `activity_before` (during the gap since
+    the job before it ended: the worker's builds and rehearsals, or the run's start-up)."""
+    ended = sampler.samples[0]["t"] if sampler.samples else 0.0
+    for row in sorted((r for r in rows if r["started_at"] and r["job_wall_s"]), key=lambda r: r["started_at"]):
+        start = (utc_time(row["started_at"]) - datetime(1970, 1, 1)).total_seconds()
+        row["activity_before"] = {"seconds": start - ended, **sampler.during(ended, start)}
+        row["activity"] = sampler.during(start, start + row["job_wall_s"])
+        ended = start + row["job_wall_s"]
 
 
 def first_vs_later(rows: list[dict]) -> list[dict]:
@@ -80,6 +96,7 @@ def main() -> None:
     model = build_bench_model(work / f"model-{args.shape}", args.shape)
     calib = write_calibration(work / "calib.jsonl", args.samples, args.max_len * 6)
     env = {**os.environ, **fresh_home(work, "first-job")}
+    sampler = ActivitySampler().start()
     subprocess.run([*qrun_base(), "submit", "--model", str(model), "--bits", "4", *(f"--damp={d}" for d in args.damp),
                     "--calib", str(calib), "--calib-samples", str(args.samples), "--calib-max-len", str(args.max_len),
                     "--eval-ppl", str(calib)], env=env, check=True)
@@ -92,14 +109,19 @@ def main() -> None:
         text = lambda out: out.decode(errors="replace") if isinstance(out, bytes) else (out or "")  # noqa: E731
         run_output = f"{text(cut.stdout)}{text(cut.stderr)}\n(cut after {args.run_limit:.0f} s)"
     wall = time.perf_counter() - started
+    sampler.stop()
     rows = job_rows(env)
+    add_activity(rows, sampler)
     table = first_vs_later(rows)
     result = {"environment": environment(), "shape": args.shape, "run_wall_s": wall, "jobs": rows,
               "first_vs_later": table, "run_output": run_output.splitlines()[-40:]}
     (out_dir() / "first_job.json").write_text(json.dumps(result, indent=2))
+    (out_dir() / "first_job_activity.json").write_text(json.dumps({"cpu": sampler.samples, "gpu": sampler.gpu}))
     print(run_output[-3000:])
     for row in rows:
-        print({k: v for k, v in row.items() if k != "artifact"})
+        print({k: v for k, v in row.items() if k != "artifact" and not k.startswith(("stage_", "activity"))})
+        for key in ("activity_before", "activity"):
+            print(f"    {key}: {json.dumps(row.get(key))}")
     print(f"run wall {wall:.1f} s")
     for row in table:
         print(f"{row['jobs']:10} {row['time']:34} first {row['first']:7.2f}  later {row['later_median']:7.2f}  "
