@@ -22,13 +22,13 @@ TICK = os.sysconf("SC_CLK_TCK")
 GPU_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "utilization.gpu")
 
 
-def _cpu_jiffies() -> tuple[int, int, int]:
-    """(busy, iowait, total) jiffies of all CPUs since boot."""
+def _cpu_jiffies() -> tuple[int, int, int, int]:
+    """(busy, iowait, total, steal) jiffies of all CPUs since boot. Steal: time the hypervisor gave
+    this VM's CPUs to another guest (counted in busy too)."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
-    user, nice, system, idle, iowait = values[:5]
-    rest = sum(values[5:8])  # irq, softirq, steal
-    return user + nice + system + rest, iowait, sum(values[:8])
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    return user + nice + system + irq + softirq + steal, iowait, sum(values[:8]), steal
 
 
 def _process_jiffies() -> dict[int, tuple[str, int]]:
@@ -125,6 +125,7 @@ class ActivitySampler:
                     busy[label] += used / TICK / (now - last_t)  # cores this label kept busy
             self.samples.append({"t": now, "cores_busy": cpus * (cpu[0] - last_cpu[0]) / total,
                                  "cores_iowait": cpus * (cpu[1] - last_cpu[1]) / total,
+                                 "cores_steal": cpus * (cpu[3] - last_cpu[3]) / total,
                                  "top": sorted(busy.items(), key=lambda kv: -kv[1])[:6],
                                  "cpu_mhz": _cpu_mhz(), **_meminfo_mb()})
             last_cpu, last_procs, last_t = cpu, procs, now
@@ -148,6 +149,7 @@ class ActivitySampler:
             for label, cores in s["top"]:
                 procs[label] += cores / len(cpu)
         return {"samples": len(cpu), "cores_busy": mean(cpu, "cores_busy"), "cores_iowait": mean(cpu, "cores_iowait"),
+                "cores_steal": mean(cpu, "cores_steal"),
                 "cpu_mhz": mean(cpu, "cpu_mhz"), "dirty_mb": mean(cpu, "Dirty"), "writeback_mb": mean(cpu, "Writeback"),
                 "busiest": [(label, round(cores, 2)) for label, cores in sorted(procs.items(), key=lambda kv: -kv[1])[:6]],
                 **{f"gpu_{k}": mean(gpu, k) for k in GPU_FIELDS}}
