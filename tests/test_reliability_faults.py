@@ -216,10 +216,13 @@ class DiskFiller:
 
 def test_a_full_disk_under_qrun_home_fails_the_job_and_the_runner_waits_for_its_table(small_home_disk, tiny_qwen2,
                                                                                        tmp_path):
-    """The disk that holds QRUN_HOME fills up while a job runs (another process keeps it full): the job
-    fails with "no space left on device", cleans up its staging and offload directories; the worker
-    cannot record that while the job table cannot be written, says so, waits, and records it once
-    space returns; the runner never stops, and the next job that fits succeeds."""
+    """The disk that holds QRUN_HOME fills up while a job runs (another process keeps it full). The
+    worker cannot write the job table, says so, waits, and goes on once space returns; the runner
+    never stops. Where the disk filled decides which job it fails: a file write of the big job while
+    the filler holds fails it (its staging and offload directories removed, its failure recorded once
+    space returns) and the small job then fits; a table write of the big job instead waits, the big
+    job then succeeds, and its artifact leaves no room for the small one, which fails. Either way one
+    job fails, saying "no space left on device", and the other succeeds."""
     big, small = submit("--model", str(tiny_qwen2), "--bits", "8", "--bits", "2", "--group-size", "32")
     log = tmp_path / "run.log"
     runner = start_runner("--serve", log=log)
@@ -240,14 +243,15 @@ def test_a_full_disk_under_qrun_home_fails_the_job_and_the_runner_waits_for_its_
     finally:
         stop(runner)
     output = log.read_text()
-    failed = job(small_home_disk, big)
-    assert failed["status"] == "failed"
-    assert failed["error"].startswith(f"no space left on device: {small_home_disk}"), failed["error"]
-    assert job(small_home_disk, small)["status"] == "succeeded", job(small_home_disk, small)["error"]
+    outcomes = {job_id: job(small_home_disk, job_id) for job_id in (big, small)}
+    failed = [row for row in outcomes.values() if row["status"] == "failed"]
+    succeeded = [job_id for job_id, row in outcomes.items() if row["status"] == "succeeded"]
+    assert len(failed) == 1 and len(succeeded) == 1, outcomes
+    assert failed[0]["error"].startswith(f"no space left on device: {small_home_disk}"), failed[0]["error"]
     assert runner.returncode == 130, output  # stopped by SIGTERM, not by the full disk
     assert not table(small_home_disk, "SELECT id FROM jobs WHERE status = 'running'")
     assert leftovers(small_home_disk / "artifacts") == []
-    (artifact,) = artifact_rows(small_home_disk, small)
+    (artifact,) = artifact_rows(small_home_disk, succeeded[0])
     assert [p.name for p in (small_home_disk / "artifacts").iterdir()] == [Path(artifact["path"]).name]
 
 
