@@ -9,7 +9,7 @@ ones' median, their ratio, and the later ones' max / min (the machine's own nois
 bench/load_profile.py profiles a first and a second GPTQ load (what a first eval still pays), and
 bench/first_quantize_profile.py a first and a second quantize().
 Each job's row also says what the machine did meanwhile (bench/machine_activity.py: CPU cores busy and
-by which processes, CPU clock, dirty pages, GPU clocks and use), and so does each gap between jobs (the
+by which processes, CPU steal and clock, dirty pages, GPU clocks and use), and so does each gap between jobs (the
 worker's builds and rehearsals). Writes $OUT/first_job.json (after the run, also when it was cut
 short), $OUT/first_job_activity.json (the whole timeline), $OUT/load_profile.txt and
 $OUT/first_quantize_profile.txt.

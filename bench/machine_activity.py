@@ -1,5 +1,5 @@
 """What the machine did while a benchmark ran: a sample every half second of the CPU (all of it, each
-process's share, the clock), the page cache's dirty pages, and the GPU (clocks, power, use).
+process's share, steal, the clock), the page cache's dirty pages, and the GPU (clocks, power, use).
 
 bench/first_job.py reads it per job: on fresh H200 machines the first jobs were 1.2-1.6x slower in
 every stage alike, with nothing of qrun's running beside them. This says whether anything else was.
