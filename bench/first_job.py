@@ -9,12 +9,17 @@ ones' median, their ratio, and the later ones' max / min (the machine's own nois
 bench/load_profile.py profiles a first and a second GPTQ load (what a first eval still pays), and
 bench/first_quantize_profile.py a first and a second quantize().
 Each job's row also says what the machine did meanwhile (bench/machine_activity.py: CPU cores busy and
-by which processes, CPU steal and clock, dirty pages, GPU clocks and use), and so does each gap between jobs (the
-worker's builds and rehearsals). Writes $OUT/first_job.json (after the run, also when it was cut
-short), $OUT/first_job_activity.json (the whole timeline), $OUT/load_profile.txt and
-$OUT/first_quantize_profile.txt.
+by which processes, CPU steal and clock, MB read from disk and major page faults, dirty pages, GPU
+clocks and use), and so does each gap between jobs (the worker's builds, rehearsals and page-in).
+The JSON also says how much of torch's and CUDA's libraries was in the page cache before and after
+the run (bench/page_cache.py). `--drop-caches` first empties the page cache (root), as on a fresh
+machine but with the kernels already built; `--page-in` then reads those libraries back before the
+run: the two, run in turn, tell what reading them from disk costs the first jobs. Writes $OUT/first_job{tag}.json (after the run,
+also when it was cut short), $OUT/first_job_activity{tag}.json (the whole timeline),
+$OUT/load_profile.txt and $OUT/first_quantize_profile.txt.
 
     source bench/device_env.sh && python3 bench/first_job.py --shape qwen2-0.5b
+    python3 bench/first_job.py --shape qwen2-0.5b --no-profiles --drop-caches --tag=-cold
     python3 bench/first_job.py --shape tiny --samples 8 --max-len 128    # CPU smoke test
 """
 
@@ -32,6 +37,7 @@ from pathlib import Path
 
 from common import REPO, build_bench_model, environment, fresh_home, out_dir, qrun_base, utc_time, write_calibration
 from machine_activity import ActivitySampler
+from page_cache import drop, library_files, residency
 
 
 def job_rows(env: dict) -> list[dict]:
@@ -90,12 +96,27 @@ def main() -> None:
                         help="one equal 4-bit quantize job (and its eval) per value")
     parser.add_argument("--run-limit", type=float, default=420, help="seconds the `qrun run` may take")
     parser.add_argument("--no-profiles", action="store_true", help="only the queue run, not the profiles after it")
+    parser.add_argument("--tag", default="", help="appended to the output files' names")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="empty the page cache first (root), keeping what a fresh machine has just written")
+    parser.add_argument("--page-in", action="store_true", help="read torch's and CUDA's libraries into the page cache first")
     args = parser.parse_args()
     work = Path("/tmp/first-job")
     work.mkdir(parents=True, exist_ok=True)
     model = build_bench_model(work / f"model-{args.shape}", args.shape)
     calib = write_calibration(work / "calib.jsonl", args.samples, args.max_len * 6)
     env = {**os.environ, **fresh_home(work, "first-job")}
+    dropped = None
+    if args.drop_caches:  # the bundle, the repository, the model and the kernels were just written there
+        site = [Path(p) for p in os.environ.get("PYTHONPATH", "").split(":") if p]
+        dropped = drop([work, REPO, Path.home() / ".cache", *site])
+        print(f"page cache emptied: {dropped}")
+    if args.page_in:
+        for path in library_files():
+            with open(path, "rb") as f:
+                while f.read(16 << 20):
+                    pass
+    libraries_before = residency()
     sampler = ActivitySampler().start()
     subprocess.run([*qrun_base(), "submit", "--model", str(model), "--bits", "4", *(f"--damp={d}" for d in args.damp),
                     "--calib", str(calib), "--calib-samples", str(args.samples), "--calib-max-len", str(args.max_len),
@@ -114,15 +135,23 @@ def main() -> None:
     add_activity(rows, sampler)
     table = first_vs_later(rows)
     result = {"environment": environment(), "shape": args.shape, "run_wall_s": wall, "jobs": rows,
+              "page_in": args.page_in, "caches_dropped": dropped,
+              "libraries_in_page_cache": {"before": libraries_before, "after": residency()},
               "first_vs_later": table, "run_output": run_output.splitlines()[-40:]}
-    (out_dir() / "first_job.json").write_text(json.dumps(result, indent=2))
-    (out_dir() / "first_job_activity.json").write_text(json.dumps({"cpu": sampler.samples, "gpu": sampler.gpu}))
+    (out_dir() / f"first_job{args.tag}.json").write_text(json.dumps(result, indent=2))
+    (out_dir() / f"first_job_activity{args.tag}.json").write_text(json.dumps({"cpu": sampler.samples, "gpu": sampler.gpu}))
     print(run_output[-3000:])
-    for row in rows:
-        print({k: v for k, v in row.items() if k != "artifact" and not k.startswith(("stage_", "activity"))})
+    for row in sorted(rows, key=lambda r: r["started_at"] or ""):
+        print(f"{row['id']:2} {row['kind']:8} {row['label'] or '':18} {row['status']:9} wall {row['job_wall_s'] or 0:6.2f} s  "
+              f"quantize {row['quantize_s'] or 0:6.2f}  load {row['load_s'] or 0:5.2f}  {row['error'] or ''}")
         for key in ("activity_before", "activity"):
-            print(f"    {key}: {json.dumps(row.get(key))}")
-    print(f"run wall {wall:.1f} s")
+            a = row.get(key)
+            if a:
+                print(f"    {key:15} {a.get('seconds', row['job_wall_s']):6.1f} s: read {a['read_mb']:7.1f} MB, "
+                      f"{a['major_faults']:6} major faults, iowait {a['cores_iowait'] or 0:.2f}, busy {a['cores_busy'] or 0:.2f} "
+                      f"cores; {a['busiest'][:3]}; minor faults {a['minor_faults_by'][:2]}")
+    print(f"run wall {wall:.1f} s; libraries in the page cache (GB resident / in all): "
+          + ", ".join(f"{k} {v['resident_gb']:.2f} / {v['total_gb']:.2f}" for k, v in result["libraries_in_page_cache"].items()))
     for row in table:
         print(f"{row['jobs']:10} {row['time']:34} first {row['first']:7.2f}  later {row['later_median']:7.2f}  "
               f"first/later {row['first/later']:.2f}  (later max/min {row['later_max/min']:.2f})")

@@ -1,5 +1,7 @@
 """What the machine did while a benchmark ran: a sample every half second of the CPU (all of it, each
-process's share, steal, the clock), the page cache's dirty pages, and the GPU (clocks, power, use).
+process's share, steal, the clock), the disk's reads (MB read, major page faults: a library's page
+read from disk at first use), each process's minor page faults (memory touched for the first time),
+the page cache's dirty pages, and the GPU (clocks, power, use).
 
 bench/first_job.py reads it per job: on fresh H200 machines the first jobs were 1.2-1.6x slower in
 every stage alike, with nothing of qrun's running beside them. This says whether anything else was.
@@ -31,8 +33,9 @@ def _cpu_jiffies() -> tuple[int, int, int, int]:
     return user + nice + system + irq + softirq + steal, iowait, sum(values[:8]), steal
 
 
-def _process_jiffies() -> dict[int, tuple[str, int]]:
-    """pid -> (a short name, utime + stime) of every process now."""
+def _process_jiffies() -> dict[int, tuple[str, int, int]]:
+    """pid -> (a short name, utime + stime, minor page faults) of every process now. A minor fault is
+    a page mapped without a disk read: mostly memory the process touches for the first time."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -46,7 +49,7 @@ def _process_jiffies() -> dict[int, tuple[str, int]]:
             continue
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
-        found[int(entry)] = (_label(comm, cmd), int(fields[11]) + int(fields[12]))
+        found[int(entry)] = (_label(comm, cmd), int(fields[11]) + int(fields[12]), int(fields[7]))
     return found
 
 
@@ -61,6 +64,17 @@ def _label(comm: str, cmd: str) -> str:
         script = next((w for w in words[1:] if not w.startswith("-")), words[1])
         return f"python {os.path.basename(script)[:40]}"
     return comm
+
+
+def _disk_reads() -> tuple[float, int]:
+    """(MB read from block devices, major page faults) since boot (/proc/vmstat pgpgin is in KiB)."""
+    values = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            name, value = line.split()
+            if name in ("pgpgin", "pgmajfault"):
+                values[name] = int(value)
+    return values.get("pgpgin", 0) / 1024, values.get("pgmajfault", 0)
 
 
 def _meminfo_mb(keys=("Dirty", "Writeback", "Cached", "MemAvailable")) -> dict[str, float]:
@@ -113,22 +127,26 @@ class ActivitySampler:
 
     def _sample_cpu(self) -> None:
         cpus = os.cpu_count() or 1
-        last_cpu, last_procs, last_t = _cpu_jiffies(), _process_jiffies(), time.time()
+        last_cpu, last_procs, last_t, last_disk = _cpu_jiffies(), _process_jiffies(), time.time(), _disk_reads()
         while not self._stop.wait(self.period_s):
-            cpu, procs, now = _cpu_jiffies(), _process_jiffies(), time.time()
+            cpu, procs, now, disk = _cpu_jiffies(), _process_jiffies(), time.time(), _disk_reads()
             total = cpu[2] - last_cpu[2] or 1
-            busy = defaultdict(float)
-            for pid, (label, jiffies) in procs.items():
+            busy, faults = defaultdict(float), defaultdict(int)
+            for pid, (label, jiffies, minflt) in procs.items():
                 before = last_procs.get(pid)  # a pid new since the last sample started since
                 used = jiffies - (before[1] if before else 0)
                 if used > 0:
                     busy[label] += used / TICK / (now - last_t)  # cores this label kept busy
+                if before:
+                    faults[label] += minflt - before[2]
             self.samples.append({"t": now, "cores_busy": cpus * (cpu[0] - last_cpu[0]) / total,
                                  "cores_iowait": cpus * (cpu[1] - last_cpu[1]) / total,
                                  "cores_steal": cpus * (cpu[3] - last_cpu[3]) / total,
+                                 "read_mb": disk[0] - last_disk[0], "major_faults": disk[1] - last_disk[1],
                                  "top": sorted(busy.items(), key=lambda kv: -kv[1])[:6],
+                                 "minor_faults": sorted(((k, v) for k, v in faults.items() if v), key=lambda kv: -kv[1])[:4],
                                  "cpu_mhz": _cpu_mhz(), **_meminfo_mb()})
-            last_cpu, last_procs, last_t = cpu, procs, now
+            last_cpu, last_procs, last_t, last_disk = cpu, procs, now, disk
 
     def _read_gpu(self) -> None:
         for line in self._smi.stdout:
@@ -139,17 +157,21 @@ class ActivitySampler:
             self.gpu.append({"t": time.time(), **dict(zip(GPU_FIELDS, values))})
 
     def during(self, start: float, end: float) -> dict:
-        """Means over [start, end] (epoch seconds), and the processes that kept the CPU busiest then
-        (mean cores each)."""
+        """Means over [start, end] (epoch seconds), the disk's reads in all, and the processes that
+        kept the CPU busiest then (mean cores each)."""
         cpu = [s for s in self.samples if start <= s["t"] <= end]
         gpu = [g for g in self.gpu if start <= g["t"] <= end]
         mean = lambda rows, key: (sum(r[key] for r in rows if r.get(key) is not None) / len(rows)) if rows else None  # noqa: E731
-        procs = defaultdict(float)
+        procs, faults = defaultdict(float), defaultdict(int)
         for s in cpu:
             for label, cores in s["top"]:
                 procs[label] += cores / len(cpu)
+            for label, count in s.get("minor_faults", []):
+                faults[label] += count
         return {"samples": len(cpu), "cores_busy": mean(cpu, "cores_busy"), "cores_iowait": mean(cpu, "cores_iowait"),
                 "cores_steal": mean(cpu, "cores_steal"),
+                "read_mb": sum(s.get("read_mb", 0) for s in cpu), "major_faults": sum(s.get("major_faults", 0) for s in cpu),
                 "cpu_mhz": mean(cpu, "cpu_mhz"), "dirty_mb": mean(cpu, "Dirty"), "writeback_mb": mean(cpu, "Writeback"),
                 "busiest": [(label, round(cores, 2)) for label, cores in sorted(procs.items(), key=lambda kv: -kv[1])[:6]],
+                "minor_faults_by": sorted(faults.items(), key=lambda kv: -kv[1])[:3],
                 **{f"gpu_{k}": mean(gpu, k) for k in GPU_FIELDS}}
