@@ -3,8 +3,9 @@
 In one fresh process, as a GPU worker does it: GPTQModel imported, the gptq_cuda kernel loaded and its
 first job rehearsed on a tiny model (workers.warmup.rehearse; --cold: not rehearsed), then qrun's own
 quantize_model twice on the same model and calibration (damp 0.01, then 0.05), each under cProfile
-with the GPU synchronised at the end. Prints the rehearsal's time, each run's time and GPTQModel's
-stage times, and writes to $OUT/first_quantize_profile.txt the functions whose cumulative time
+with the GPU synchronised at the end. Prints the rehearsal's time, each run's time, its minor page
+faults (memory the process touched for the first time: a heap that grows in the first run and is
+reused in the second shows here) and GPTQModel's stage times, and writes to $OUT/first_quantize_profile.txt the functions whose cumulative time
 differs most between the first and the second run, and the modules the first one imported.
 Without MODEL_DIR and CALIB, a tiny Qwen2 and its calibration are made on the spot (~1 min on a CPU).
 
@@ -17,6 +18,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -73,6 +75,7 @@ def main() -> None:
         modules_before = set(sys.modules)
         profile = cProfile.Profile()
         with tempfile.TemporaryDirectory() as out:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             started = time.perf_counter()
             profile.enable()
             metrics = quantize_model(params, model, Path(out), device, layers, lambda *a: None)
@@ -80,13 +83,15 @@ def main() -> None:
                 torch.cuda.synchronize()
             profile.disable()
             seconds = time.perf_counter() - started
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         profiles.append(profile)
         imported = sorted(set(sys.modules) - modules_before)
         stages = {k: round(v, 2) for k, v in metrics.items() if k.startswith("stage_") or k.endswith("load_s")
                   or k == "quantize_s"}
-        print(f"{label}{' (cold)' if args.cold else ''}: {seconds:.2f} s, {len(imported)} modules imported; {stages}",
+        print(f"{label}{' (cold)' if args.cold else ''}: {seconds:.2f} s, {faults} minor faults "
+              f"({faults * resource.getpagesize() / 1e6:.0f} MB first touched), {len(imported)} modules imported; {stages}",
               flush=True)
-        report.write(f"===== {label}: {seconds:.2f} s; {stages}; imported: {' '.join(imported)}\n")
+        report.write(f"===== {label}: {seconds:.2f} s; {faults} minor faults; {stages}; imported: {' '.join(imported)}\n")
         pstats.Stats(profile, stream=report).sort_stats("cumulative").print_stats(45)
     one, two = (cumulative_by_function(p) for p in profiles)
     gaps = sorted(((one.get(k, 0.0) - two.get(k, 0.0), k) for k in set(one) | set(two)), reverse=True)
