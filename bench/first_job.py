@@ -10,13 +10,13 @@ bench/load_profile.py profiles a first and a second GPTQ load (what a first eval
 bench/first_quantize_profile.py a first and a second quantize().
 Each job's row also says what the machine did meanwhile (bench/machine_activity.py: CPU cores busy and
 by which processes, CPU steal and clock, MB read from disk and major page faults, dirty pages, GPU
-clocks and use), and so does each gap between jobs (the worker's builds, rehearsals and page-in).
-The JSON also says how much of torch's and CUDA's libraries was in the page cache before and after
-the run (bench/page_cache.py). `--drop-caches` first empties the page cache (root), as on a fresh
-machine but with the kernels already built; `--page-in` then reads those libraries back before the
-run: the two, run in turn, tell what reading them from disk costs the first jobs. Writes $OUT/first_job{tag}.json (after the run,
-also when it was cut short), $OUT/first_job_activity{tag}.json (the whole timeline),
-$OUT/load_profile.txt and $OUT/first_quantize_profile.txt.
+clocks and use), and so does each gap between jobs (the worker's builds and rehearsals). The JSON
+also says how much of torch's and CUDA's libraries was in the page cache before and after the run
+(bench/page_cache.py). `--drop-caches` first empties the page cache (root), as on a fresh machine
+but with the kernels already built; `--page-in` then reads those libraries back before the run: the
+two, run in turn, tell what reading them from disk costs the first jobs. Writes
+$OUT/first_job{tag}.json (after the run, also when it was cut short), $OUT/first_job_activity{tag}.json
+(the whole timeline), $OUT/load_profile.txt and $OUT/first_quantize_profile.txt.
 
     source bench/device_env.sh && python3 bench/first_job.py --shape qwen2-0.5b
     python3 bench/first_job.py --shape qwen2-0.5b --no-profiles --drop-caches --tag=-cold
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from common import REPO, build_bench_model, environment, fresh_home, out_dir, qrun_base, utc_time, write_calibration
 from machine_activity import ActivitySampler
-from page_cache import drop, library_files, residency
+from page_cache import drop, library_files, read_whole, residency
 
 
 def job_rows(env: dict) -> list[dict]:
@@ -113,9 +113,7 @@ def main() -> None:
         print(f"page cache emptied: {dropped}")
     if args.page_in:
         for path in library_files():
-            with open(path, "rb") as f:
-                while f.read(16 << 20):
-                    pass
+            read_whole(path)
     libraries_before = residency()
     sampler = ActivitySampler().start()
     subprocess.run([*qrun_base(), "submit", "--model", str(model), "--bits", "4", *(f"--damp={d}" for d in args.damp),

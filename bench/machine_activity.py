@@ -33,7 +33,7 @@ def _cpu_jiffies() -> tuple[int, int, int, int]:
     return user + nice + system + irq + softirq + steal, iowait, sum(values[:8]), steal
 
 
-def _process_jiffies() -> dict[int, tuple[str, int, int]]:
+def _process_counters() -> dict[int, tuple[str, int, int]]:
     """pid -> (a short name, utime + stime, minor page faults) of every process now. A minor fault is
     a page mapped without a disk read: mostly memory the process touches for the first time."""
     found = {}
@@ -127,9 +127,9 @@ class ActivitySampler:
 
     def _sample_cpu(self) -> None:
         cpus = os.cpu_count() or 1
-        last_cpu, last_procs, last_t, last_disk = _cpu_jiffies(), _process_jiffies(), time.time(), _disk_reads()
+        last_cpu, last_procs, last_t, last_disk = _cpu_jiffies(), _process_counters(), time.time(), _disk_reads()
         while not self._stop.wait(self.period_s):
-            cpu, procs, now, disk = _cpu_jiffies(), _process_jiffies(), time.time(), _disk_reads()
+            cpu, procs, now, disk = _cpu_jiffies(), _process_counters(), time.time(), _disk_reads()
             total = cpu[2] - last_cpu[2] or 1
             busy, faults = defaultdict(float), defaultdict(int)
             for pid, (label, jiffies, minflt) in procs.items():

@@ -74,6 +74,16 @@ def residency(files: list[Path] | None = None, top: int = 8) -> dict:
                         for p, res, size in biggest]}
 
 
+def read_whole(path: Path) -> None:
+    """Read a file to its end: its pages are then in the page cache. Unreadable: left as it is."""
+    try:
+        with open(path, "rb") as f:
+            while f.read(16 << 20):
+                pass
+    except OSError:
+        pass
+
+
 def drop(keep_warm: list[Path]) -> bool:
     """Empty the page cache (root only; False where not allowed), then read back `keep_warm` (files or
     directories): what a fresh machine has in memory because it was just written there."""
@@ -86,12 +96,7 @@ def drop(keep_warm: list[Path]) -> bool:
     for root in keep_warm:
         for path in ([root] if root.is_file() else root.rglob("*")):
             if path.is_file():
-                try:
-                    with open(path, "rb") as f:
-                        while f.read(16 << 20):
-                            pass
-                except OSError:
-                    pass
+                read_whole(path)
     return True
 
 
