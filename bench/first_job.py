@@ -100,12 +100,15 @@ def main() -> None:
     parser.add_argument("--drop-caches", action="store_true",
                         help="empty the page cache first (root), keeping what a fresh machine has just written")
     parser.add_argument("--page-in", action="store_true", help="read torch's and CUDA's libraries into the page cache first")
+    parser.add_argument("--rehearsal", choices=("job", "tiny", "full"), default="job",
+                        help="the worker rehearses each kernel's first job on a one-layer copy of the job's model "
+                             "(qrun's way), on a tiny model (qrun's way before 2026-12-05) or on the job's whole model")
     args = parser.parse_args()
     work = Path("/tmp/first-job")
     work.mkdir(parents=True, exist_ok=True)
     model = build_bench_model(work / f"model-{args.shape}", args.shape)
     calib = write_calibration(work / "calib.jsonl", args.samples, args.max_len * 6)
-    env = {**os.environ, **fresh_home(work, "first-job")}
+    env = {**os.environ, **fresh_home(work, "first-job"), "QRUN_REHEARSAL": args.rehearsal}
     dropped = None
     if args.drop_caches:  # the bundle, the repository, the model and the kernels were just written there
         site = [Path(p) for p in os.environ.get("PYTHONPATH", "").split(":") if p]
@@ -133,7 +136,7 @@ def main() -> None:
     add_activity(rows, sampler)
     table = first_vs_later(rows)
     result = {"environment": environment(), "shape": args.shape, "run_wall_s": wall, "jobs": rows,
-              "page_in": args.page_in, "caches_dropped": dropped,
+              "page_in": args.page_in, "caches_dropped": dropped, "rehearsal": args.rehearsal,
               "libraries_in_page_cache": {"before": libraries_before, "after": residency()},
               "first_vs_later": table, "run_output": run_output.splitlines()[-40:]}
     (out_dir() / f"first_job{args.tag}.json").write_text(json.dumps(result, indent=2))

@@ -21,6 +21,7 @@ from qrun.db.errors import BadInput
 from qrun.db.session import qrun_home
 from qrun.runner.worker import FAKE_GPUS_ENV, QueueWorker
 from qrun.workers.jobs import Backoff
+from qrun.workers.warmup import REHEARSAL_ENV
 
 MAX_ACTOR_RESTARTS = 5  # per slot, per `qrun run`: a worker that keeps dying is a bug, not bad luck
 
@@ -161,8 +162,9 @@ def worker_env(threads: int) -> dict[str, str]:
            "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", str(gptqmodel_cpu_workers(threads)))}
     # GPTQMODEL_TORCH_EXTENSIONS_DIR: where kernels were built ahead (qrun warmup, the demo): the
     # workers must look there too, or their first job builds them again.
+    # QRUN_REHEARSAL: bench/first_job.py's choice of the kernels' rehearsal model (workers.warmup).
     for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAKE_GPUS_ENV,
-                 "GPTQMODEL_TORCH_EXTENSIONS_DIR"):
+                 "GPTQMODEL_TORCH_EXTENSIONS_DIR", REHEARSAL_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     return env

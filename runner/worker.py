@@ -157,11 +157,13 @@ class QueueWorker:
     def _wait_for_kernels(self, job) -> None:
         """Before a job: build (or load) the kernels it uses and wait for them, so that no job's time
         includes a build. What was built is said in the run's output."""
-        from qrun.workers.warmup import describe, kernels_a_job_uses, was_built
+        from qrun.workers.warmup import JobShape, describe, kernels_a_job_uses, was_built
 
         if self._builds is None:
             self._start_kernel_builds()
-        self._builds.wait(kernels_a_job_uses(job.kind, job.params, self._model_dir_of(job), self.device), self._stop)
+        model_dir = self._model_dir_of(job)
+        shape = JobShape(job.kind, job.params, str(model_dir)) if model_dir is not None else None
+        self._builds.wait(kernels_a_job_uses(job.kind, job.params, model_dir, self.device), self._stop, shape)
         built = self._builds.new_results()
         if was_built(built):
             self.notice(describe(built))

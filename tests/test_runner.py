@@ -218,3 +218,53 @@ def test_a_gpu_workers_build_thread_rehearses_each_kernels_first_job():
     """)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_a_kernels_rehearsal_copies_the_model_of_the_job_that_waits_for_it(tmp_path, caplog):
+    """The rehearsal runs the waiting job's own work on its model cut to one layer (the job's matrix
+    shapes are what CUDA loads kernels for), and falls back to a tiny model where no copy can be made:
+    pickle weights are never linked nor loaded, and remote code runs only in the job itself."""
+    import logging
+
+    from qrun.demo.tiny import build_tiny_model, sample_texts
+    from qrun.workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.warmup import JobShape, KernelBuilds, one_layer_copy, rehearse
+
+    model = build_tiny_model(tmp_path / "model", hidden=128, intermediate=256, layers=3, seed=1)
+    (model / "extra.bin").write_bytes(b"not a checkpoint")
+    copy = one_layer_copy(model, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["layer_types"] == ["full_attention"]  # one entry per layer
+    assert (copy / "model.safetensors").is_symlink() and not (copy / "extra.bin").exists()
+    assert json.loads((model / "config.json").read_text())["num_hidden_layers"] == 3  # the original untouched
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for name in ("config.json", "extra.bin"):
+        (pickled / name).write_bytes((model / name).read_bytes())
+    assert one_layer_copy(pickled, tmp_path / "no-copy") is None
+    assert one_layer_copy(tmp_path / "no-such-model", tmp_path / "no-copy") is None
+
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts()[:8]))
+    params = QuantizeParams(bits=4, calib=str(calib), calib_samples=8, calib_max_len=64).to_dict()
+    caplog.set_level(logging.INFO, logger="qrun.workers.warmup")
+    builds = KernelBuilds(["gptq_cuda"], rehearse_on="cpu")
+    builds.wait(["gptq_cuda"], job=JobShape("quantize", params, str(model)))
+    assert [(name, ok) for name, _, ok in builds.rehearsals] == [("gptq_cuda", True)]
+    assert f"gptq_cuda's first job on a one-layer copy of {model}" in caplog.text
+    for job in (JobShape("quantize", params, str(pickled)), JobShape("quantize", params, str(tmp_path / "gone")),
+                JobShape("quantize", {**params, "trust_remote_code": True}, str(model))):
+        caplog.clear()
+        assert rehearse("gptq_cuda", "cpu", job)[1]
+        assert "gptq_cuda's first job on a tiny model" in caplog.text
+
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    quantize_model(QuantizeParams.from_dict(params), str(model), quantized, "cpu", 3, lambda *_: None)
+    caplog.clear()
+    eval_job = JobShape("eval", {"ppl_data": str(calib), "batch_size": 2}, str(quantized))
+    assert rehearse("marlin_bf16", "cpu", eval_job)[1], caplog.text
+    assert f"marlin_bf16's first job on a one-layer copy of {quantized}" in caplog.text
+    caplog.clear()
+    assert not rehearse("marlin_bf16", "cpu", JobShape("eval", {"ppl_data": str(tmp_path / "gone.jsonl")}, str(quantized)))[1]
+    assert "the rehearsal of marlin_bf16's first job failed" in caplog.text

@@ -12,6 +12,7 @@ built that no job uses, nor beside a running job (KernelBuilds says why).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -151,7 +153,8 @@ class KernelBuilds:
     worth minutes of 16 cores. The worker waits before it claims the job, so no job's time includes
     a build. The thread first imports GPTQModel, so that no job imports it from another thread at the
     same time (Python's import-deadlock error), and on a GPU worker, after each kernel, rehearses the
-    first job that uses it on a tiny model (REHEARSALS)."""
+    first job that uses it on a one-layer copy of that job's model (REHEARSALS): once per kernel,
+    so a later job of another model is not rehearsed."""
 
     def __init__(self, buildable: tuple[str, ...] | list[str], rehearse_on: str | None = None):
         self.buildable = tuple(buildable)  # what this worker may build: the rest is never waited for
@@ -162,6 +165,7 @@ class KernelBuilds:
         self._imported = threading.Event()
         self._import_error: str | None = None
         self._built: dict[str, threading.Event] = {}
+        self._first_job: dict[str, JobShape | None] = {}  # the job that first asked for a kernel
         self._todo: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="qrun-kernel-builds", daemon=True)
@@ -182,21 +186,23 @@ class KernelBuilds:
             self.results.append((name, 0.0, False, why) if why else _timed_build(name))
             if self.rehearse_on is not None and not why and name in REHEARSALS:
                 # what the job waiting for this kernel pays once per process
-                self.rehearsals.append((name, *rehearse(name, self.rehearse_on)))
+                self.rehearsals.append((name, *rehearse(name, self.rehearse_on, self._first_job.get(name))))
             self._built[name].set()
 
-    def _request(self, names) -> list[threading.Event]:
+    def _request(self, names, job: JobShape | None) -> list[threading.Event]:
         with self._lock:
             for name in names:
                 if name not in self._built:
                     self._built[name] = threading.Event()
+                    self._first_job[name] = job
                     self._todo.put(name)
             return [self._built[name] for name in names]
 
-    def wait(self, names, stop: threading.Event | None = None) -> None:
+    def wait(self, names, stop: threading.Event | None = None, job: JobShape | None = None) -> None:
         """Build those of `names` this worker may build, after GPTQModel's import, and wait for them;
-        return early once `stop` is set."""
-        for event in [self._imported, *self._request([n for n in names if n in self.buildable])]:
+        return early once `stop` is set. `job`: the job that waits, whose shape a kernel's rehearsal
+        copies (None: a tiny model's)."""
+        for event in [self._imported, *self._request([n for n in names if n in self.buildable], job)]:
             while not event.wait(0.5):
                 if stop is not None and stop.is_set():
                     return
@@ -215,10 +221,15 @@ class KernelBuilds:
 # use. On an H200 (bench/first_job.py) importing the modules first left the first quantize 1.21x the
 # second (5.76 vs 4.76 s, spread over every GPTQModel stage) and the first GPTQ load 1.30x (0.96 vs
 # 0.74 s). So a GPU worker's build thread rehearses, once per process and before the first job that
-# needs the kernel is claimed, what that job does: the same qrun functions on a one-layer random model
-# of the commonest layout (Qwen2; bf16, as GPTQModel loads most checkpoints). kernel -> (job kind,
-# method, dtype); an eval rehearsal quantizes with rtn (GPTQ format, no calibration) to have
-# something to load.
+# needs the kernel is claimed, what that job does, with the same qrun functions: on a one-layer copy
+# of that job's own model (JobShape), so that the matrix shapes, and so the cuBLAS, cuSOLVER and
+# Marlin kernels CUDA loads lazily for each, are the job's; where that cannot be (remote code, pickle
+# weights, a config without num_hidden_layers) on a one-layer random model of the commonest layout
+# (Qwen2; bf16, as GPTQModel loads most checkpoints). On one H100 (BENCHMARKS, "At the job's own
+# shape"), after the tiny rehearsal the first GPTQ load still took 1.22-1.40x the later ones; after
+# the job's one-layer copy 0.97-1.09x, for 0.3-1.5 s more of rehearsal per kernel.
+# kernel -> (job kind, method, dtype) of the tiny rehearsal; an eval rehearsal quantizes it with rtn
+# (GPTQ format, no calibration) to have something to load.
 REHEARSALS = {
     "gptq_cuda": ("quantize", "gptq", "bfloat16"),
     "awq": ("quantize", "awq", "bfloat16"),
@@ -227,16 +238,35 @@ REHEARSALS = {
 }
 # Marlin reads 4-bit group-128 weights whose in-features are a multiple of 128 and out-features of 64.
 REHEARSAL_SHAPE = dict(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
+# "tiny": rehearse on the tiny model even where the job's shape could be copied; "full": on the job's
+# whole model (bench/first_job.py's comparisons).
+REHEARSAL_ENV = "QRUN_REHEARSAL"
 
 
-def rehearse(kernel: str, device: str) -> tuple[float, bool]:
-    """Run what the first job that uses `kernel` runs, on a tiny model on `device`: (seconds, whether
-    it ran through). A warm-up only: a failure is logged, and the job then pays (or fails on) it itself."""
+@dataclass(frozen=True)
+class JobShape:
+    """The job a kernel's rehearsal copies: its kind, its parameters, and the directory it reads (a
+    quantize job's model, an eval's checkpoint)."""
+
+    kind: str
+    params: dict
+    model_dir: str
+
+
+def rehearse(kernel: str, device: str, job: JobShape | None = None) -> tuple[float, bool]:
+    """Run what the first job that uses `kernel` runs on `device`: on a one-layer copy of `job`'s
+    model where it can, else on a tiny model: (seconds, whether it ran through). A warm-up only: a
+    failure is logged, and the job then pays (or fails on) it itself."""
     started = time.perf_counter()
     ok = True
     try:
         with tempfile.TemporaryDirectory(prefix="qrun-rehearsal-") as work:
-            _rehearse(*REHEARSALS[kernel], device, Path(work))
+            if _rehearse_job(job, device, Path(work)):
+                on = f"a one-layer copy of {job.model_dir}"
+            else:
+                _rehearse_tiny(*REHEARSALS[kernel], device, Path(work))
+                on = "a tiny model"
+        log.info("rehearsed %s's first job on %s in %.1f s", kernel, on, time.perf_counter() - started)
     except Exception:  # noqa: BLE001
         ok = False
         log.warning("the rehearsal of %s's first job failed (that job pays its one-time costs itself)",
@@ -248,19 +278,93 @@ def rehearse(kernel: str, device: str) -> tuple[float, bool]:
     return time.perf_counter() - started, ok
 
 
-def _rehearse(kind: str, method: str, dtype: str, device: str, work: Path) -> None:
+def one_layer_copy(model_dir: Path, out_dir: Path) -> Path | None:
+    """A model directory that reads as `model_dir` cut to its first decoder layer: its files linked,
+    pickle weights left out, and a config.json that says one layer (lists of one entry per layer cut
+    to their first). None where it cannot be: no readable config.json, no safetensors weights, or a
+    config without num_hidden_layers (a multimodal model's nests it). The loaders read layer 0's
+    tensors and skip the others'."""
+    from qrun.workers.inputs import PICKLE_SUFFIXES
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no model there: the job itself says what is wrong
+        return None
+    layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    if not isinstance(layers, int) or layers < 1 or not any(model_dir.glob("*.safetensors")):
+        return None
+    out_dir.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        if path.name != "config.json" and path.suffix not in PICKLE_SUFFIXES:
+            (out_dir / path.name).symlink_to(path.resolve())
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == layers and layers > 1:
+            config[key] = value[:1]  # e.g. Qwen2's layer_types
+    config["num_hidden_layers"] = 1
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out_dir
+
+
+def _rehearse_job(job: JobShape | None, device: str, work: Path) -> bool:
+    """The job itself on a one-layer copy of its model; False where there is none to make (the
+    caller then rehearses on a tiny model). A job that runs remote code runs it only as itself."""
+    mode = os.environ.get(REHEARSAL_ENV)
+    if job is None or mode == "tiny" or job.params.get("trust_remote_code"):
+        return False
+    model = Path(job.model_dir) if mode == "full" else one_layer_copy(Path(job.model_dir), work / "model")
+    if model is None:
+        return False
+    if job.kind == "quantize":
+        _quantize_rehearsal(job.params, model, device, work)
+    else:
+        _eval_rehearsal(job.params, model, device)
+    return True
+
+
+def _quantize_rehearsal(params: dict, model: Path, device: str, work: Path) -> None:
+    from qrun.workers.quantize import QuantizeParams, quantize_model
+
+    quantized = work / "quantized"
+    quantized.mkdir()
+    quantize_model(QuantizeParams.from_dict(params), str(model), quantized, device, 1, lambda *_: None,
+                   offload_dir=work / "offload")
+
+
+def _eval_rehearsal(params: dict, model: Path, device: str) -> None:
+    """The job's load, then its longest and shortest batches of each kind (classification, perplexity)."""
+    from qrun.workers.evaluate import EvalParams, classify, load_model, perplexity, plan_eval
+
+    eval_params = EvalParams.from_dict(params)
+    loaded, tokenizer = load_model(model, device, False)
+    plan = plan_eval(eval_params, loaded, tokenizer)
+    plan.batches = _ends(plan.batches)
+    plan.ppl_batches = _ends(plan.ppl_batches)
+    if plan.batches:
+        classify(plan, eval_params, loaded, tokenizer, device, lambda *_: None)
+    if plan.ppl_batches:
+        perplexity(plan, loaded, tokenizer, device, lambda *_: None)
+
+
+def _ends(batches: list) -> list:
+    """The first and the last of `batches`: the longest and the shortest, as the eval orders them.
+    Not all: a one-layer model still computes the whole vocabulary's logits, most of an eval's time
+    on a small model."""
+    return batches if len(batches) <= 2 else [batches[0], batches[-1]]
+
+
+def _rehearse_tiny(kind: str, method: str, dtype: str, device: str, work: Path) -> None:
     from qrun.demo.dataset import write_jsonl
     from qrun.demo.tiny import build_tiny_model, sample_texts
     from qrun.workers.quantize import QuantizeParams, quantize_model
 
-    model = build_tiny_model(work / "model", dtype=dtype, **REHEARSAL_SHAPE)
+    model = build_tiny_model(work / "tiny", dtype=dtype, **REHEARSAL_SHAPE)
     calib = write_jsonl([{"text": t} for t in sample_texts()[:16]], work / "calib.jsonl")
     params = QuantizeParams(bits=4, method=None if method == "gptq" else method, calib=str(calib),
                             calib_samples=16, calib_max_len=64)
-    quantized = work / "quantized"
+    quantized = work / "tiny-quantized"
     quantized.mkdir()
     quantize_model(params, str(model), quantized, device, REHEARSAL_SHAPE["layers"], lambda *_: None,
-                   offload_dir=work / "offload")
+                   offload_dir=work / "tiny-offload")
     if kind == "eval":
         import torch
 
