@@ -19,7 +19,9 @@ def worker_state(row, now) -> str:
         return "stopped"
     if (now - row.heartbeat_at).total_seconds() > LOST_AFTER_S:
         return "lost"
-    return f"running job {row.current_job}" if row.current_job else "idle"
+    if row.current_job:
+        return f"running job {row.current_job}"
+    return row.activity or "idle"
 
 
 def _ago(seconds: float) -> str:
@@ -37,7 +39,8 @@ def worker_rows(db, show_all: bool) -> list[dict]:
     now = utcnow()
     rows = list_workers(db, None if show_all else now - timedelta(days=1))
     return [{"name": w.name, "node": w.node, "slot": w.slot, "device": w.device, "gpu": w.gpu,
-             "state": worker_state(w, now), "current_job": w.current_job, "jobs_done": w.jobs_done,
+             "state": worker_state(w, now), "current_job": w.current_job, "activity": w.activity,
+             "jobs_done": w.jobs_done,
              "started_at": w.started_at, "heartbeat_at": w.heartbeat_at,
              "last_seen_s": (now - w.heartbeat_at).total_seconds()}
             for w in rows if show_all or w.stopped_at is None or (now - w.stopped_at).total_seconds() < 3600]

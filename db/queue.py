@@ -585,9 +585,11 @@ def register_worker(db: Database, name: str, node: str, slot: str, device: str, 
                        heartbeat_at=now, stopped_at=None, current_job=None, jobs_done=0))
 
 
-def worker_heartbeat(db: Database, name: str, *, job: int | None, finished_one: bool = False) -> None:
-    """A worker says it is alive, and which job it holds (None: idle)."""
-    values = {"heartbeat_at": utcnow(), "current_job": job, "stopped_at": None}
+def worker_heartbeat(db: Database, name: str, *, job: int | None, finished_one: bool = False,
+                     activity: str | None = None) -> None:
+    """A worker says it is alive, which job it holds (None: none), and what it does meanwhile
+    without one (None: nothing, idle)."""
+    values = {"heartbeat_at": utcnow(), "current_job": job, "stopped_at": None, "activity": activity}
     if finished_one:
         values["jobs_done"] = Worker.jobs_done + 1
     with db.transaction() as s:
@@ -597,7 +599,7 @@ def worker_heartbeat(db: Database, name: str, *, job: int | None, finished_one: 
 def worker_stopped(db: Database, name: str) -> None:
     with db.transaction() as s:
         s.execute(update(Worker).where(Worker.name == name)
-                  .values(stopped_at=utcnow(), heartbeat_at=utcnow(), current_job=None))
+                  .values(stopped_at=utcnow(), heartbeat_at=utcnow(), current_job=None, activity=None))
 
 
 def list_workers(db: Database, since: datetime | None = None) -> list[Worker]:

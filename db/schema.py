@@ -24,7 +24,8 @@ from qrun.db.states import Kind, Status
 # Bump when a table changes, and add a step to db.session.MIGRATIONS.
 # 2: 64-bit priority and artifact sizes, unbounded worker and progress texts (Postgres enforces both).
 # 3: each job's sweep (the submit that added it) and the sweep's optional name.
-SCHEMA_VERSION = 3
+# 4: what a worker without a job is doing (waiting for a kernel build before its next job).
+SCHEMA_VERSION = 4
 
 # Postgres' INTEGER is 32-bit and enforces VARCHAR(n); SQLite stores up to 64 bits in any INTEGER and
 # ignores lengths. So sizes and free-form numbers are BigInteger, and texts whose length the user's
@@ -128,6 +129,9 @@ class Worker(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     current_job: Mapped[int | None] = mapped_column(Integer, nullable=True)
     jobs_done: Mapped[int] = mapped_column(Integer, default=0)
+    # Between jobs, what the worker is doing, e.g. "preparing job 3: GPTQModel kernel marlin_bf16"
+    # (a fresh machine's build takes minutes); NULL when idle or running a job.
+    activity: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Event(Base):

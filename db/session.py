@@ -309,8 +309,16 @@ def _migrate_2_to_3(session: Session) -> None:
     conn.execute(text("CREATE INDEX ix_jobs_sweep_name ON jobs (sweep_name)"))
 
 
+def _migrate_3_to_4(session: Session) -> None:
+    """What a worker without a job is doing (`qrun workers`): NULL for the rows already there. A
+    version-1 database has it already: step 1 to 2 creates the workers table as the model is today."""
+    conn = session.connection()
+    if "activity" not in {c["name"] for c in inspect(conn).get_columns("workers")}:
+        conn.execute(text("ALTER TABLE workers ADD COLUMN activity TEXT"))
+
+
 # Steps from version N to N+1, applied in order to an older database, in one transaction.
-MIGRATIONS: dict[int, callable] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+MIGRATIONS: dict[int, callable] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 def _stored_version(session: Session) -> int | None:

@@ -163,10 +163,30 @@ class QueueWorker:
             self._start_kernel_builds()
         model_dir = self._model_dir_of(job)
         shape = JobShape(job.kind, job.params, str(model_dir)) if model_dir is not None else None
-        self._builds.wait(kernels_a_job_uses(job.kind, job.params, model_dir, self.device), self._stop, shape)
+        kernels = kernels_a_job_uses(job.kind, job.params, model_dir, self.device)
+        building = [k for k in kernels if k in self._builds.buildable]  # the others are not waited for
+        doing = f"GPTQModel kernel {', '.join(building)}" if building else "importing GPTQModel"
+        self._builds.wait(kernels, self._stop, shape, self._reporter_while_waiting(f"preparing job {job.id}: {doing}"))
         built = self._builds.new_results()
         if was_built(built):
             self.notice(describe(built))
+
+    def _reporter_while_waiting(self, activity: str):
+        """What the kernel wait calls every half second: it keeps this worker's row alive (`qrun
+        workers` takes a worker silent for 30 s for lost) and says what it waits for, first after a
+        second (a cached kernel loads in less), then every WORKER_REPORT_S. The claim's report
+        clears it."""
+        started = time.monotonic()
+        told = False
+
+        def report() -> None:
+            nonlocal told
+            now = time.monotonic()
+            if (not told and now - started >= 1.0) or now - self._last_report >= WORKER_REPORT_S:
+                told = True
+                self._report(queue.worker_heartbeat, self.name, job=None, activity=activity)
+
+        return report
 
     def _may_build(self) -> bool:
         """Whether a job may still have to wait for a kernel here: not on a CPU whose kernels are cached."""

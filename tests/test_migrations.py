@@ -123,7 +123,7 @@ def test_version_1_database_is_migrated_with_its_data(v1_database):
     database = open_database(v1_database)
     try:
         with database.transaction() as s:
-            assert s.get(Meta, "schema_version").value == str(SCHEMA_VERSION) == "3"
+            assert s.get(Meta, "schema_version").value == str(SCHEMA_VERSION) == "4"
         # The rows survived, every column of them.
         first, second = queue.list_jobs(database)
         assert (first.kind, first.status, first.params, first.priority, first.worker, first.progress_module,
@@ -189,12 +189,13 @@ def test_version_2_database_gains_sweeps_and_keeps_its_jobs(v2_database):
     database = open_database(v2_database)
     try:
         with database.transaction() as s:
-            assert s.get(Meta, "schema_version").value == "3"
+            assert s.get(Meta, "schema_version").value == "4"
         old = queue.list_jobs(database)
         assert [(j.kind, j.status, j.sweep, j.sweep_name) for j in old] == [
             ("quantize", "succeeded", None, None), ("eval", "queued", None, None)]
         indexes = {i["name"]: i["column_names"] for i in inspect(database.engine).get_indexes("jobs")}
         assert indexes["ix_jobs_sweep"] == ["sweep"] and indexes["ix_jobs_sweep_name"] == ["sweep_name"]
+        assert "activity" in {c["name"] for c in inspect(database.engine).get_columns("workers")}  # version 4
         new = queue.submit_jobs(database, [JobSpec(kind=Kind.QUANTIZE, model="/models/m", params={"bits": 8})],
                                 sweep="0badcafe", sweep_name="after-upgrade")
         assert [j.id for j in queue.jobs_of_sweep(database, "after-upgrade")] == new

@@ -11,6 +11,7 @@ from sqlalchemy import update
 from conftest import run_qrun
 from qrun.db import queue
 from qrun.db.schema import Worker
+from qrun.db.states import Kind
 from qrun.runner.worker import QueueWorker
 
 
@@ -42,3 +43,46 @@ def test_a_worker_that_stopped_reporting_is_shown_lost(any_db):
     table = run_qrun("--db", any_db.url, "workers", check=True).stdout.splitlines()
     assert table[0].split() == ["WORKER", "NODE", "DEVICE", "STATE", "LAST", "SEEN", "JOBS", "DONE"]
     assert any(line.startswith("cpu0") and " lost " in line for line in table[1:]), table
+
+
+def test_a_worker_waiting_for_its_next_jobs_kernels_stays_alive_and_says_what_it_waits_for(any_db):
+    """Before it claims a job, a worker waits for the kernels the job uses (a fresh GPU machine's
+    Marlin build: minutes). Meanwhile its row keeps reporting, so it is not shown lost after 30 s, and
+    says what it waits for; the claim clears it. A fresh process: the wait here is GPTQModel's import
+    by the worker's build thread (seconds), the part of every wait that comes first."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import REPO
+
+    (job_id,) = queue.submit_jobs(any_db, [queue.JobSpec(kind=Kind.QUANTIZE, model="/models/m", params={"bits": 4})])
+    probe = textwrap.dedent("""
+        import json, sys, threading, time
+        from qrun.db import queue
+        from qrun.db.session import open_database
+        from qrun.runner.worker import QueueWorker
+        from qrun.workers.warmup import KernelBuilds
+        db = open_database(sys.argv[1])
+        worker = QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
+        registered = queue.list_workers(db)[0].heartbeat_at
+        worker._builds = KernelBuilds(["a_kernel_no_job_uses"])  # its thread imports GPTQModel first
+        waiting = threading.Thread(target=worker._wait_for_kernels, args=(queue.get_job(db, int(sys.argv[2])),))
+        waiting.start()
+        seen = []
+        while waiting.is_alive():
+            (row,) = queue.list_workers(db)
+            seen.append([row.activity, row.heartbeat_at > registered])
+            time.sleep(0.1)
+        print(json.dumps(seen))
+    """)
+    result = subprocess.run([sys.executable, "-c", probe, any_db.url, str(job_id)], capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    said = f"preparing job {job_id}: importing GPTQModel"
+    assert [said, True] in seen, seen[-5:]  # said, with a fresh heartbeat, while it waited
+    assert workers_json(any_db)["cpu0"]["state"] == said
+    queue.worker_heartbeat(any_db, queue.list_workers(any_db)[0].name, job=job_id)  # as the claim reports
+    shown = workers_json(any_db)["cpu0"]
+    assert (shown["state"], shown["activity"]) == (f"running job {job_id}", None)

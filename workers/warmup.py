@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +199,18 @@ class KernelBuilds:
                     self._todo.put(name)
             return [self._built[name] for name in names]
 
-    def wait(self, names, stop: threading.Event | None = None, job: JobShape | None = None) -> None:
+    def wait(self, names, stop: threading.Event | None = None, job: JobShape | None = None,
+             while_waiting: Callable[[], None] | None = None) -> None:
         """Build those of `names` this worker may build, after GPTQModel's import, and wait for them;
         return early once `stop` is set. `job`: the job that waits, whose shape a kernel's rehearsal
-        copies (None: a tiny model's)."""
+        copies (None: a tiny model's). `while_waiting` is called every half second meanwhile (a
+        fresh machine's build takes minutes: the worker says it is alive and what it waits for)."""
         for event in [self._imported, *self._request([n for n in names if n in self.buildable], job)]:
             while not event.wait(0.5):
                 if stop is not None and stop.is_set():
                     return
+                if while_waiting is not None:
+                    while_waiting()
 
     def new_results(self) -> list[tuple[str, float, bool, str]]:
         """The builds finished since the last call (for the worker's notice)."""
