@@ -83,6 +83,7 @@ class QueueWorker:
         self.name = describe_worker(slot)
         self.db = open_database(db_url)
         self._last_report = 0.0
+        self._activity_shown = False  # the row says what it prepares (_reporter_while_waiting)
         self._report(queue.register_worker, self.name, socket.gethostname(), slot, self.device, self.gpu)
 
     def _bootstrap(self) -> str:
@@ -206,6 +207,7 @@ class QueueWorker:
         """Keep this worker's row (`qrun workers`) current. It is a view, not the queue: a write
         that fails is logged and dropped, never a reason to stop."""
         self._last_report = time.monotonic()
+        self._activity_shown = kwargs.get("activity") is not None
         try:
             write(self.db, *args, **kwargs)
         except Exception:  # noqa: BLE001
@@ -269,8 +271,8 @@ class QueueWorker:
             outcome = self.run_one(job)
             self._report(queue.worker_heartbeat, self.name, job=None, finished_one=True)
             return job.id, outcome
-        if time.monotonic() - self._last_report >= WORKER_REPORT_S:
-            self._report(queue.worker_heartbeat, self.name, job=None)
+        if self._activity_shown or time.monotonic() - self._last_report >= WORKER_REPORT_S:
+            self._report(queue.worker_heartbeat, self.name, job=None)  # idle: no longer preparing a job
         self._remove_staging_of_finished_jobs()
         # A GPU worker may yet be merged into one for jobs that need several GPUs; a CPU worker never,
         # and it never takes a job whose method needs a GPU: its drain ends when only such are left.

@@ -74,15 +74,21 @@ def test_a_worker_waiting_for_its_next_jobs_kernels_stays_alive_and_says_what_it
             (row,) = queue.list_workers(db)
             seen.append([row.activity, row.heartbeat_at > registered])
             time.sleep(0.1)
-        print(json.dumps(seen))
+        after_wait = queue.list_workers(db)[0].activity
+        queue.claim_job(db, "host:9:another-worker", None, 30)  # the job went elsewhere meanwhile
+        worker._one_round(burst=False)  # nothing to claim here: idle again
+        print(json.dumps({"seen": seen, "after_wait": after_wait, "after_round": queue.list_workers(db)[0].activity}))
     """)
     result = subprocess.run([sys.executable, "-c", probe, any_db.url, str(job_id)], capture_output=True, text=True,
                             timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
     said = f"preparing job {job_id}: importing GPTQModel"
-    assert [said, True] in seen, seen[-5:]  # said, with a fresh heartbeat, while it waited
-    assert workers_json(any_db)["cpu0"]["state"] == said
-    queue.worker_heartbeat(any_db, queue.list_workers(any_db)[0].name, job=job_id)  # as the claim reports
+    assert [said, True] in report["seen"], report["seen"][-5:]  # said, with a fresh heartbeat, while it waited
+    assert report["after_wait"] == said and report["after_round"] is None
+    assert workers_json(any_db)["cpu0"]["state"] == "idle"
+    queue.worker_heartbeat(any_db, queue.list_workers(any_db)[0].name, job=None, activity=said)
+    assert workers_json(any_db)["cpu0"]["state"] == said  # as `qrun workers` shows it
+    queue.worker_heartbeat(any_db, queue.list_workers(any_db)[0].name, job=job_id)  # as a claim reports
     shown = workers_json(any_db)["cpu0"]
     assert (shown["state"], shown["activity"]) == (f"running job {job_id}", None)
