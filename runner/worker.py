@@ -165,7 +165,7 @@ class QueueWorker:
         model_dir = self._model_dir_of(job)
         shape = JobShape(job.kind, job.params, str(model_dir)) if model_dir is not None else None
         kernels = kernels_a_job_uses(job.kind, job.params, model_dir, self.device)
-        building = [k for k in kernels if k in self._builds.buildable]  # the others are not waited for
+        building = self._builds.waited_for(kernels)
         doing = f"GPTQModel kernel {', '.join(building)}" if building else "importing GPTQModel"
         self._builds.wait(kernels, self._stop, shape, self._reporter_while_waiting(f"preparing job {job.id}: {doing}"))
         built = self._builds.new_results()

@@ -199,13 +199,17 @@ class KernelBuilds:
                     self._todo.put(name)
             return [self._built[name] for name in names]
 
+    def waited_for(self, names) -> list[str]:
+        """Those of `names` this worker builds and waits for (the others it never waits for)."""
+        return [n for n in names if n in self.buildable]
+
     def wait(self, names, stop: threading.Event | None = None, job: JobShape | None = None,
              while_waiting: Callable[[], None] | None = None) -> None:
         """Build those of `names` this worker may build, after GPTQModel's import, and wait for them;
         return early once `stop` is set. `job`: the job that waits, whose shape a kernel's rehearsal
         copies (None: a tiny model's). `while_waiting` is called every half second meanwhile (a
         fresh machine's build takes minutes: the worker says it is alive and what it waits for)."""
-        for event in [self._imported, *self._request([n for n in names if n in self.buildable], job)]:
+        for event in [self._imported, *self._request(self.waited_for(names), job)]:
             while not event.wait(0.5):
                 if stop is not None and stop.is_set():
                     return
@@ -289,13 +293,14 @@ def one_layer_copy(model_dir: Path, out_dir: Path) -> Path | None:
     to their first). None where it cannot be: no readable config.json, no safetensors weights, or a
     config without num_hidden_layers (a multimodal model's nests it). The loaders read layer 0's
     tensors and skip the others'."""
-    from qrun.workers.inputs import PICKLE_SUFFIXES
+    from qrun.db.errors import BadInput
+    from qrun.workers.inputs import PICKLE_SUFFIXES, read_model_config
 
     try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # no model there: the job itself says what is wrong
+        config = read_model_config(model_dir)
+    except BadInput:  # no model there: the job itself says what is wrong
         return None
-    layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    layers = config.get("num_hidden_layers")
     if not isinstance(layers, int) or layers < 1 or not any(model_dir.glob("*.safetensors")):
         return None
     out_dir.mkdir(parents=True)
@@ -320,19 +325,22 @@ def _rehearse_job(job: JobShape | None, device: str, work: Path) -> bool:
     if model is None:
         return False
     if job.kind == "quantize":
-        _quantize_rehearsal(job.params, model, device, work)
+        from qrun.workers.quantize import QuantizeParams
+
+        _quantize_rehearsal(QuantizeParams.from_dict(job.params), model, device, work)
     else:
         _eval_rehearsal(job.params, model, device)
     return True
 
 
-def _quantize_rehearsal(params: dict, model: Path, device: str, work: Path) -> None:
-    from qrun.workers.quantize import QuantizeParams, quantize_model
+def _quantize_rehearsal(params, model: Path, device: str, work: Path) -> Path:
+    """qrun's quantize of a one-layer `model` with `params` (QuantizeParams): the directory written."""
+    from qrun.workers.quantize import quantize_model
 
     quantized = work / "quantized"
     quantized.mkdir()
-    quantize_model(QuantizeParams.from_dict(params), str(model), quantized, device, 1, lambda *_: None,
-                   offload_dir=work / "offload")
+    quantize_model(params, str(model), quantized, device, 1, lambda *_: None, offload_dir=work / "offload")
+    return quantized
 
 
 def _eval_rehearsal(params: dict, model: Path, device: str) -> None:
@@ -360,16 +368,13 @@ def _ends(batches: list) -> list:
 def _rehearse_tiny(kind: str, method: str, dtype: str, device: str, work: Path) -> None:
     from qrun.demo.dataset import write_jsonl
     from qrun.demo.tiny import build_tiny_model, sample_texts
-    from qrun.workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.quantize import QuantizeParams
 
     model = build_tiny_model(work / "tiny", dtype=dtype, **REHEARSAL_SHAPE)
     calib = write_jsonl([{"text": t} for t in sample_texts()[:16]], work / "calib.jsonl")
     params = QuantizeParams(bits=4, method=None if method == "gptq" else method, calib=str(calib),
                             calib_samples=16, calib_max_len=64)
-    quantized = work / "tiny-quantized"
-    quantized.mkdir()
-    quantize_model(params, str(model), quantized, device, REHEARSAL_SHAPE["layers"], lambda *_: None,
-                   offload_dir=work / "tiny-offload")
+    quantized = _quantize_rehearsal(params, model, device, work)
     if kind == "eval":
         import torch
 
