@@ -3,9 +3,12 @@
 On a fresh GPU machine (GPTQModel's kernel cache empty) one `qrun run --until-empty` runs three equal
 4-bit quantize jobs (damp 0.01, 0.05, 0.1: the same work, another value) and a perplexity eval of each,
 plus the baseline's. The worker builds GPTQModel's kernels and rehearses each kernel's first job on a
-tiny model before it claims the job that uses it (workers/warmup.py), so the first quantize and the
-first GPTQ eval should take as long as the later ones: the table prints the first's time, the later
-ones' median, their ratio, and the later ones' max / min (the machine's own noise). Then, in a fresh process,
+one-layer copy of the job's model before it claims the job that uses it (workers/warmup.py), so the
+first quantize and the first GPTQ eval should take as long as the later ones: the table prints the
+first's time, the later ones' median, their ratio, first / second (issue #15's own measure), the later
+ones' max / min (the machine's own noise) and, for the job's wall time, the CPU steal during each job
+(cores the hypervisor gave to other guests: where it varies from job to job, so do the jobs' times, and
+a first job that ran with less of it than the later ones looks faster than them). Then, in a fresh process,
 bench/load_profile.py profiles a first and a second GPTQ load (what a first eval still pays), and
 bench/first_quantize_profile.py a first and a second quantize().
 Each job's row also says what the machine did meanwhile (bench/machine_activity.py: CPU cores busy and
@@ -21,6 +24,7 @@ $OUT/first_job{tag}.json (after the run, also when it was cut short), $OUT/first
     source bench/device_env.sh && python3 bench/first_job.py --shape qwen2-0.5b
     python3 bench/first_job.py --shape qwen2-0.5b --no-profiles --drop-caches --tag=-cold
     python3 bench/first_job.py --shape tiny --samples 8 --max-len 128    # CPU smoke test
+    python3 bench/first_job.py --summarize docs/results/2026-12-05-rehearsal-shape/first_job-*-h100.json
 """
 
 from __future__ import annotations
@@ -83,8 +87,33 @@ def first_vs_later(rows: list[dict]) -> list[dict]:
             median = statistics.median(values)
             table.append({"jobs": what, "time": measure, "first": first[measure], "later": values,
                           "later_median": median, "first/later": first[measure] / median if median else None,
-                          "later_max/min": max(values) / min(values) if min(values) else None})
+                          "first/second": first[measure] / values[0] if values[0] else None,
+                          "later_max/min": max(values) / min(values) if min(values) else None,
+                          **({"steal_cores": [steal_during(r) for r in (first, *later)]}
+                             if measure == "job_wall_s" else {})})
     return table
+
+
+def steal_during(row: dict) -> float | None:
+    """Cores the hypervisor gave to other guests while the job ran (see machine_activity.py)."""
+    return (row.get("activity") or {}).get("cores_steal")
+
+
+def print_first_vs_later(table: list[dict], stages: bool = True) -> None:
+    for row in table:
+        if not stages and row["time"].startswith("stage_"):
+            continue
+        print(f"{row['jobs']:10} {row['time']:34} first {row['first']:7.2f}  later {row['later_median']:7.2f}  "
+              f"first/later {row['first/later']:.2f}  first/second {row['first/second']:.2f}  "
+              f"(later max/min {row['later_max/min']:.2f})"
+              + (f"  steal {[round(s or 0, 2) for s in row['steal_cores']]}" if "steal_cores" in row else ""))
+
+
+def summarize(paths: list[Path]) -> None:
+    """The first-vs-later table of earlier runs, from their JSON (steal where the sampler counted it)."""
+    for path in paths:
+        print(path)
+        print_first_vs_later(first_vs_later(json.loads(path.read_text())["jobs"]), stages=False)
 
 
 def main() -> None:
@@ -103,7 +132,11 @@ def main() -> None:
     parser.add_argument("--rehearsal", choices=("job", "tiny", "full"), default="job",
                         help="the worker rehearses each kernel's first job on a one-layer copy of the job's model "
                              "(qrun's way), on a tiny model (qrun's way before 2026-12-05) or on the job's whole model")
+    parser.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
+                        help="only print the first-vs-later table of these earlier first_job*.json, with each job's steal")
     args = parser.parse_args()
+    if args.summarize:
+        return summarize(args.summarize)
     work = Path("/tmp/first-job")
     work.mkdir(parents=True, exist_ok=True)
     model = build_bench_model(work / f"model-{args.shape}", args.shape)
@@ -153,9 +186,7 @@ def main() -> None:
                       f"cores; {a['busiest'][:3]}; minor faults {a['minor_faults_by'][:2]}")
     print(f"run wall {wall:.1f} s; libraries in the page cache (GB resident / in all): "
           + ", ".join(f"{k} {v['resident_gb']:.2f} / {v['total_gb']:.2f}" for k, v in result["libraries_in_page_cache"].items()))
-    for row in table:
-        print(f"{row['jobs']:10} {row['time']:34} first {row['first']:7.2f}  later {row['later_median']:7.2f}  "
-              f"first/later {row['first/later']:.2f}  (later max/min {row['later_max/min']:.2f})")
+    print_first_vs_later(table)
     if args.no_profiles:
         return
     # a first and second quantize() in a fresh process, profiled (what a first quantize job still pays)
