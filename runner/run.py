@@ -60,16 +60,53 @@ def join_cluster(address: str) -> None:
     """Connect to the Ray cluster at `address`, or say in one line why not."""
     import ray
 
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level="warning", configure_logging=False)
-    except Exception as exc:  # noqa: BLE001 -- Ray's errors here are of many types, all about the start
-        text = str(exc)
-        if "InvalidAuthToken" in text or "Authentication" in text:
-            raise BadInput(
-                f"--ray-address {address}: the cluster wants token authentication: export RAY_AUTH_MODE=token "
-                "(Ray reads the cluster's token from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
-            ) from None
-        raise BadInput(f"--ray-address {address}: cannot join the Ray cluster ({_first_sentence(text)})") from None
+    with core_output_to_ray_log() as core_said:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="warning", configure_logging=False)
+            return
+        except Exception as exc:  # noqa: BLE001 -- Ray's errors here are of many types, all about the start
+            error = str(exc)
+            said = core_said()
+    raise BadInput(_why_not_joined(address, error, said)) from None
+
+
+def _why_not_joined(address: str, error: str, core_said: str) -> str:
+    """A cluster refuses a client without its token only in what Ray's core prints while it retries
+    (InvalidAuthToken, for ~20 s); the exception then says no more than "Failed to connect"."""
+    if "no authentication token was found" in error:  # RAY_AUTH_MODE=token here, and no token
+        return (f"--ray-address {address}: RAY_AUTH_MODE=token but this machine has no Ray token: copy the "
+                "head node's ~/.ray/auth_token here, or export RAY_AUTH_TOKEN")
+    if "InvalidAuthToken" in error + core_said:
+        return (f"--ray-address {address}: the cluster refused this machine's Ray token (none, or not the "
+                "cluster's): export RAY_AUTH_MODE=token and give this machine the head node's "
+                "~/.ray/auth_token (or RAY_AUTH_TOKEN)")
+    return f"--ray-address {address}: cannot join the Ray cluster ({_first_sentence(error)})"
+
+
+@contextmanager
+def core_output_to_ray_log() -> Iterator[Callable[[], str]]:
+    """While inside, what this process writes to file descriptor 2 -- Ray's C++ core writes its
+    warnings there, past Python's logging: a line a second while a cluster refuses the token -- goes
+    to a temporary file; on leaving, its text goes to Ray's logger (`qrun run`'s log file, under
+    ray_notices_to). Yields a function that returns the text written so far."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        def written() -> str:
+            return os.pread(sink.fileno(), os.fstat(sink.fileno()).st_size, 0).decode(errors="replace")
+
+        terminal = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield written
+        finally:
+            sys.stderr.flush()
+            os.dup2(terminal, 2)
+            os.close(terminal)
+            if written().strip():
+                logging.getLogger("ray").warning("%s", written().rstrip())
 
 
 @contextmanager

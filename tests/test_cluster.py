@@ -4,13 +4,16 @@ mid-job loses no job; a node that comes back is used again; SQLite is refused on
 
 Each node is a real raylet with its own resources (one CPU each: one qrun worker per node). The
 cluster uses Ray's token authentication, as Ray 2.60 turns it on: every node and client runs with
-RAY_AUTH_MODE=token and reads the token from ~/.ray/auth_token.
+RAY_AUTH_MODE=token and this test session's own token in RAY_AUTH_TOKEN. (Not ~/.ray/auth_token: a
+fresh machine has none until some local Ray makes one, and `ray start --head` refuses to start
+without it.) A client without the cluster's token is refused in one line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,7 +28,7 @@ from conftest import run_qrun, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 BIN = Path(sys.executable).parent
-RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def free_port() -> int:
@@ -196,6 +199,31 @@ def test_sqlite_is_refused_on_a_cluster(cluster, qrun_home):
     assert result.returncode == 2, result.stderr
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
     assert "SQLite" in line and "cluster of 2 nodes" in line and "postgresql" in line
+
+
+def test_a_client_without_the_clusters_token_is_refused_in_one_line(tmp_path, qrun_home):
+    """No token on the client's machine, then another cluster's token: exit 2, one line that says
+    which, and none of the lines Ray's core prints while it retries (they go to the run's log)."""
+    head = RayCluster(tmp_path)
+    try:
+        no_home = tmp_path / "home-without-a-token"
+        no_home.mkdir()
+        base = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+        for token, says in ((None, "this machine has no Ray token"),
+                            (secrets.token_hex(32), "the cluster refused this machine's Ray token")):
+            env = {**base, "HOME": str(no_home), "RAY_AUTH_MODE": "token"}
+            if token:
+                env["RAY_AUTH_TOKEN"] = token
+            result = subprocess.run([str(BIN / "qrun"), "run", "--until-empty", "--ray-address", head.address],
+                                    capture_output=True, text=True, env=env, timeout=120)
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr  # one line
+            assert result.stderr.startswith(f"Error: --ray-address {head.address}: ") and says in result.stderr
+            assert "auth_token" in result.stderr, result.stderr  # where the token goes
+        logs = "".join(p.read_text() for p in (qrun_home / "logs").glob("run-*.log"))
+        assert "InvalidAuthToken" in logs  # what Ray's core said while it retried, kept
+    finally:
+        head.stop()
 
 
 # ---------------------------------------------------------------- jobs that need several GPUs
