@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ def join_cluster(address: str) -> None:
     """Connect to the Ray cluster at `address`, or say in one line why not."""
     import ray
 
+    check_something_answers(address)
     with core_output_to_ray_log() as core_said:
         try:
             ray.init(address=address, log_to_driver=False, logging_level="warning", configure_logging=False)
@@ -68,6 +70,23 @@ def join_cluster(address: str) -> None:
             error = str(exc)
             said = core_said()
     raise BadInput(_why_not_joined(address, error, said)) from None
+
+
+def check_something_answers(address: str, timeout_s: float = 10.0) -> None:
+    """ray.init(address) retries an address where nothing listens for many minutes (20 tries of ~40 s
+    each, silently: measured with Ray 2.60), so a mistyped port looked like a hang. A plain TCP
+    connect answers in seconds. Addresses that are not host:port ("auto") are Ray's to judge."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = ("unknown host" if isinstance(exc, socket.gaierror) else
+                  f"no answer in {timeout_s:.0f} s" if isinstance(exc, TimeoutError) else
+                  "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc))
+        raise BadInput(f"--ray-address {address}: nothing answers there ({reason}): start Ray's head node "
+                       f"there (`ray start --head --port {port}`) or give its address") from None
 
 
 def _why_not_joined(address: str, error: str, core_said: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,6 +353,20 @@ def test_run_options(table, args, names):
     """Refused before Ray starts or a job is claimed."""
     before = table_snapshot(table)
     assert_refused(invoke("run", *args), *names)
+    assert table_snapshot(table) == before
+
+
+def test_a_ray_address_where_nothing_answers(table):
+    """Refused in seconds, naming what is wrong: ray.init alone retries such an address for many
+    minutes without a word. The real console script, so that a hang fails the test at its timeout."""
+    with socket.socket() as probe:  # a port that nothing listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    before = table_snapshot(table)
+    for address, reason in ((f"127.0.0.1:{port}", "connection refused"),
+                            ("no-such-host.invalid:6379", "unknown host")):
+        result = run_qrun("run", "--until-empty", "--ray-address", address, timeout=120)
+        assert_refused(Outcome(result.returncode, result.stdout + result.stderr), address, reason, "ray start --head")
     assert table_snapshot(table) == before
 
 
