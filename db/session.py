@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import stat
 import time
@@ -202,11 +203,21 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def _sqlite_unopenable(db_file: Path, source: str, exc: OperationalError) -> BadInput:
+    if _disk_is_full(db_file.parent):  # SQLite says only "disk I/O error": it cannot make its -shm file
+        return BadInput(f"database {db_file} cannot be opened: the disk it is on is full (no space left on "
+                        "device): free some space there")
     if source == "QRUN_HOME":
         return BadInput(f"database {db_file} (in QRUN_HOME) cannot be opened ({exc.orig}): set QRUN_HOME to a "
                         "directory you can write, or point --db or QRUN_DB at another database")
     return BadInput(f"{source} {db_file}: database cannot be opened ({exc.orig}): point --db or QRUN_DB at a "
                     "SQLite file you can write, or unset them to use $QRUN_HOME/qrun.db")
+
+
+def _disk_is_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 64 * 1024  # less than SQLite's WAL index needs
+    except OSError:
+        return False
 
 
 def _sqlite_engine(url: str, db_file: Path, source: str) -> Engine:

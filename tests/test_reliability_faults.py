@@ -255,6 +255,24 @@ def test_a_full_disk_under_qrun_home_fails_the_job_and_the_runner_waits_for_its_
     assert [p.name for p in (small_home_disk / "artifacts").iterdir()] == [Path(artifact["path"]).name]
 
 
+def test_a_full_disk_under_the_job_table_is_named_as_such(small_home_disk, tiny_qwen2):
+    """With no process holding the table open, SQLite cannot open a WAL database on a full disk even
+    to read it (it must make its -shm file) and says only "disk I/O error". `qrun status` and
+    `qrun submit` say the disk is full, in one line, exit 2; once space returns the table is intact."""
+    (queued,) = submit("--model", str(tiny_qwen2), "--bits", "4")
+    with (small_home_disk / "filler").open("wb", buffering=0) as filler, pytest.raises(OSError):  # ENOSPC
+        while True:
+            filler.write(b"\0" * 4096)
+    for args in (("status",), ("submit", "--model", str(tiny_qwen2), "--bits", "8")):
+        result = run_qrun(*args)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        full = f"Error: database {small_home_disk / 'qrun.db'} cannot be opened: the disk it is on is full"
+        assert line.startswith(full), line
+    (small_home_disk / "filler").unlink()
+    assert [j["id"] for j in json.loads(run_qrun("status", "--all", "--json", check=True).stdout)] == [queued]
+
+
 # ---------------------------------------------------------------- out of memory
 
 
