@@ -47,7 +47,10 @@ def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> 
         return True
     if gpus is not None:
         # Ray hands out GPUs from CUDA_VISIBLE_DEVICES: restricting it here restricts what qrun uses.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        from ray._private.accelerators import NvidiaGPUAcceleratorManager as Nvidia  # how Ray counts them
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = chosen_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                                         Nvidia.get_current_node_num_accelerators())
     # Ray prestarts one worker process per CPU it manages; qrun needs one per CPU worker (GPU workers
     # reserve no CPU), so announcing every core only slows start-up (ray.init took 9 s on 16 cores).
     # address="local": always a Ray of our own; with no address ray.init joins a cluster that someone
@@ -55,6 +58,21 @@ def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> 
     ray.init(address="local", num_cpus=cpu_workers + 1, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     return True
+
+
+def chosen_gpus(gpus: list[int], visible: str | None, on_machine: int) -> str:
+    """CUDA_VISIBLE_DEVICES for `--gpus`, which counts as CUDA does: GPU i is the i-th one this shell
+    may see. Where CUDA_VISIBLE_DEVICES already narrows that (a user's share of a shared server),
+    qrun picks from it: replacing it with the same numbers would take GPUs outside that share. A
+    number past the last GPU is refused here: Ray would count it as a GPU that no worker can use."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else \
+        [str(i) for i in range(on_machine)]
+    if any(g >= len(ids) for g in gpus):
+        shown = f"GPUs 0-{len(ids) - 1}" if len(ids) > 1 else "GPU 0" if ids else "no GPU"
+        where = (f"CUDA_VISIBLE_DEVICES={visible!r} lets this shell see {shown} (--gpus counts within it)"
+                 if visible is not None else f"this machine has {shown}")
+        raise BadInput(f"--gpus {','.join(map(str, gpus))}: {where}")
+    return ",".join(ids[g] for g in gpus)
 
 
 def join_cluster(address: str) -> None:
@@ -185,7 +203,8 @@ def plan_slots(gpus: list[int] | None, cpu_workers: int | None, on_cluster: bool
     nodes = alive_nodes()
     available = sum(int(n["Resources"].get("GPU", 0)) for n in nodes)
     if gpus is not None and len(gpus) > available:
-        raise BadInput(f"--gpus {','.join(map(str, gpus))} asks for {len(gpus)} GPUs but Ray found {available}")
+        found = f"only {available} GPU(s)" if available else "no GPU"
+        raise BadInput(f"--gpus {','.join(map(str, gpus))}: Ray found {found} on this machine")
     use_gpu = cpu_workers is None and available > 0
     several = on_cluster or len(nodes) > 1
     slots = []

@@ -348,9 +348,11 @@ def test_cancel_without_job_ids(table):
     (("--cpu-workers", "0"), ("--cpu-workers 0", "positive")),
     (("--gpus", "a,b"), ("--gpus 'a,b'", "like 0,1")),
     (("--gpus", "0,0"), ("--gpus '0,0'", "distinct")),
+    (("--gpus", "0,1"), ("--gpus 0,1", "CUDA_VISIBLE_DEVICES='5' lets this shell see GPU 0")),
 ])
-def test_run_options(table, args, names):
+def test_run_options(table, args, names, monkeypatch):
     """Refused before Ray starts or a job is claimed."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # this shell sees one GPU, whatever the machine has
     before = table_snapshot(table)
     assert_refused(invoke("run", *args), *names)
     assert table_snapshot(table) == before

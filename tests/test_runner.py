@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from qrun.runner.run import gptqmodel_cpu_workers, worker_env
+from qrun.db.errors import BadInput
+from qrun.runner.run import chosen_gpus, gptqmodel_cpu_workers, worker_env
 from qrun.runner.worker import QueueWorker
 from conftest import REPO, run_qrun
 
@@ -37,6 +38,23 @@ def test_workers_look_for_kernels_where_they_were_built_ahead(qrun_home, monkeyp
     env = worker_env(threads=1)
     monkeypatch.setattr("os.environ", env)  # as a worker process sees it
     assert kernel_cache_dir("pack_block_cpu") == tmp_path / "kernels" / "pack_block_cpu"
+
+
+def test_gpus_count_within_what_cuda_visible_devices_already_shows():
+    """--gpus 0,1 on a shared server where CUDA_VISIBLE_DEVICES=2,3 is the user's share: GPUs 2 and 3,
+    not the physical 0 and 1 (another team's). Unset, the machine's own numbering."""
+    assert chosen_gpus([0, 1], "2,3", on_machine=8) == "2,3"
+    assert chosen_gpus([1], "2, 3", on_machine=8) == "3"
+    assert chosen_gpus([0], "GPU-5f1c,GPU-77aa", on_machine=2) == "GPU-5f1c"
+    assert chosen_gpus([1, 0], None, on_machine=2) == "1,0"
+    refusals = (([2], "2,3", 8, "CUDA_VISIBLE_DEVICES='2,3' lets this shell see GPUs 0-1"),
+                ([0], "", 8, "CUDA_VISIBLE_DEVICES='' lets this shell see no GPU"),
+                ([3], None, 2, "--gpus 3: this machine has GPUs 0-1"),
+                ([0], None, 0, "--gpus 0: this machine has no GPU"))
+    for gpus, visible, on_machine, says in refusals:
+        with pytest.raises(BadInput) as refused:
+            chosen_gpus(gpus, visible, on_machine)
+        assert says in str(refused.value)
 
 
 def test_worker_applies_its_environment_before_anything_else(db, monkeypatch):
