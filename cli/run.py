@@ -132,8 +132,9 @@ def refuse_sqlite_on_a_cluster(db, nodes: int) -> None:
 
 
 @click.command()
-@click.option("--gpus", default=None, metavar="0,1", help="GPUs of this machine to use, numbered as CUDA numbers them: within "
-              "CUDA_VISIBLE_DEVICES where it is set (default: all Ray finds).")
+@click.option("--gpus", default=None, metavar="0,1",
+              help="GPUs of this machine to use, numbered as CUDA numbers them: within CUDA_VISIBLE_DEVICES "
+                   "where it is set (default: all Ray finds).")
 @click.option("--cpu-workers", type=int, default=None, help="Run N CPU workers (default 1 where there is no GPU).")
 @click.option("--until-empty/--serve", "burst", default=True, show_default=True,
               help="Stop when the queue is drained, or keep serving new jobs until Ctrl-C.")

@@ -368,7 +368,7 @@ def test_a_ray_address_where_nothing_answers(table):
     for address, reason in ((f"127.0.0.1:{port}", "connection refused"),
                             ("no-such-host.invalid:6379", "unknown host")):
         result = run_qrun("run", "--until-empty", "--ray-address", address, timeout=120)
-        assert_refused(Outcome(result.returncode, result.stdout + result.stderr), address, reason, "ray start --head")
+        assert_script_refused(result, address, reason, "ray start --head")
     assert table_snapshot(table) == before
 
 
