@@ -150,6 +150,10 @@ def run(ctx, gpus, cpu_workers, burst, ray_address, lease_s):
         raise BadInput(f"--cpu-workers {cpu_workers} must be positive")
     if lease_s < 1:
         raise BadInput(f"--lease {lease_s} must be at least 1 second")
+    if cpu_workers and not ray_address and cpu_workers > (os.cpu_count() or 1):
+        # Allowed (a job may wait on I/O), but each worker then gets one thread and holds its own model.
+        stderr_line(f"qrun: --cpu-workers {cpu_workers} on {os.cpu_count()} cores: the workers share the cores "
+                    "(one thread each) and each holds its own model in memory; jobs will not finish sooner")
     db = open_db(ctx)
     log_path = run_log_path()
     with log_path.open("a", encoding="utf-8") as notices:

@@ -57,6 +57,16 @@ def test_gpus_count_within_what_cuda_visible_devices_already_shows():
         assert says in str(refused.value)
 
 
+def test_more_cpu_workers_than_cores_run_with_a_warning(qrun_home):
+    """Allowed (the user may know better), but said: each worker holds a model and gets one thread."""
+    cores = os.cpu_count()
+    result = run_qrun("run", "--cpu-workers", str(cores + 1), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"--cpu-workers {cores + 1} on {cores} cores" in result.stderr
+    assert f"{cores + 1} worker(s)" in result.stderr
+    assert "--cpu-workers" not in run_qrun("run", "--cpu-workers", str(cores), timeout=300).stderr
+
+
 def test_worker_applies_its_environment_before_anything_else(db, monkeypatch):
     monkeypatch.delenv("QRUN_JOB_MEMORY_MB", raising=False)
     QueueWorker(db.url, "cpu0", use_gpu=False, env={"QRUN_JOB_MEMORY_MB": "1234"})
