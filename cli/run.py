@@ -38,11 +38,13 @@ class _Display:
 
     def tick(self) -> None:
         """Redraw. The table being out of reach is said once, not raised: workers wait it out too."""
+        from qrun.cli.status import preparing_now
         from qrun.db import queue
         from qrun.workers.jobs import describe_error
 
         try:
             jobs = [j for j in queue.list_jobs(self.db) if j.id >= self.since or j.status in ("queued", "running")]
+            preparing = preparing_now(self.db, jobs)
         except Exception as exc:  # noqa: BLE001 -- the runner goes on; workers back off and retry
             problem = describe_error(exc)
             if problem != self.problem:
@@ -52,17 +54,20 @@ class _Display:
         if self.problem:
             self.say("qrun: the job table can be read again")
             self.problem = None
-        self._show(jobs)
+        self._show(jobs, preparing)
 
-    def _show(self, jobs) -> None:
-        from qrun.cli.status import jobs_table, progress_text
+    def _show(self, jobs, preparing: dict[int, tuple[str, str]]) -> None:
+        from qrun.cli.status import jobs_table, progress_cell, progress_text
 
         if self.live is not None:
-            self.live.update(jobs_table(jobs), refresh=True)
+            self.live.update(jobs_table(jobs, preparing=preparing), refresh=True)
             return
         for job in jobs:
             state = f"{job.status} {progress_text(job)}".strip()
-            if self.seen.get(job.id) != state and (job.id in self.seen or job.status != "queued"):
+            if job.id in preparing and not job.progress_done:
+                state = f"{job.status}, {progress_cell(job, preparing=preparing[job.id])}"
+            if self.seen.get(job.id) != state and (job.id in self.seen or job.status != "queued"
+                                                   or job.id in preparing):
                 stderr_line(f"job {job.id} {job.kind}: {state}" + (f" -- {job.error}" if job.error else ""))
             self.seen[job.id] = state
 

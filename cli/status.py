@@ -85,8 +85,11 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def progress_cell(job, now: datetime | None = None) -> str:
-    """`layer 12/28 · 43% · ETA 0:31` while running; `layer 28/28` once finished; `after 12` while waiting."""
+def progress_cell(job, now: datetime | None = None, preparing: tuple[str, str] | None = None) -> str:
+    """`layer 12/28 · 43% · ETA 0:31` while running; `layer 28/28` once finished; `after 12` while waiting;
+    `preparing on gpu0: GPTQModel kernel gptq_cuda` while a worker readies it (see preparing_now)."""
+    if preparing is not None and job.status in ACTIVE and not job.progress_done:
+        return f"preparing on {preparing[0]}: {preparing[1]}"
     if job.status == "queued":
         waits = [f"after {job.depends_on}"] if job.depends_on else []
         return " · ".join(waits + [needs_text(job.params or {})] if (job.params or {}).get("needs_gpu") else waits)
@@ -98,6 +101,17 @@ def progress_cell(job, now: datetime | None = None) -> str:
     text += f" · {100 * job.progress_done // job.progress_total}%"
     eta = eta_s(job, now)
     return text + (f" · ETA {clock(eta)}" if eta is not None else "")
+
+
+def preparing_now(db, jobs) -> dict[int, tuple[str, str]]:
+    """The active jobs of `jobs` that a live worker readies before it runs them (a kernel build takes
+    minutes on a fresh machine, and the job would look stuck): job id -> (worker slot, what it does)."""
+    from qrun.cli.workers import LOST_AFTER_S
+    from qrun.db.queue import jobs_being_prepared
+
+    if not any(j.status in ACTIVE and not j.progress_done for j in jobs):
+        return {}
+    return jobs_being_prepared(db, utcnow() - timedelta(seconds=LOST_AFTER_S))
 
 
 def needs_text(params: dict) -> str:
@@ -137,10 +151,11 @@ STATUS_COLOR = {"running": "cyan", "succeeded": "green", "failed": "red", "cance
 _STATUS_COLUMN = [c.name for c in COLUMNS].index("STATUS")
 
 
-def job_cells(job, now: datetime | None = None) -> list[str]:
+def job_cells(job, now: datetime | None = None, preparing: dict[int, tuple[str, str]] | None = None) -> list[str]:
     """One job's row of the status table, as plain text, in COLUMNS' order."""
     return [str(job.id), job.submitted_by or "", model_name(job), job.kind, short_params(job), job.status,
-            progress_cell(job, now), job.gpu or ("cpu" if job.worker else ""), _fmt_elapsed(elapsed_s(job, now)),
+            progress_cell(job, now, (preparing or {}).get(job.id)), job.gpu or ("cpu" if job.worker else ""),
+            _fmt_elapsed(elapsed_s(job, now)),
             _sweep_of(job), str(job.priority), _local_stamp(job.created_at), first_line(job.error)]
 
 
@@ -165,14 +180,16 @@ def _sweep_of(job) -> str:
 
 
 def table_lines(jobs, out: Output, *, wide: bool = False, columns: list[str] | None = None,
-                now: datetime | None = None, header: bool = True) -> list[str]:
+                now: datetime | None = None, header: bool = True,
+                preparing: dict[int, tuple[str, str]] | None = None) -> list[str]:
+    """The table's lines; `preparing`: preparing_now's answer, for the jobs being readied."""
     now = now or utcnow()
 
     def style(row: int, column: int) -> str | None:
         return STATUS_COLOR.get(jobs[row].status) if column == _STATUS_COLUMN else None
 
-    return render(COLUMNS, [job_cells(j, now) for j in jobs], out, wide=wide, names=columns, style=style,
-                  header=header)
+    return render(COLUMNS, [job_cells(j, now, preparing) for j in jobs], out, wide=wide, names=columns,
+                  style=style, header=header)
 
 
 def plain_table(jobs, color: bool = False) -> str:
@@ -180,14 +197,14 @@ def plain_table(jobs, color: bool = False) -> str:
     return "\n".join(table_lines(jobs, Output(width=None, color=color)))
 
 
-def jobs_table(jobs, width: int | None = None):
+def jobs_table(jobs, width: int | None = None, preparing: dict[int, tuple[str, str]] | None = None):
     """The table fitted to the terminal, as a rich renderable, for `qrun run`'s live view."""
     import shutil
 
     from rich.text import Text
 
     out = Output(width=width or shutil.get_terminal_size().columns, color=True)
-    return Text.from_ansi("\n".join(table_lines(jobs, out)))
+    return Text.from_ansi("\n".join(table_lines(jobs, out, preparing=preparing)))
 
 
 # ---------------------------------------------------------------- JSON (the documented schema)
@@ -338,20 +355,20 @@ class ChangedRows:
         self.seen: dict[int, tuple] = {}
 
     @staticmethod
-    def state(job) -> tuple:
-        return job.status, job.progress_done, job.progress_total, job.gpu, job.error
+    def state(job, preparing: dict) -> tuple:
+        return job.status, job.progress_done, job.progress_total, job.gpu, job.error, preparing.get(job.id)
 
-    def draw(self, jobs, wide, columns) -> None:
+    def draw(self, jobs, wide, columns, preparing: dict) -> None:
         from qrun.cli.common import local_time
 
-        changed = [j for j in jobs if self.seen.get(j.id) != self.state(j)]
+        changed = [j for j in jobs if self.seen.get(j.id) != self.state(j, preparing)]
         if not changed:
             return
         if self.seen:
             click.echo(f"-- {local_time(utcnow())}")
-        click.echo("\n".join(table_lines(changed, self.out, wide=wide, columns=columns)))
+        click.echo("\n".join(table_lines(changed, self.out, wide=wide, columns=columns, preparing=preparing)))
         sys.stdout.flush()
-        self.seen.update({j.id: self.state(j) for j in changed})
+        self.seen.update({j.id: self.state(j, preparing) for j in changed})
 
 
 def watch_jobs(db, flt: JobFilter, out: Output, wide: bool, columns, interval_s: float = 2.0) -> None:
@@ -362,16 +379,17 @@ def watch_jobs(db, flt: JobFilter, out: Output, wide: bool, columns, interval_s:
     frame = TerminalFrame(sys.stdout) if in_place else ChangedRows(out)
     while True:
         jobs = select_jobs(db, flt)
+        preparing = preparing_now(db, jobs)
         if in_place:
             height = shutil.get_terminal_size().lines - 2
             shown = visible(jobs, max(height - 1, 1))
-            lines = table_lines(shown, out, wide=wide, columns=columns)
+            lines = table_lines(shown, out, wide=wide, columns=columns, preparing=preparing)
             if len(shown) < len(jobs):
                 lines.append(shorten(f"… {len(jobs) - len(shown)} more (qrun status --all without --watch)",
                                      out.width or 80))
             frame.draw(lines)
         else:
-            frame.draw(jobs, wide, columns)
+            frame.draw(jobs, wide, columns, preparing)
         if _finished(jobs):
             return
         time.sleep(interval_s)
@@ -425,7 +443,7 @@ def status(ctx, job_ids, show_all, users, mine, states, models, sweeps, since, l
         return
     jobs = select_jobs(db, flt)
     if jobs:
-        click.echo("\n".join(table_lines(jobs, out, wide=wide, columns=names)))
+        click.echo("\n".join(table_lines(jobs, out, wide=wide, columns=names, preparing=preparing_now(db, jobs))))
     elif flt.since is not None and not since and not flt.ids:
         click.echo("No active jobs, and none finished in the last hour: `qrun status --all` shows every job.",
                    err=True)

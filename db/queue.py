@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -600,6 +601,29 @@ def worker_stopped(db: Database, name: str) -> None:
     with db.transaction() as s:
         s.execute(update(Worker).where(Worker.name == name)
                   .values(stopped_at=utcnow(), heartbeat_at=utcnow(), current_job=None, activity=None))
+
+
+def preparing_activity(job_id: int, what: str) -> str:
+    """A worker's activity while it readies a job (a kernel build: minutes on a fresh machine).
+    `qrun workers` shows it as it is; `qrun status` finds the job by it (jobs_being_prepared)."""
+    return f"preparing job {job_id}: {what}"
+
+
+_PREPARING = re.compile(r"preparing job (\d+): (.*)", re.DOTALL)
+
+
+def jobs_being_prepared(db: Database, since: datetime) -> dict[int, tuple[str, str]]:
+    """Jobs that a worker which reported since `since` is readying: job id -> (its slot, what it does)."""
+    query = select(Worker.slot, Worker.activity).where(Worker.stopped_at.is_(None), Worker.heartbeat_at >= since,
+                                                       Worker.activity.is_not(None))
+    with db.transaction() as s:
+        rows = s.execute(query).all()
+    found = {}
+    for slot, activity in rows:
+        match = _PREPARING.fullmatch(activity)
+        if match:
+            found[int(match[1])] = (slot, match[2])
+    return found
 
 
 def list_workers(db: Database, since: datetime | None = None) -> list[Worker]:

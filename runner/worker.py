@@ -167,7 +167,8 @@ class QueueWorker:
         kernels = kernels_a_job_uses(job.kind, job.params, model_dir, self.device)
         building = self._builds.waited_for(kernels)
         doing = f"GPTQModel kernel {', '.join(building)}" if building else "importing GPTQModel"
-        self._builds.wait(kernels, self._stop, shape, self._reporter_while_waiting(f"preparing job {job.id}: {doing}"))
+        self._builds.wait(kernels, self._stop, shape,
+                          self._reporter_while_waiting(queue.preparing_activity(job.id, doing)))
         built = self._builds.new_results()
         if was_built(built):
             self.notice(describe(built))

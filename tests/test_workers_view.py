@@ -92,3 +92,25 @@ def test_a_worker_waiting_for_its_next_jobs_kernels_stays_alive_and_says_what_it
     queue.worker_heartbeat(any_db, queue.list_workers(any_db)[0].name, job=job_id)  # as a claim reports
     shown = workers_json(any_db)["cpu0"]
     assert (shown["state"], shown["activity"]) == (f"running job {job_id}", None)
+
+
+def test_qrun_status_shows_which_worker_readies_a_queued_job(any_db):
+    """A fresh machine's kernel build takes minutes before the job is claimed: `qrun status` says so in
+    the job's row, not a bare `queued`, for as long as that worker reports; once it runs, its progress."""
+    (job_id,) = queue.submit_jobs(any_db, [queue.JobSpec(kind=Kind.QUANTIZE, model="/models/m", params={"bits": 4})])
+    queue.register_worker(any_db, "host:1:gpu1", "host", "gpu1", "cuda:1", "1")
+    queue.worker_heartbeat(any_db, "host:1:gpu1", job=None,
+                           activity=queue.preparing_activity(job_id, "GPTQModel kernel marlin_bf16"))
+
+    def row() -> str:
+        table = run_qrun("--db", any_db.url, "status", "--wide", check=True).stdout.splitlines()
+        return next(line for line in table if line.split()[0] == str(job_id))
+
+    assert "queued" in row() and "preparing on gpu1: GPTQModel kernel marlin_bf16" in row()
+    with any_db.transaction() as s:  # its last word was 31 s ago: lost, it readies nothing
+        s.execute(update(Worker).values(heartbeat_at=queue.utcnow() - timedelta(seconds=31)))
+    assert "preparing" not in row()
+    queue.worker_heartbeat(any_db, "host:1:gpu1", job=None, activity=queue.preparing_activity(job_id, "x"))
+    queue.claim_job(any_db, "host:1:gpu1", "1", 30)
+    queue.worker_heartbeat(any_db, "host:1:gpu1", job=job_id)  # as a claim reports: the activity is cleared
+    assert "running" in row() and "preparing" not in row()
