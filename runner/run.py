@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ def join_cluster(address: str) -> None:
 
     check_something_answers(address)
     with core_output_to_ray_log() as core_said:
+        check_token_accepted(address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level="warning", configure_logging=False)
             return
@@ -105,6 +107,38 @@ def check_something_answers(address: str, timeout_s: float = 10.0) -> None:
                   "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc))
         raise BadInput(f"--ray-address {address}: nothing answers there ({reason}): start Ray's head node "
                        f"there (`ray start --head --port {port}`) or give its address") from None
+
+
+def check_token_accepted(address: str, wait_s: float = 5.0) -> None:
+    """ray.init retries a cluster that refuses this machine's token for ~20 s, then fails with no
+    reason given; one request to the cluster's GCS, as ray.init would send it, is refused in
+    milliseconds. Where no answer comes in `wait_s` (a port that is not a GCS: Ray's client waits
+    40 s there), or Ray's internals used here have moved, ray.init judges, only slower."""
+    host, colon, port = address.rpartition(":")
+    if address.startswith("ray://") or not colon or not port.isdigit():
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+        from ray._raylet import GcsClient
+    except ImportError:
+        return
+    try:  # first, as ray.init does: without it, GcsClient aborts the process where a token is missing
+        ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+    except Exception as exc:  # noqa: BLE001 -- Ray's AuthenticationError, or what it becomes
+        raise BadInput(_why_not_joined(address, str(exc), "")) from None
+    refused: list[str] = []
+
+    def ask() -> None:
+        try:
+            GcsClient(address=address).internal_kv_get(b"qrun-token-probe", namespace=None, timeout=wait_s)
+        except Exception as exc:  # noqa: BLE001 -- only a refused token is this check's business
+            refused.append(str(exc))
+
+    asking = threading.Thread(target=ask, name="qrun-token-probe", daemon=True)
+    asking.start()
+    asking.join(wait_s)
+    if refused and "InvalidAuthToken" in refused[0]:
+        raise BadInput(_why_not_joined(address, refused[0], ""))
 
 
 def _why_not_joined(address: str, error: str, core_said: str) -> str:
