@@ -216,8 +216,11 @@ def _number(name: str, value: float):
     return value if math.isfinite(value) else None  # JSON has no Infinity (perplexity can overflow)
 
 
-def job_row(job, metrics: dict | None = None, artifacts: list | None = None) -> dict:
-    """One job for `status --json`. Keys are stable: new ones are only ever added (README lists them)."""
+def job_row(job, metrics: dict | None = None, artifacts: list | None = None,
+            preparing: tuple[str, str] | None = None) -> dict:
+    """One job for `status --json`. Keys are stable: new ones are only ever added (README lists them).
+    `preparing`: preparing_now's entry for this job, if any."""
+    shown = preparing is not None and job.status in ACTIVE and not job.progress_done
     return {
         "id": job.id, "kind": job.kind, "status": job.status, "model": job.model, "model_name": model_name(job),
         "params": job.params, "label": short_params(job), "sweep": getattr(job, "sweep", None),
@@ -228,12 +231,23 @@ def job_row(job, metrics: dict | None = None, artifacts: list | None = None) -> 
                      "unit": progress_unit(job.kind),
                      "percent": 100 * job.progress_done // job.progress_total if job.progress_total else None,
                      "eta_s": eta_s(job)},
+        "preparing": {"worker": preparing[0], "doing": preparing[1]} if shown else None,
         "submitted_by": job.submitted_by, "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "elapsed_s": elapsed_s(job), "error": job.error,
         "log": job.log_path, "metrics": {k: _number(k, v) for k, v in (metrics or {}).items()},
         "artifacts": [{"kind": a.kind, "path": a.path, "bytes": a.bytes, "sha256": a.sha256, "node": a.node}
                       for a in (artifacts or [])],
     }
+
+
+def job_rows(db, jobs) -> list[dict]:
+    """`status --json` (and qrun.status()): job_row for each of `jobs`, with what it needs from the table."""
+    from qrun.db import queue
+
+    ids = [j.id for j in jobs]
+    metrics, artifacts = queue.metrics_of(db, ids), queue.artifacts_of(db, ids)
+    preparing = preparing_now(db, jobs)
+    return [job_row(j, metrics[j.id], artifacts[j.id], preparing.get(j.id)) for j in jobs]
 
 
 # ---------------------------------------------------------------- which jobs
@@ -431,12 +445,7 @@ def status(ctx, job_ids, show_all, users, mine, states, models, sweeps, since, l
         render(COLUMNS, [], out, names=names)  # an unknown column is bad input before the table is opened
     db = open_db(ctx)
     if as_json:
-        from qrun.db import queue
-
-        jobs = select_jobs(db, flt)
-        ids = [j.id for j in jobs]
-        metrics, artifacts = queue.metrics_of(db, ids), queue.artifacts_of(db, ids)
-        print_json([job_row(j, metrics[j.id], artifacts[j.id]) for j in jobs])
+        print_json(job_rows(db, select_jobs(db, flt)))
         return
     if watch:
         watch_jobs(db, flt, out, wide, names)

@@ -113,15 +113,6 @@ def submit(model, bits=None, *, method="gptq", gguf_type=None, group_size=None, 
 # ---------------------------------------------------------------- reading
 
 
-def _job_rows(db, jobs) -> list[dict]:
-    from qrun.cli.status import job_row  # the `status --json` row, defined once, beside its command
-    from qrun.db import queue
-
-    ids = [j.id for j in jobs]
-    metrics, artifacts = queue.metrics_of(db, ids), queue.artifacts_of(db, ids)
-    return [job_row(j, metrics[j.id], artifacts[j.id]) for j in jobs]
-
-
 def _select_jobs(db, ids: Iterable[int] | None, sweep: str | None) -> list:
     from qrun.db import queue
 
@@ -135,8 +126,10 @@ def _select_jobs(db, ids: Iterable[int] | None, sweep: str | None) -> list:
 def status(ids: Iterable[int] | None = None, sweep: str | None = None, db=None) -> list[dict]:
     """The jobs (all; those of `ids`; those of a sweep, by id or name) as `qrun status --json` rows:
     id, kind, status, params, progress, metrics, artifacts, sweep, ..."""
+    from qrun.cli.status import job_rows  # the `status --json` rows, defined once, beside their command
+
     with database(db) as opened:
-        return _job_rows(opened, _select_jobs(opened, ids, sweep))
+        return job_rows(opened, _select_jobs(opened, ids, sweep))
 
 
 class Rows(list):
@@ -175,12 +168,14 @@ def wait(ids: Iterable[int], timeout: float | None = None, poll_s: float = DEFAU
     """Wait until every job of `ids` has finished (succeeded, failed or cancelled) and return their
     final `status` rows. Jobs run only while some `qrun run` works the queue. on_finish(row) is
     called once per job as it finishes; WaitTimeout after `timeout` seconds."""
+    from qrun.cli.status import job_rows
+
     ids = sorted(set(ids))
     deadline = None if timeout is None else time.monotonic() + timeout
     seen: set[int] = set()
     with database(db) as opened:
         while True:
-            rows = _job_rows(opened, _select_jobs(opened, ids, None))
+            rows = job_rows(opened, _select_jobs(opened, ids, None))
             for row in rows:
                 if row["status"] in FINISHED_STATUSES and row["id"] not in seen:
                     seen.add(row["id"])

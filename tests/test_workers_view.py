@@ -107,6 +107,8 @@ def test_qrun_status_shows_which_worker_readies_a_queued_job(any_db):
         return next(line for line in table if line.split()[0] == str(job_id))
 
     assert "queued" in row() and "preparing on gpu1: GPTQModel kernel marlin_bf16" in row()
+    (shown,) = json.loads(run_qrun("--db", any_db.url, "status", "--json", check=True).stdout)
+    assert shown["preparing"] == {"worker": "gpu1", "doing": "GPTQModel kernel marlin_bf16"}
     with any_db.transaction() as s:  # its last word was 31 s ago: lost, it readies nothing
         s.execute(update(Worker).values(heartbeat_at=queue.utcnow() - timedelta(seconds=31)))
     assert "preparing" not in row()
@@ -114,3 +116,4 @@ def test_qrun_status_shows_which_worker_readies_a_queued_job(any_db):
     queue.claim_job(any_db, "host:1:gpu1", "1", 30)
     queue.worker_heartbeat(any_db, "host:1:gpu1", job=job_id)  # as a claim reports: the activity is cleared
     assert "running" in row() and "preparing" not in row()
+    assert json.loads(run_qrun("--db", any_db.url, "status", "--json", check=True).stdout)[0]["preparing"] is None
