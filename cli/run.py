@@ -64,7 +64,7 @@ class _Display:
             return
         for job in jobs:
             state = f"{job.status} {progress_text(job)}".strip()
-            if job.id in preparing and not job.progress_done:
+            if job.id in preparing:
                 state = f"{job.status}, {progress_cell(job, preparing=preparing[job.id])}"
             if self.seen.get(job.id) != state and (job.id in self.seen or job.status != "queued"
                                                    or job.id in preparing):

@@ -88,7 +88,7 @@ def clock(seconds: float) -> str:
 def progress_cell(job, now: datetime | None = None, preparing: tuple[str, str] | None = None) -> str:
     """`layer 12/28 · 43% · ETA 0:31` while running; `layer 28/28` once finished; `after 12` while waiting;
     `preparing on gpu0: GPTQModel kernel gptq_cuda` while a worker readies it (see preparing_now)."""
-    if preparing is not None and job.status in ACTIVE and not job.progress_done:
+    if preparing is not None:
         return f"preparing on {preparing[0]}: {preparing[1]}"
     if job.status == "queued":
         waits = [f"after {job.depends_on}"] if job.depends_on else []
@@ -104,14 +104,17 @@ def progress_cell(job, now: datetime | None = None, preparing: tuple[str, str] |
 
 
 def preparing_now(db, jobs) -> dict[int, tuple[str, str]]:
-    """The active jobs of `jobs` that a live worker readies before it runs them (a kernel build takes
-    minutes on a fresh machine, and the job would look stuck): job id -> (worker slot, what it does)."""
+    """The jobs of `jobs`, active and before their first layer, that a live worker readies (a kernel
+    build takes minutes on a fresh machine, and the job would look stuck): job id -> (worker slot,
+    what it does). The one place that decides it: the views show what is here, as it is."""
     from qrun.cli.workers import LOST_AFTER_S
     from qrun.db.queue import jobs_being_prepared
 
-    if not any(j.status in ACTIVE and not j.progress_done for j in jobs):
+    waiting = {j.id for j in jobs if j.status in ACTIVE and not j.progress_done}
+    if not waiting:
         return {}
-    return jobs_being_prepared(db, utcnow() - timedelta(seconds=LOST_AFTER_S))
+    readied = jobs_being_prepared(db, utcnow() - timedelta(seconds=LOST_AFTER_S))
+    return {job_id: what for job_id, what in readied.items() if job_id in waiting}
 
 
 def needs_text(params: dict) -> str:
@@ -220,7 +223,6 @@ def job_row(job, metrics: dict | None = None, artifacts: list | None = None,
             preparing: tuple[str, str] | None = None) -> dict:
     """One job for `status --json`. Keys are stable: new ones are only ever added (README lists them).
     `preparing`: preparing_now's entry for this job, if any."""
-    shown = preparing is not None and job.status in ACTIVE and not job.progress_done
     return {
         "id": job.id, "kind": job.kind, "status": job.status, "model": job.model, "model_name": model_name(job),
         "params": job.params, "label": short_params(job), "sweep": getattr(job, "sweep", None),
@@ -231,7 +233,7 @@ def job_row(job, metrics: dict | None = None, artifacts: list | None = None,
                      "unit": progress_unit(job.kind),
                      "percent": 100 * job.progress_done // job.progress_total if job.progress_total else None,
                      "eta_s": eta_s(job)},
-        "preparing": {"worker": preparing[0], "doing": preparing[1]} if shown else None,
+        "preparing": {"worker": preparing[0], "doing": preparing[1]} if preparing is not None else None,
         "submitted_by": job.submitted_by, "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "elapsed_s": elapsed_s(job), "error": job.error,
         "log": job.log_path, "metrics": {k: _number(k, v) for k, v in (metrics or {}).items()},
