@@ -11,11 +11,12 @@ import click
 from qrun.db.errors import BadInput
 
 
-def open_db(ctx: click.Context):
-    """The job table named by --db / QRUN_DB (opened lazily so usage errors never touch it)."""
+def open_db(ctx: click.Context, create: bool = True):
+    """The job table named by --db / QRUN_DB (opened lazily so usage errors never touch it).
+    create=False for commands that only look: a --db file that does not exist is refused, not made."""
     from qrun.db.session import open_database
 
-    return open_database(ctx.obj.get("db_url"))
+    return open_database(ctx.obj.get("db_url"), create)
 
 
 def print_json(data) -> None:
@@ -35,16 +36,21 @@ def local_time(utc: datetime | None) -> str:
     return utc.replace(tzinfo=timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
+MAX_JOB_ID = 2**63 - 1  # the widest integer column of SQLite and Postgres
+
+
 def parse_job_ids(values: tuple[str, ...]) -> list[int]:
+    """Job ids as given, each once (`qrun cancel 7 7` cancels job 7)."""
     ids = []
     for value in values:
         try:
             job_id = int(value)
         except ValueError:
             raise BadInput(f"job id {value!r} is not a number: see `qrun status` for job ids") from None
-        if job_id <= 0:
-            raise BadInput(f"job id {value!r} must be positive: see `qrun status` for job ids")
-        ids.append(job_id)
+        if not 0 < job_id <= MAX_JOB_ID:
+            raise BadInput(f"job id {value!r} must be between 1 and {MAX_JOB_ID}: see `qrun status` for job ids")
+        if job_id not in ids:
+            ids.append(job_id)
     return ids
 
 

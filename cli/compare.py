@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import socket
 import sys
 import textwrap
@@ -27,7 +28,7 @@ from pathlib import Path
 import click
 
 from qrun.cli.common import open_db, print_json, stderr_line
-from qrun.cli.table import REQUIRED, Column, Output, display_width, output_settings, render, shorten
+from qrun.cli.table import REQUIRED, Column, Output, display_width, output_settings, render, shorten, split_columns
 from qrun.db.errors import BadInput
 from qrun.variants import variant_key, variant_label
 from qrun.workers.methods import DEFAULT_METHOD
@@ -627,13 +628,39 @@ def _draw_panel(ax, group: list[dict], points: list[dict], metric: str, max_drop
     ax.legend(fontsize="small")
 
 
+PLOT_FORMATS = (".png", ".svg", ".pdf")  # what matplotlib writes without extra packages
+
+
+def check_plot_path(plot_file: str) -> Path:
+    """--plot's file, checked before anything is printed: a new or existing file of a known format in
+    a directory the user can write."""
+    path = Path(plot_file)
+    if not plot_file.strip():
+        raise BadInput("--plot '': give a file name, like sizes.png")
+    if path.is_dir():
+        raise BadInput(f"--plot {plot_file} is a directory: give a file name, like {path / 'sizes.png'}")
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise BadInput(f"--plot {plot_file}: give a {', '.join(PLOT_FORMATS[:-1])} or {PLOT_FORMATS[-1]} file")
+    if not path.parent.is_dir():
+        raise BadInput(f"--plot {plot_file}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise BadInput(f"--plot {plot_file}: you may not write there: give a path in a directory you can write")
+    return path
+
+
 def write_plot(rows: list[dict], path: Path, metric: str = "f1", max_drop: float | None = None) -> list[list[dict]]:
-    """draw_plot into a PNG; returns the points drawn, per panel."""
+    """draw_plot into a PNG, SVG or PDF (by the file's suffix), whole or not at all; returns the points
+    drawn, per panel."""
     import matplotlib.pyplot as plt
 
     fig, points = draw_plot(rows, metric, max_drop)
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        fig.savefig(partial, format=path.suffix.lower().lstrip("."), dpi=120)
+        partial.replace(path)
+    finally:
+        plt.close(fig)
+        partial.unlink(missing_ok=True)
     return points
 
 
@@ -652,7 +679,7 @@ def write_plot(rows: list[dict], path: Path, metric: str = "f1", max_drop: float
               help="Name the smallest variant whose --metric is at most D worse than the baseline's "
                    "(0.01 = one point of F1; for perplexity, at most D higher), under each group's table.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE.png",
-              help="Also draw --metric against size on disk into a PNG: one labelled point per variant, "
+              help="Also draw --metric against size on disk into a PNG (or .svg, .pdf): one labelled point per variant, "
                    "the baseline, the Pareto front, the --max-drop band.")
 @click.pass_context
 def compare(ctx, model, data, fmt, sweep, wide, columns, metric, max_drop, plot_file):
@@ -662,13 +689,11 @@ def compare(ctx, model, data, fmt, sweep, wide, columns, metric, max_drop, plot_
     variants from the largest on disk to the smallest."""
     if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
         raise BadInput(f"--max-drop {max_drop:g}: give a drop of 0 or more (0.01 = one point of F1)")
-    plot_path = Path(plot_file) if plot_file else None
-    if plot_path is not None and not plot_path.parent.is_dir():
-        raise BadInput(f"--plot {plot_file}: directory {plot_path.parent} does not exist")
-    names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    plot_path = check_plot_path(plot_file) if plot_file is not None else None
+    names = split_columns(columns)
     if names:
         render(TABLE_COLUMNS, [], output_settings(), names=names)  # an unknown column: bad input, nothing opened
-    rows = comparison_rows(open_db(ctx), model, data, sweep, metric=metric, max_drop=max_drop)
+    rows = comparison_rows(open_db(ctx, create=False), model, data, sweep, metric=metric, max_drop=max_drop)
     if not rows:
         what = " ".join(f for f in (f"for model {model}" if model else "", f"on data {data}" if data else "",
                                     f"in sweep {sweep}" if sweep else "") if f)

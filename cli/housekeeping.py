@@ -95,12 +95,8 @@ def prune(ctx, older_than, failed_only, user, yes, as_json):
     from qrun.cli.status import parse_since
     from qrun.db import queue
 
-    try:
-        before = parse_since(older_than)
-    except BadInput:
-        raise BadInput(f"--older-than {older_than!r}: give a span like 30d, 12h, 2w or an ISO time like "
-                       f"2026-10-01") from None
-    db = open_db(ctx)
+    before = parse_since(older_than, option="--older-than")
+    db = open_db(ctx, create=False)
     try:
         candidates = queue.prune_candidates(db, before, failed_only=failed_only, user=user)
         sized = [(c, _job_files(c)) for c in candidates]
@@ -162,7 +158,7 @@ def usage(db) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
 @click.pass_context
 def du(ctx, as_json):
     """Space per user and per model: bytes of artifacts (as recorded) and of logs on disk."""
-    db = open_db(ctx)
+    db = open_db(ctx, create=False)
     try:
         per_user, per_model = usage(db)
     finally:
@@ -214,17 +210,20 @@ def cap_priority(ctx, user, cap, clear):
 
     if user is not None and (cap is None) == (not clear):
         raise click.UsageError("give USER and CAP, or USER --clear", ctx=ctx)
-    db = open_db(ctx)
+    db = open_db(ctx, create=user is not None)
     try:
         if user is None:
             for name, value in sorted(queue.priority_caps(db).items()):
                 click.echo(f"{name}\t{value}")
             return
         _check_admin(db)
-        queue.set_priority_cap(db, user, None if clear else cap)
+        had_cap = queue.set_priority_cap(db, user, None if clear else cap)
     finally:
         db.dispose()
-    stderr_line(f"priority cap of {user} removed" if clear else f"{user} may submit with --priority {cap} at most")
+    if clear:
+        stderr_line(f"priority cap of {user} removed" if had_cap else f"{user} had no priority cap")
+    else:
+        stderr_line(f"{user} may submit with --priority {cap} at most")
 
 
 COMMANDS = [prune, du, cap_priority]

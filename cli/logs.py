@@ -182,7 +182,7 @@ def logs(ctx, job_id, tail_lines, follow_, raw):
         from qrun.db.errors import BadInput
 
         raise BadInput(f"--tail {tail_lines} must be positive")
-    db = open_db(ctx)
+    db = open_db(ctx, create=False)
     job = queue.get_job(db, jid)
     if follow_:
         ctx.exit(follow(db, jid, raw))

@@ -63,9 +63,22 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 -- the last line of defence: one line, no traceback
         if verbose:
             traceback.print_exc()
+        if _read_only_database(exc):
+            click.echo(f"Error: the job table is read-only for you ({_read_only_database(exc)}): ask its owner "
+                       "for write access (the file and its directory), or point --db or QRUN_DB elsewhere", err=True)
+            sys.exit(2)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         click.echo(f"Error: {type(exc).__name__}: {first} (run with -v for the traceback)", err=True)
         sys.exit(1)
+
+
+def _read_only_database(exc: BaseException) -> str:
+    """SQLite's words where a command tried to write a job table it may only read, else ''."""
+    while exc is not None:
+        if "readonly database" in str(exc).lower():
+            return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return ""
 
 
 if __name__ == "__main__":

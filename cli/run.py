@@ -12,6 +12,9 @@ import click
 
 from qrun.cli.common import is_tty, open_db, parse_gpu_list, stderr_line
 from qrun.db.errors import BadInput
+from qrun.db.states import FINISHED
+
+FINISHED_NAMES = {status.value for status in FINISHED}
 
 
 class _Display:
@@ -113,14 +116,22 @@ def _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note) -> lis
     finally:
         if owns_ray:
             stop_ray()
-    failed = [job_id for job_id, outcome in summary.outcomes if outcome == "failed"]
-    stderr_line(f"{who}: ran {len(summary.outcomes)} job(s), {len(failed)} failed"
+    # Counted from the table: a job retried counts once, and one that a lease or the runner ended after
+    # its worker died counts too.
+    touched = summary.jobs_touched()
+    ended = [j for j in queue.list_jobs(db, touched, plain=True) if j.status in FINISHED_NAMES] if touched else []
+    failed = [j.id for j in ended if j.status == "failed"]
+    stderr_line(f"{who}: ran {len(ended)} job(s), {len(failed)} failed"
                 + (f", {summary.restarts} worker restart(s)" if summary.restarts else "")
                 + (" (interrupted: running jobs were given back)" if summary.interrupted else ""))
     if burst and not summary.interrupted:
         waiting = queue.queued_for_a_gpu(db)
         if waiting:
             stderr_line(f"{who}: {waiting} job(s) wait for a GPU worker (their method needs a GPU); "
+                        "run qrun where there is one")
+        waiting = queue.queued_for_several_gpus(db)
+        if waiting:
+            stderr_line(f"{who}: {waiting} job(s) wait for a node with as many GPUs as their --gpus-per-job; "
                         "run qrun where there is one")
     if summary.interrupted:
         click.get_current_context().exit(130)
@@ -134,6 +145,10 @@ def refuse_sqlite_on_a_cluster(db, nodes: int) -> None:
             f"the job table {db.url} is a SQLite file, which cannot serve a Ray cluster of {nodes} nodes (its "
             "lock does not cross machines): use a Postgres job table, --db postgresql+psycopg://USER@HOST/DB"
         )
+
+
+MAX_CPU_WORKERS = 1024
+MAX_LEASE_S = 86400  # a day: a worker silent for longer is gone
 
 
 @click.command()
@@ -150,21 +165,30 @@ def refuse_sqlite_on_a_cluster(db, nodes: int) -> None:
 def run(ctx, gpus, cpu_workers, burst, ray_address, lease_s):
     """Start workers that take jobs from the table until it is empty (or until Ctrl-C with --serve).
     Ctrl-C once: finish the current layer and give running jobs back; twice: stop at once."""
+    from qrun.workers.limits import job_memory_cap_mb
+
     gpu_list = parse_gpu_list(gpus)
-    if cpu_workers is not None and cpu_workers <= 0:
-        raise BadInput(f"--cpu-workers {cpu_workers} must be positive")
-    if lease_s < 1:
-        raise BadInput(f"--lease {lease_s} must be at least 1 second")
+    if cpu_workers is not None and not 0 < cpu_workers <= MAX_CPU_WORKERS:
+        raise BadInput(f"--cpu-workers {cpu_workers} must be between 1 and {MAX_CPU_WORKERS}")
+    if not 1 <= lease_s <= MAX_LEASE_S:  # also refuses nan and inf
+        raise BadInput(f"--lease {lease_s} must be between 1 and {MAX_LEASE_S} seconds")
+    job_memory_cap_mb()  # a typo in QRUN_JOB_MEMORY_MB stops the run here, not every job it claims
     if cpu_workers and not ray_address and cpu_workers > (os.cpu_count() or 1):
         # Allowed (a job may wait on I/O), but each worker then gets one thread and holds its own model.
         stderr_line(f"qrun: --cpu-workers {cpu_workers} on {os.cpu_count()} cores: the workers share the cores "
                     "(one thread each) and each holds its own model in memory; jobs will not finish sooner")
     db = open_db(ctx)
     log_path = run_log_path()
-    with log_path.open("a", encoding="utf-8") as notices:
-        if drain(db, "qrun", gpu_list, cpu_workers, burst, ray_address, lease_s,
-                 note=f" (Ray's own notices: {log_path})", ray_notices=notices):
-            ctx.exit(1)
+    try:
+        with log_path.open("a", encoding="utf-8") as notices:
+            failed = drain(db, "qrun", gpu_list, cpu_workers, burst, ray_address, lease_s,
+                           note=f" (Ray's own notices: {log_path})", ray_notices=notices)
+    except BadInput:  # refused before Ray said anything (a bad --ray-address, --gpus): leave no empty log
+        if log_path.stat().st_size == 0:
+            log_path.unlink()
+        raise
+    if failed:
+        ctx.exit(1)
 
 
 def run_log_path() -> Path:

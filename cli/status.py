@@ -21,7 +21,7 @@ import click
 
 from qrun.cli.common import open_db, parse_job_ids, print_json
 from qrun.cli.logs import logs
-from qrun.cli.table import REQUIRED, Column, Output, output_settings, render, shorten
+from qrun.cli.table import REQUIRED, Column, Output, output_settings, render, shorten, split_columns
 from qrun.db.errors import BadInput
 from qrun.db.queue import utcnow
 from qrun.db.states import Status, progress_unit
@@ -92,7 +92,8 @@ def progress_cell(job, now: datetime | None = None, preparing: tuple[str, str] |
         return f"preparing on {preparing[0]}: {preparing[1]}"
     if job.status == "queued":
         waits = [f"after {job.depends_on}"] if job.depends_on else []
-        return " · ".join(waits + [needs_text(job.params or {})] if (job.params or {}).get("needs_gpu") else waits)
+        needs = needs_text(job.params or {})
+        return " · ".join(waits + [needs] if needs else waits)
     if not job.progress_total:
         return ""
     text = f"{progress_unit(job.kind)} {job.progress_done}/{job.progress_total}"
@@ -118,9 +119,14 @@ def preparing_now(db, jobs) -> dict[int, tuple[str, str]]:
 
 
 def needs_text(params: dict) -> str:
-    """What a queued job whose method needs a GPU waits for: `needs a GPU`, `needs a GPU, cc ≥ 8.9`."""
+    """What a queued job waits for beyond its turn: `needs a GPU`, `needs a GPU, cc ≥ 8.9` (its method),
+    `needs 2 GPUs of one node` (--gpus-per-job); '' for a job any worker can take."""
     cc = params.get("min_compute_capability")
-    return "needs a GPU" + (f", cc ≥ {cc:g}" if cc else "")
+    if (params.get("gpus") or 1) > 1:
+        return f"needs {params['gpus']} GPUs of one node" + (f", cc ≥ {cc:g}" if cc else "")
+    if params.get("needs_gpu"):
+        return "needs a GPU" + (f", cc ≥ {cc:g}" if cc else "")
+    return ""
 
 
 def _fmt_elapsed(seconds: float | None) -> str:
@@ -295,18 +301,23 @@ _SPAN = re.compile(r"^(\d+)\s*([smhdw])$")
 _SPAN_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def parse_since(text: str, now: datetime | None = None) -> datetime:
+def parse_since(text: str, now: datetime | None = None, option: str = "--since") -> datetime:
     """`--since 2h`, `30m`, `1d`, `1w`, or an ISO date/time (local unless it names an offset); naive UTC."""
     span = _SPAN.match(text.strip().lower())
-    if span:
-        return (now or utcnow()) - timedelta(**{_SPAN_UNITS[span[2]]: int(span[1])})
     try:
+        if span:
+            return (now or utcnow()) - timedelta(**{_SPAN_UNITS[span[2]]: int(span[1])})
         when = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise BadInput(f"--since {text!r}: give a span like 2h, 30m, 1d or an ISO time like 2026-11-25T14:00") from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # a time without an offset is the user's local time
-    return when.astimezone(timezone.utc).replace(tzinfo=None)
+        raise BadInput(f"{option} {text!r}: give a span like 2h, 30m, 1d or an ISO time like 2026-11-25T14:00") from None
+    except OverflowError:  # 99999999999d: further back than datetime reaches
+        raise BadInput(f"{option} {text!r} reaches before the year 1: give a shorter span") from None
+    try:
+        if when.tzinfo is None:
+            when = when.astimezone()  # a time without an offset is the user's local time
+        return when.astimezone(timezone.utc).replace(tzinfo=None)
+    except (OverflowError, ValueError):  # 0001-01-01 in a zone east of UTC falls into the year 0
+        raise BadInput(f"{option} {text!r} is too close to the year 1: give a later time") from None
 
 
 def build_filter(job_ids, users, mine, states, models, sweeps, since, show_all, limit) -> JobFilter:
@@ -414,10 +425,6 @@ def watch_jobs(db, flt: JobFilter, out: Output, wide: bool, columns, interval_s:
 # ---------------------------------------------------------------- the command
 
 
-def _split_columns(value: str | None) -> list[str] | None:
-    return [c.strip() for c in value.split(",") if c.strip()] if value else None
-
-
 @click.command()
 @click.argument("job_ids", nargs=-1)
 @click.option("--all", "show_all", is_flag=True, help="The whole history, not only active jobs and the last hour's.")
@@ -439,13 +446,13 @@ def status(ctx, job_ids, show_all, users, mine, states, models, sweeps, since, l
     """Show the queue: active jobs and those finished in the last hour, with their user, model,
     parameters, status, progress (layer i/N, %, ETA), GPU, elapsed time and error."""
     flt = build_filter(job_ids, users, mine, states, models, sweeps, since, show_all, limit)
-    names = _split_columns(columns)
+    names = split_columns(columns)
     out = output_settings()
     if wide:
         out = Output(width=None, color=out.color)  # everything, whole: the terminal may scroll sideways
     if names:
         render(COLUMNS, [], out, names=names)  # an unknown column is bad input before the table is opened
-    db = open_db(ctx)
+    db = open_db(ctx, create=watch)  # --watch may wait for the first submit to a new home
     if as_json:
         print_json(job_rows(db, select_jobs(db, flt)))
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from qrun.cli.common import open_db, print_json, stderr_line
+from qrun.cli.table import REQUIRED, Column, output_settings, render
 from qrun.db.errors import BadInput
 from qrun.db.states import Kind
 from qrun.sweeps import EVAL_MODES, check_file, eval_params, validate_eval_inputs
@@ -38,23 +39,18 @@ def _after_text(row: dict) -> str:
     return f"job {row['depends_on']}" if row["depends_on"] is not None else ""
 
 
+PLAN_COLUMNS = [Column("#", keep=REQUIRED, right=True), Column("KIND", keep=90), Column("VARIANT", keep=REQUIRED),
+                Column("PARAMS", keep=50, shrink=20), Column("AFTER", keep=60)]
+
+
 def print_plan(submission) -> None:
     """The jobs a dry run would add, as a table: #, kind, variant, the params that matter, what it waits for."""
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
     rows = submission.plan_rows()
     if not rows:
         return
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("#", "KIND", "VARIANT", "PARAMS", "AFTER"):
-        table.add_column(column, no_wrap=column != "PARAMS")
-    for row in rows:
-        table.add_row(str(row["n"]), row["kind"], row["variant"], _params_that_matter(row["kind"], row["params"]),
-                      _after_text(row))
-    Console(width=None if sys.stdout.isatty() else 200, highlight=False, soft_wrap=False).print(table)
+    cells = [[str(row["n"]), row["kind"], row["variant"], _params_that_matter(row["kind"], row["params"]),
+              _after_text(row)] for row in rows]
+    click.echo("\n".join(render(PLAN_COLUMNS, cells, output_settings())))
 
 
 def report_existing(submission, rerun_hint: bool = True) -> None:
@@ -189,7 +185,7 @@ def eval_command(ctx, model_dir, data, ppl, mode, max_new_tokens, batch_size, pr
 
     if not data and not ppl:
         raise BadInput("qrun eval needs --data FILE (classification) or --ppl FILE (perplexity), or both")
-    info = inspect_model(model_dir, trust_remote_code=trust_remote_code, allow_gguf=True)
+    info = inspect_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=None, allow_gguf=True)
     data = check_file(data, "eval file")
     ppl = check_file(ppl, "perplexity file")
     validate_eval_inputs(data, ppl, max_new_tokens, batch_size, batch_option="batch_size")

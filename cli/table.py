@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,16 @@ def display_width(text: str) -> int:
     return cell_len(text)
 
 
+def visible(text: str) -> str:
+    """The text with control characters written out (\\x1b, \\n): a model directory's name is anyone's
+    choice on a shared server, and an escape sequence in it must not reach the terminal, nor a newline
+    split a row."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() or char == " " or not unicodedata.category(char).startswith("C")
+                   else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
 def shorten(text: str, width: int) -> str:
     """The text in at most `width` cells: cut at the last word boundary that fits, plus an ellipsis
     (mid-word only when the first word alone would throw away most of the room)."""
@@ -86,6 +97,18 @@ def shorten(text: str, width: int) -> str:
         if space >= room // 3:
             cut = cut[:space]
     return cut.rstrip(" ,;:-") + ELLIPSIS
+
+
+def split_columns(value: str | None) -> list[str] | None:
+    """--columns a,b,c as names; None without the option; an option that names nothing is refused."""
+    if value is None:
+        return None
+    names = [c.strip() for c in value.split(",") if c.strip()]
+    if not names:
+        from qrun.db.errors import BadInput
+
+        raise BadInput(f"--columns {value!r} names no column: give names like id,status (see --help)")
+    return names
 
 
 def pick_columns(columns: Sequence[Column], wide: bool = False, names: Sequence[str] | None = None) -> list[int]:
@@ -165,6 +188,7 @@ def render(columns: Sequence[Column], rows: Sequence[Sequence[str]], out: Output
     """The table as lines of text, fitted to out.width (stacked where the columns that must stay
     do not fit), colored by `style` where out.color allows."""
     shown = pick_columns(columns, wide, names)
+    rows = [[visible(cell) for cell in row] for row in rows]
     layout = fit(columns, rows, shown, out.width, chosen=bool(names))
     if layout is None:
         return stacked(columns, rows, shown, out)

@@ -54,7 +54,7 @@ def worker_rows(db, show_all: bool) -> list[dict]:
 def workers(ctx, show_all, as_json):
     """The workers of every `qrun run` on this job table: node, device, current job, last heartbeat,
     jobs done. A worker that stopped reporting for 30 s shows as lost."""
-    rows = worker_rows(open_db(ctx), show_all)
+    rows = worker_rows(open_db(ctx, create=False), show_all)
     if as_json:
         print_json(rows)
         return

@@ -568,6 +568,13 @@ def queued_for_a_gpu(db: Database) -> int:
             Job.status == Status.QUEUED.value, Job.params["needs_gpu"].as_boolean().is_(True))).scalar()
 
 
+def queued_for_several_gpus(db: Database) -> int:
+    """Queued jobs that need more than one GPU of one node (--gpus-per-job)."""
+    with db.transaction() as s:
+        return s.execute(select(func.count()).select_from(Job).where(
+            Job.status == Status.QUEUED.value, Job.params["gpus"].as_integer() > 1)).scalar()
+
+
 def jobs_held_by(db: Database, worker: str) -> list[int]:
     """The running jobs that `worker` holds (to give them back when it is known to be dead)."""
     with db.transaction() as s:
@@ -640,18 +647,21 @@ def list_workers(db: Database, since: datetime | None = None) -> list[Worker]:
 CAP_KEY = "max_priority:"  # qrun_meta key prefix: max_priority:USER -> the highest --priority USER may set
 
 
-def set_priority_cap(db: Database, user: str, cap: int | None) -> None:
-    """Cap the priority `user` may submit with (None: remove the cap). Who may call this is the CLI's
-    check (the SQLite file's owner; anyone on Postgres)."""
+def set_priority_cap(db: Database, user: str, cap: int | None) -> bool:
+    """Cap the priority `user` may submit with (None: remove the cap); whether a cap was there before.
+    Who may call this is the CLI's check (the SQLite file's owner; anyone on Postgres)."""
     from qrun.db.schema import Meta
 
     key = CAP_KEY + user
+    if not user.strip() or not user.isprintable() or user != user.strip():
+        raise BadInput(f"user name {user!r} is not a user name: give the login name, as `qrun status` shows it")
     if len(key) > 64:
         raise BadInput(f"user name {user!r} is too long for a priority cap (at most {64 - len(CAP_KEY)} characters)")
     with db.transaction() as s:
-        s.execute(delete(Meta).where(Meta.key == key))
+        had_cap = s.execute(delete(Meta).where(Meta.key == key)).rowcount > 0
         if cap is not None:
             s.add(Meta(key=key, value=str(check_priority(cap))))
+    return had_cap
 
 
 def priority_caps(db: Database) -> dict[str, int]:

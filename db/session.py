@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import (
     ArgumentError,
+    DatabaseError,
     DBAPIError,
     DisconnectionError,
     InterfaceError,
@@ -62,12 +63,20 @@ def database_url(explicit: str | None = None) -> str:
     url = explicit or os.environ.get("QRUN_DB")
     if not url:
         return f"sqlite:///{qrun_home() / 'qrun.db'}"
+    if _is_in_memory(url):
+        raise BadInput(f"{url_source(explicit)} {url}: an in-memory SQLite database lasts one process and no other "
+                       "command or worker sees it: give a file path, or a postgresql:// URL")
     if "://" not in url:
         return f"sqlite:///{Path(url).absolute()}"
     if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
         # Relative to where the command ran, once: workers run jobs in other directories.
         return f"sqlite:///{Path(url[len('sqlite:///'):]).absolute()}"
     return url
+
+
+def _is_in_memory(url: str) -> bool:
+    return url.startswith("sqlite:") and (url.rstrip("/") in ("sqlite:", "sqlite:/") or ":memory:" in url
+                                          or "mode=memory" in url)
 
 
 def url_source(explicit: str | None = None) -> str:
@@ -104,6 +113,8 @@ def _make_group_dir(path: Path, adopt_existing: bool = True) -> None:
 
 def ensure_home(path: Path) -> Path:
     """Create a qrun directory usable by the whole group (setgid, group-writable)."""
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"QRUN_HOME {path} is a file, not a directory: set QRUN_HOME to a directory")
     try:
         _make_group_dir(path)
     except OSError as exc:
@@ -156,11 +167,13 @@ def _check_sqlite_location(db_file: Path, source: str) -> None:
 
 
 def share_with_group(db_file: Path) -> None:
-    """SQLite creates its files 0644 whatever the umask: make ours group-writable (rw-rw-r--)."""
+    """SQLite creates its files 0644 whatever the umask: give the group of ours what their owner has
+    (rw-rw-r-- for a new file), so that a file its owner made read-only (0444) stays read-only."""
     for path in (db_file, Path(f"{db_file}-wal"), Path(f"{db_file}-shm")):
         try:
             if path.exists() and path.stat().st_uid == os.getuid():
-                path.chmod(0o664)
+                mode = file_mode(path)
+                path.chmod(mode | (mode & 0o600) >> 3)
         except OSError:
             pass
 
@@ -202,7 +215,7 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _sqlite_unopenable(db_file: Path, source: str, exc: OperationalError) -> BadInput:
+def _sqlite_unopenable(db_file: Path, source: str, exc: DatabaseError) -> BadInput:
     if _disk_is_full(db_file.parent):  # SQLite says only "disk I/O error": it cannot make its -shm file
         return BadInput(f"database {db_file} cannot be opened: the disk it is on is full (no space left on "
                         "device): free some space there")
@@ -229,7 +242,7 @@ def _sqlite_engine(url: str, db_file: Path, source: str) -> Engine:
         try:
             with engine.connect():
                 pass  # creates the file
-        except OperationalError as exc:  # a directory, a file we may not write, a corrupt file
+        except DatabaseError as exc:  # a directory, a file we may not write, a corrupt file, not a database
             raise _sqlite_unopenable(db_file, source, exc) from exc
     finally:
         os.umask(old_umask)
@@ -379,10 +392,18 @@ def _prepare_schema_locked(engine: Engine, url: str) -> None:
 
 
 class Database:
-    """An opened job table: `with db.transaction() as s:` runs one transaction."""
+    """An opened job table: `with db.transaction() as s:` runs one transaction.
 
-    def __init__(self, url: str | None = None):
+    create=False (commands that only look): a SQLite file named by --db or QRUN_DB that does not
+    exist is refused, not made, since a mistyped path would look like an empty queue. The default
+    one, $QRUN_HOME/qrun.db, is made on first use by any command."""
+
+    def __init__(self, url: str | None = None, create: bool = True):
         self.url = database_url(url)
+        db_file = _sqlite_file(self.url)
+        if not create and db_file is not None and not db_file.exists() and url_source(url) != "QRUN_HOME":
+            raise BadInput(f"{url_source(url)} {db_file}: no such database (the first `qrun submit` to it creates "
+                           "it): check the path")
         self.engine = make_engine(self.url, url_source(url))
         prepare_schema(self.engine, self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -400,8 +421,8 @@ class Database:
         self.engine.dispose()
 
 
-def open_database(url: str | None = None) -> Database:
-    return Database(url)
+def open_database(url: str | None = None, create: bool = True) -> Database:
+    return Database(url, create)
 
 
 # ---------------------------------------------------------------- transient errors

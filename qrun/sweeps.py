@@ -111,6 +111,8 @@ def check_submission(model, bits=None, *, method="gptq", gguf_type=None, group_s
     _check_options_apply(chosen, explicit_group, desc_act, sym, calib, damp)
     if eval_mode not in EVAL_MODES:
         raise BadInput(f"--eval-mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
+    if eval_mode != "score" and eval is None:
+        raise BadInput(f"--eval-mode {eval_mode} applies to the eval jobs of --eval FILE: add --eval")
     info = inspect_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     check_quantizable(info)
     check_calibration_settings(calib_samples, calib_max_len)

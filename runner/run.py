@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, TextIO
 
 from qrun.db import queue
@@ -298,9 +298,15 @@ def create_worker(slot: Slot, db_url: str, lease_s: float, threads: int = 1, hom
 
 @dataclass
 class RunSummary:
-    outcomes: list[tuple[int, str]]
+    outcomes: list[tuple[int, str]]  # (job id, the status an attempt ended in), one per attempt
     restarts: int
     interrupted: bool
+    given_back: set[int] = field(default_factory=set)  # jobs the runner took back from a dead worker
+
+    def jobs_touched(self) -> list[int]:
+        """Every job a worker of this run ran, whatever ended it (its own outcome, or the runner's or a
+        lease's verdict after its worker died), in order."""
+        return sorted({job_id for job_id, _ in self.outcomes} | self.given_back)
 
 
 class Supervisor:
@@ -335,6 +341,7 @@ class Supervisor:
         self.told: set[int] = set()  # jobs already said to need more GPUs than any node has
         self.passable: set[int] = set()  # jobs of several GPUs placed already: one-GPU workers pass them
         self.outcomes: list[tuple[int, str]] = []
+        self.given_back: set[int] = set()
         self.restarts = 0
         self.stopping = False
         slots = plan()
@@ -566,6 +573,7 @@ class Supervisor:
         try:
             for job in queue.jobs_held_by(self.db, name):
                 queue.fail_job(self.db, job, name, reason, retryable=True)
+                self.given_back.add(job)
         except Exception as exc:  # noqa: BLE001 -- the lease will give it back instead
             self.say(f"could not give back the jobs of {name} now ({_first_sentence(str(exc))}); "
                      "their lease will")
@@ -636,4 +644,5 @@ def run_queue(db, plan: Callable[[], list[Slot]], burst: bool, lease_s: float = 
                     break
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    return RunSummary(outcomes=supervisor.outcomes, restarts=supervisor.restarts, interrupted=interrupts > 0)
+    return RunSummary(outcomes=supervisor.outcomes, restarts=supervisor.restarts, interrupted=interrupts > 0,
+                      given_back=supervisor.given_back)

@@ -91,10 +91,12 @@ def safetensors_bytes(header: dict | None = None, data: bytes = b"\0" * 4) -> by
 
 @pytest.fixture
 def model(tmp_path, tiny_qwen2) -> Path:
-    """A model directory that passes every check: tiny_qwen2's config and a whole (tiny) safetensors file."""
+    """A model directory that passes every check: tiny_qwen2's config and tokenizer, and a whole (tiny)
+    safetensors file."""
     out = tmp_path / "model"
     out.mkdir()
-    shutil.copy(tiny_qwen2 / "config.json", out / "config.json")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_qwen2 / name, out / name)
     (out / "model.safetensors").write_bytes(safetensors_bytes())
     return out
 
@@ -107,6 +109,7 @@ def variant(model: Path, name: str, *, config: dict | None = None, weights: str 
     base = json.loads((model / "config.json").read_text())
     text = config_text if config_text is not None else json.dumps({**base, **(config or {})})
     (out / "config.json").write_text(text)
+    shutil.copy(model / "tokenizer.json", out / "tokenizer.json")
     if weights:
         (out / weights).write_bytes(safetensors_bytes() if weights.endswith(".safetensors") else b"")
     return out
@@ -344,8 +347,11 @@ def test_cancel_without_job_ids(table):
 
 
 @pytest.mark.parametrize("args, names", [
-    (("--lease", "0.5"), ("--lease 0.5", "at least 1 second")),
-    (("--cpu-workers", "0"), ("--cpu-workers 0", "positive")),
+    (("--lease", "0.5"), ("--lease 0.5", "between 1 and 86400 seconds")),
+    (("--lease", "nan"), ("--lease nan", "between 1 and 86400 seconds")),
+    (("--lease", "inf"), ("--lease inf", "between 1 and 86400 seconds")),
+    (("--cpu-workers", "0"), ("--cpu-workers 0", "between 1 and 1024")),
+    (("--cpu-workers", "99999999999999999999"), ("--cpu-workers 99999999999999999999", "between 1 and 1024")),
     (("--gpus", "a,b"), ("--gpus 'a,b'", "like 0,1")),
     (("--gpus", "0,0"), ("--gpus '0,0'", "distinct")),
     (("--gpus", "0,1"), ("--gpus 0,1", "CUDA_VISIBLE_DEVICES='5' lets this shell see GPU 0")),
@@ -708,3 +714,138 @@ def test_gpus_per_job_outside_one_to_sixty_four(table, model, tmp_path, command,
     line = assert_refused(invoke(*args, "--gpus-per-job", gpus), "--gpus-per-job", gpus)
     assert "must lie between 1 and 64" in line
     assert table_snapshot(table) == before
+
+
+# ---------------------------------------------------------------- cases found trying qrun from outside (2026-12-06)
+
+
+def test_an_eval_file_whose_ids_repeat_is_refused(table, model, tmp_path):
+    """compare matches a variant's predictions to the baseline's by id: two rows with one id would
+    collapse into one and hide a flipped answer."""
+    before = table_snapshot(table)
+    rows = [{**GOOD_ROW, "id": 1}, {**GOOD_ROW, "id": 2}, {**GOOD_ROW, "label": False, "id": 1}]
+    data = write(tmp_path / "dup.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    line = assert_refused(invoke(*SUBMIT, "--model", str(model), "--eval", str(data)), f"{data}:3", "line 1")
+    assert "id '1'" in line
+    assert table_snapshot(table) == before
+
+
+def test_a_chat_row_with_only_the_answer_is_refused(table, model, tmp_path):
+    before = table_snapshot(table)
+    row = {"messages": [{"role": "assistant", "content": '{"is_fraud": true}'}]}
+    data = write(tmp_path / "chat.jsonl", json.dumps(row) + "\n")
+    for command in ((*SUBMIT, "--model", str(model), "--eval", str(data)),
+                    ("eval", "--model", str(model), "--data", str(data))):
+        assert_refused(invoke(*command), f"{data}:1", "only assistant turns")
+    assert table_snapshot(table) == before
+
+
+def test_a_model_without_its_tokenizer_is_refused(table, model):
+    before = table_snapshot(table)
+    bare = variant(model, "no-tokenizer")
+    (bare / "tokenizer.json").unlink()
+    for command in (SUBMIT, ("eval", "--data", "x.jsonl")):
+        assert_refused(invoke(*command, "--model", str(bare)), str(bare), "has no tokenizer")
+    assert table_snapshot(table) == before
+
+
+def test_eval_of_pickle_weights_names_no_option_it_lacks(table, model, files):
+    pickled = variant(model, "pickled", weights="pytorch_model.bin")
+    line = assert_refused(invoke("eval", "--model", str(pickled), "--data", str(files["good"])), str(pickled))
+    assert "convert them to safetensors" in line and "--allow-pickle" not in line
+
+
+@pytest.mark.parametrize("args, names", [
+    (("logs", "99999999999999999999"), ("job id '99999999999999999999'", "between 1 and")),
+    (("cancel", "9223372036854775808"), ("job id '9223372036854775808'", "between 1 and")),
+    (("status", "--since", "99999999999d"), ("--since '99999999999d'", "before the year 1")),
+    (("status", "--since", "0001-01-01"), ("--since '0001-01-01'",)),
+    (("prune", "--older-than", "99999999999d"), ("--older-than '99999999999d'", "before the year 1")),
+    (("status", "--columns", ""), ("--columns ''", "names no column")),
+    (("compare", "--columns", " , "), ("--columns ' , '", "names no column")),
+    (("compare", "--plot", ""), ("--plot ''", "give a file name")),
+    (("compare", "--plot", "sizes.jpg"), ("--plot sizes.jpg", ".png, .svg or .pdf")),
+    (("cap-priority", "", "3"), ("user name ''",)),
+    (("cap-priority", "a\nb", "3"), ("user name 'a\\nb'",)),
+])
+def test_values_out_of_range_are_refused_not_raised(table, args, names):
+    """Numbers past what the database or datetime holds, and empty values, are bad input (exit 2), not
+    an OverflowError (exit 1)."""
+    before = table_snapshot(table)
+    assert_refused(invoke(*args), *names)
+    assert table_snapshot(table) == before
+
+
+def test_plot_into_a_directory_is_refused_before_the_table(table, tmp_path):
+    line = assert_refused(invoke("compare", "--plot", str(tmp_path)), f"--plot {tmp_path}")
+    assert "is a directory" in line
+
+
+def test_a_repeated_job_id_counts_once(table):
+    result = invoke("cancel", "1", "1")
+    assert result.exit_code == 0, result.output
+    assert "cancelled 1" in result.output
+
+
+def test_eval_mode_without_eval_data_is_refused(table, model):
+    assert_refused(invoke(*SUBMIT, "--model", str(model), "--eval-mode", "generate"), "--eval-mode generate",
+                   "add --eval")
+
+
+@pytest.mark.parametrize("option", ["--model", "--eval", "--calib"])
+def test_an_empty_path_says_it_is_empty(table, model, option):
+    args = [*SUBMIT, "--model", "" if option == "--model" else str(model)]
+    if option != "--model":
+        args += [option, ""]
+    assert_refused(invoke(*args), "'' is an empty path")
+
+
+def test_a_bad_memory_cap_stops_qrun_run_before_any_job(table, monkeypatch):
+    monkeypatch.setenv("QRUN_JOB_MEMORY_MB", "abc")
+    before = table_snapshot(table)
+    assert_refused(invoke("run", "--until-empty"), "QRUN_JOB_MEMORY_MB='abc'", "number of MiB")
+    assert table_snapshot(table) == before
+
+
+def test_a_refused_run_leaves_no_empty_run_log(table, monkeypatch, qrun_home):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert_refused(invoke("run", "--gpus", "0,1"), "--gpus 0,1")
+    assert_refused(invoke("run", "--ray-address", "127.0.0.1:1"), "127.0.0.1:1")
+    assert list((qrun_home / "logs").glob("run-*.log")) == []
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_database_is_refused(qrun_home, model, url):
+    assert_refused(invoke("--db", url, *SUBMIT, "--model", str(model)), f"--db {url}", "in-memory")
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path, qrun_home, files):
+    assert_refused(invoke("--db", str(files["good"]), "status"), str(files["good"]), "file is not a database")
+
+
+@pytest.mark.parametrize("command", [("status",), ("status", "--all"), ("logs", "1"), ("compare",), ("workers",),
+                                     ("du",), ("prune", "--older-than", "1d")])
+def test_a_command_that_only_looks_makes_no_database_at_a_mistyped_path(tmp_path, qrun_home, command):
+    """Else a typo in --db would show an empty queue (and leave a file and its directories behind)."""
+    typo = tmp_path / "no" / "such" / "qrun.db"
+    assert_refused(invoke("--db", str(typo), *command), f"--db {typo}", "no such database")
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_read_only_database_stays_read_only_and_refuses_writes(table, model):
+    """A database its owner made read-only (an archive) is not made writable again by `qrun status`;
+    another user's write to it is refused in one line, exit 2."""
+    table.chmod(0o444)
+    assert invoke("status").exit_code == 0
+    assert stat_mode(table) == 0o444
+    if os.geteuid() == 0:
+        os.chown(table, 65534, 65534)  # someone else's file: root without DAC override may not write it
+    before = table_snapshot(table)
+    for args in (("cancel", "1"), (*SUBMIT, "--model", str(model))):
+        line = assert_script_refused(qrun_limited(*args), "read-only for you")
+        assert "--db" in line
+    assert table_snapshot(table) == before
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

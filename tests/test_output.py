@@ -281,3 +281,19 @@ def test_logs_follow_until_the_job_finishes_and_exit_with_its_outcome(db, tmp_pa
     assert "Quantizing: 100%|██████████| 2/2" in lines and "layer 2 done" in lines
     assert not any("50%" in line for line in lines)
     assert lines[-1].endswith("fail: running -> failed (boom at layer 2/2)")
+
+
+def test_control_characters_in_a_model_name_never_reach_the_terminal(qrun_home, db):
+    """A directory name is anyone's choice on a shared server: an escape sequence in it is shown
+    written out, and a newline in it does not split the row."""
+    from qrun.db import queue
+    from qrun.db.queue import JobSpec
+    from qrun.db.states import Kind
+
+    queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, "/models/evil\x1b[2J\x1b[31mRED", {"bits": 4}),
+                           JobSpec(Kind.QUANTIZE, "/models/two\nlines", {"bits": 8, "gpus": 2})])
+    for env in ({}, {"COLUMNS": "200"}):
+        out = run_qrun("status", env=env, check=True).stdout
+        assert "\x1b" not in out and "evil\\x1b[2J\\x1b[31mRED" in out
+        assert len(out.strip().splitlines()) == 3 and "two\\nlines" in out
+    assert "needs 2 GPUs of one node" in out

@@ -308,9 +308,11 @@ def test_out_of_memory_fails_with_the_layer_and_a_hint(qrun_home, wide_qwen2, lo
     assert runner.returncode == 1, output
     failed = job(qrun_home, greedy)
     assert failed["status"] == "failed"
-    assert re.fullmatch(r"out of memory at layer \d/2 \(layer \d: [a-z_., ]+\): use a smaller calibration batch "
-                        r"\(--batch-size, --calib-max-len, --calib-samples\) or free the GPU", failed["error"]), \
+    assert re.fullmatch(r"out of memory at layer \d/2 \(layer \d: [a-z_., ]+\) under the worker's cap "
+                        r"QRUN_JOB_MEMORY_MB=512: use a smaller calibration batch "
+                        r"\(--batch-size, --calib-max-len, --calib-samples\) or raise the cap", failed["error"]), \
         failed["error"]
+    assert "ran 2 job(s), 1 failed" in output  # the greedy job's two attempts count as one job
     assert failed["attempts"] == 2  # retried, but only within --max-attempts
     assert transitions(qrun_home, greedy) == ["submit", "claim", "release", "claim", "fail"]
     log = Path(failed["log_path"]).read_text(errors="replace")

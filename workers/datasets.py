@@ -41,6 +41,8 @@ def _is_json_file(path: Path, head: str) -> bool:
 
 def require_file(path: str | Path, what: str = "data file") -> Path:
     """`path` as a Path, or BadInput naming `what` when it is missing or not a regular file."""
+    if not str(path).strip():
+        raise BadInput(f"{what} '' is an empty path: give the file's path")
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{what} {path} does not exist: check the path")
@@ -191,6 +193,9 @@ def to_sample(path: Path, lineno: int, row: dict | str) -> Sample:
         messages = _messages(path, lineno, row)
         answer = next((m.get("content") for m in reversed(messages) if m["role"] == "assistant"), None)
         prompt = tuple(m for m in messages if m["role"] != "assistant")
+        if not prompt:
+            raise BadInput(f"{path}:{lineno}: 'messages' has only assistant turns: give the dialog as a system or "
+                           "user turn before the answer")
         return Sample(id=sid, messages=prompt, answer=answer, label=parse_answer(answer))
     if "input" in row:
         text = _text_field(path, lineno, row, "input")
@@ -232,12 +237,17 @@ def load_labeled(path: str | Path) -> list[Sample]:
     """Samples for classification: every row must carry a label."""
     path = Path(path)
     samples = []
+    first_line_of: dict[str, int] = {}  # compare matches a variant's predictions to the baseline's by id
     for n, row in read_rows(path):
         sample = to_sample(path, n, row)
         if sample.label is None:
             raise BadInput(
                 f"{path}:{n}: no label: give 'label': true/false, or an answer like {{\"is_fraud\": true}}"
             )
+        if sample.id in first_line_of:
+            raise BadInput(f"{path}:{n}: id {sample.id!r} is also the id of line {first_line_of[sample.id]}: give each "
+                           "sample its own id, or none (the line number is used)")
+        first_line_of[sample.id] = n
         samples.append(sample)
     return samples
 

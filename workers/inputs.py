@@ -175,11 +175,14 @@ def _safetensors_data_end(header: dict, path: Path) -> int:
     return end
 
 
-def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool | None = False,
                   allow_gguf: bool = False) -> ModelInfo:
     """Everything a quantize or eval job needs to know about a model directory, or BadInput.
+    allow_pickle=None: pickle weights are refused with no mention of --allow-pickle (a command without it).
     allow_gguf: a llama.cpp `.gguf` file counts as the weights (an artifact of `--method gguf`, which
     `qrun eval` can load; nothing quantizes from one)."""
+    if not str(path).strip():
+        raise BadInput("model directory '' is an empty path: give the directory holding config.json")
     model_dir = Path(path)
     config = read_model_config(model_dir)
     config_file = model_dir / "config.json"
@@ -206,11 +209,13 @@ def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pi
     if not has_safetensors and has_pickle and not allow_pickle:
         raise BadInput(
             f"model {model_dir} has only pickle weights (.bin), which can run code when loaded: convert them "
-            "to safetensors, or pass --allow-pickle if you trust the source"
+            "to safetensors" + (", or pass --allow-pickle if you trust the source" if allow_pickle is False else "")
         )
     for weights_file in (p for p in weights if p.suffix == ".safetensors"):
         check_safetensors_file(weights_file)
     check_shard_index(model_dir)
+    if not has_gguf:  # a .gguf file carries its own tokenizer
+        check_tokenizer_files(model_dir, weights)
     return ModelInfo(
         path=str(model_dir.resolve()),
         architecture=arch,
@@ -222,6 +227,27 @@ def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pi
         widths=tuple((label, sizes[name]) for label, name in WIDTH_FIELDS.items() if name in sizes),
         quantized="quantization_config" in config or (model_dir / "quantize_config.json").is_file() or has_gguf,
     )
+
+
+def _is_tokenizer_file(path: Path) -> bool:
+    name = path.name
+    return (name.startswith(("tokenizer", "vocab", "spiece")) or name == "merges.txt"
+            or path.suffix in (".tiktoken", ".model")) and name != "tokenizer_config.json"
+
+
+def check_tokenizer_files(model_dir: Path, files: list[Path]) -> None:
+    """A model directory must carry its tokenizer: every job reads it (calibration, prompts), and a
+    quantized artifact without one could not be evaluated. Its files must be readable."""
+    tokenizer_files = [p for p in files if _is_tokenizer_file(p)]
+    if not tokenizer_files:
+        raise BadInput(f"model {model_dir} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json): copy "
+                       "the tokenizer files of the model it was trained from into it")
+    for path in tokenizer_files:
+        try:
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise BadInput(f"model {model_dir}: tokenizer file {path.name} cannot be read ({exc.strerror})") from exc
 
 
 def quantized_variant(model_dir: str | Path) -> str:

@@ -26,7 +26,7 @@ from qrun.db.schema import Job
 from qrun.db.session import Database, artifacts_root, is_transient_db_error, logs_root
 from qrun.db.states import Kind, progress_unit
 from qrun.workers import artifacts
-from qrun.workers.limits import memory_cap
+from qrun.workers.limits import MEMORY_CAP_ENV, job_memory_cap_mb, memory_cap
 
 log = logging.getLogger("qrun.worker")
 
@@ -116,9 +116,13 @@ def describe_failure(exc: BaseException, ctx: JobContext) -> tuple[str, bool]:
     quantizing = job.kind == Kind.QUANTIZE.value
     where = f"at {progress_unit(job.kind)} {job.progress_done}/{job.progress_total}" + (
         f" ({job.progress_module})" if job.progress_module else "")
-    if _is_out_of_memory(exc):
+    capped = _memory_cap_of(ctx.device)
+    if _is_out_of_memory(exc, capped):
         hint = ("use a smaller calibration batch (--batch-size, --calib-max-len, --calib-samples)" if quantizing
                 else "use a smaller eval batch (--eval-batch-size, or qrun eval --batch-size)")
+        if capped:
+            return (f"out of memory {where} under the worker's cap {MEMORY_CAP_ENV}={capped}: {hint} or "
+                    "raise the cap", True)
         return (f"out of memory {where}: {hint} or free the GPU", True)
     full = _no_space(exc)
     if full is not None:
@@ -178,13 +182,23 @@ class Backoff:
         self.failures = 0
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def _memory_cap_of(device: str) -> int | None:
+    """QRUN_JOB_MEMORY_MB where it applied to this job (CPU workers only, see workers/limits.py)."""
+    try:
+        return None if device.startswith("cuda") else job_memory_cap_mb()
+    except BadInput:
+        return None
+
+
+def _is_out_of_memory(exc: BaseException, capped: int | None = None) -> bool:
     if isinstance(exc, MemoryError):
         return True
     name = type(exc).__name__
     text = str(exc).lower()
-    # torch's CPU allocator says "can't allocate memory ... Error code 12 (Cannot allocate memory)"
-    return name == "OutOfMemoryError" or any(s in text for s in ("out of memory", "allocate memory"))
+    # torch's CPU allocator says "can't allocate memory ... Error code 12 (Cannot allocate memory)"; under
+    # the address-space cap a new thread's stack is the allocation that fails first.
+    return (name == "OutOfMemoryError" or any(s in text for s in ("out of memory", "allocate memory"))
+            or (capped is not None and "can't start new thread" in text))
 
 
 def run_quantize(ctx: JobContext) -> tuple[dict, list[queue.ArtifactRecord]]:
