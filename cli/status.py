@@ -30,7 +30,7 @@ ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 DEFAULT_WINDOW = timedelta(hours=1)  # finished jobs shown without --all / --since
 # Metrics that count things: stored as floats like every metric, given to scripts as integers.
 COUNT_METRICS = frozenset({"bits", "group_size", "calib_samples", "calib_tokens", "model_size_bytes",
-                           "eval_samples", "ppl_tokens", "tp", "fp", "tn", "fn", "invalid"})
+                           "eval_samples", "eval_over_context", "ppl_tokens", "tp", "fp", "tn", "fn", "invalid"})
 
 
 # ---------------------------------------------------------------- one job, as text

@@ -251,3 +251,17 @@ def test_a_stopping_runner_releases_an_eval_at_its_batch(db):
                      should_stop=lambda: True)
     with pytest.raises(StopRequested, match=r"^runner stopping at batch 4/9$"):
         ctx.progress(4, 9, "score batch 4/9")
+
+
+def test_prompts_longer_than_the_context_are_counted_and_said(db, tiny_qwen2, tmp_path, capsys):
+    """The tiny model reads 512 positions; a dialog longer than that is scored as given (as the seed's
+    notebook did), but the job's metrics and log say how many there were: 19 of the real anti_fraud
+    sample's 400 dialogs are longer than the demo model's context."""
+    rows = [{"id": "short", "input": "你好", "label": False}, {"id": "long", "input": "转账 " * 600, "label": True}]
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    job, metrics, _ = run_job(db, Kind.EVAL, tiny_qwen2, eval_params(data))
+    assert job.status == "succeeded", job.error
+    assert metrics["eval_over_context"] == 1 and metrics["eval_samples"] == 2
+    said = Path(job.log_path).read_text() + capsys.readouterr().out  # in pytest, print() goes to its capture
+    assert "1 of 2 prompts are longer than the model's 512 positions" in said

@@ -487,6 +487,11 @@ def perplexity(plan: _Plan, model, tokenizer, device: str,
     return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "ppl_nll": mean, "ppl_tokens": tokens}
 
 
+def over_context(prompts: Sequence[list[int]], positions: int | None) -> list[int]:
+    """Lengths of the prompts that do not fit the model's context (the answer comes after them)."""
+    return [len(p) for p in prompts if positions and len(p) >= positions]
+
+
 def classification_summary(rows: Sequence[dict], mode: str) -> dict[str, float | None]:
     labels = [r["label"] for r in rows]
     predictions = [None if r["prediction"] == INVALID else r["prediction"] for r in rows]
@@ -520,6 +525,12 @@ def run_eval(ctx) -> tuple[dict[str, float | None], list[queue.ArtifactRecord]]:
     plan = plan_eval(params, model, tokenizer)
     print(f"=== eval {params.variant} of {model_dir}: {len(plan.samples)} samples ({params.mode}), "
           f"{len(plan.ppl_ids)} perplexity tokens", flush=True)
+    over = over_context(plan.prompts, max_positions(model))
+    if over:
+        metrics["eval_over_context"] = len(over)
+        print(f"=== warning: {len(over)} of {len(plan.prompts)} prompts are longer than the model's "
+              f"{max_positions(model)} positions (the longest {max(over)} tokens): they are scored as given, past "
+              "what the model was trained to read", flush=True)
     records: list[queue.ArtifactRecord] = []
     if plan.samples:
         started = time.perf_counter()
