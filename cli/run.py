@@ -156,17 +156,20 @@ MAX_LEASE_S = 86400  # a day: a worker silent for longer is gone
               help="GPUs of this machine to use, numbered as CUDA numbers them: within CUDA_VISIBLE_DEVICES "
                    "where it is set (default: all Ray finds).")
 @click.option("--cpu-workers", type=int, default=None, help="Run N CPU workers (default 1 where there is no GPU).")
-@click.option("--until-empty/--serve", "burst", default=True, show_default=True,
-              help="Stop when the queue is drained, or keep serving new jobs until Ctrl-C.")
+@click.option("--until-empty", "until_empty", is_flag=True, help="Stop when the queue is drained (the default).")
+@click.option("--serve", is_flag=True, help="Keep serving new jobs until Ctrl-C.")
 @click.option("--ray-address", default=None, metavar="ADDR", help="Join this Ray cluster instead of starting one.")
 @click.option("--lease", "lease_s", type=float, default=60.0, show_default=True,
               help="Seconds a worker may go silent before its job returns to the queue.")
 @click.pass_context
-def run(ctx, gpus, cpu_workers, burst, ray_address, lease_s):
+def run(ctx, gpus, cpu_workers, until_empty, serve, ray_address, lease_s):
     """Start workers that take jobs from the table until it is empty (or until Ctrl-C with --serve).
     Ctrl-C once: finish the current layer and give running jobs back; twice: stop at once."""
     from qrun.workers.limits import job_memory_cap_mb
 
+    if until_empty and serve:
+        raise BadInput("--until-empty and --serve: give one (--serve keeps running until Ctrl-C)")
+    burst = not serve
     gpu_list = parse_gpu_list(gpus)
     if cpu_workers is not None and not 0 < cpu_workers <= MAX_CPU_WORKERS:
         raise BadInput(f"--cpu-workers {cpu_workers} must be between 1 and {MAX_CPU_WORKERS}")

@@ -352,6 +352,7 @@ def test_cancel_without_job_ids(table):
     (("--lease", "inf"), ("--lease inf", "between 1 and 86400 seconds")),
     (("--cpu-workers", "0"), ("--cpu-workers 0", "between 1 and 1024")),
     (("--cpu-workers", "99999999999999999999"), ("--cpu-workers 99999999999999999999", "between 1 and 1024")),
+    (("--serve", "--until-empty"), ("--until-empty and --serve", "give one")),
     (("--gpus", "a,b"), ("--gpus 'a,b'", "like 0,1")),
     (("--gpus", "0,0"), ("--gpus '0,0'", "distinct")),
     (("--gpus", "0,1"), ("--gpus 0,1", "CUDA_VISIBLE_DEVICES='5' lets this shell see GPU 0")),
