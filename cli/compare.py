@@ -679,8 +679,8 @@ def write_plot(rows: list[dict], path: Path, metric: str = "f1", max_drop: float
               help="Name the smallest variant whose --metric is at most D worse than the baseline's "
                    "(0.01 = one point of F1; for perplexity, at most D higher), under each group's table.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE.png",
-              help="Also draw --metric against size on disk into a PNG (or .svg, .pdf): one labelled point per variant, "
-                   "the baseline, the Pareto front, the --max-drop band.")
+              help="Also draw --metric against size on disk into a PNG (or .svg, .pdf): one labelled point per "
+                   "variant, the baseline, the Pareto front, the --max-drop band.")
 @click.pass_context
 def compare(ctx, model, data, fmt, sweep, wide, columns, metric, max_drop, plot_file):
     """Compare the variants of each evaluated model with its unquantized baseline: method, size,

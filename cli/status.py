@@ -309,7 +309,8 @@ def parse_since(text: str, now: datetime | None = None, option: str = "--since")
             return (now or utcnow()) - timedelta(**{_SPAN_UNITS[span[2]]: int(span[1])})
         when = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise BadInput(f"{option} {text!r}: give a span like 2h, 30m, 1d or an ISO time like 2026-11-25T14:00") from None
+        raise BadInput(f"{option} {text!r}: give a span like 2h, 30m, 1d or an ISO time like "
+                       "2026-11-25T14:00") from None
     except OverflowError:  # 99999999999d: further back than datetime reaches
         raise BadInput(f"{option} {text!r} reaches before the year 1: give a shorter span") from None
     try:
