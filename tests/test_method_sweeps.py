@@ -139,3 +139,12 @@ def test_a_cpu_run_leaves_gpu_only_jobs_queued_and_says_so(qrun_home, tiny_qwen2
     rows = {row["id"]: row for row in json.loads(run_qrun("status", "--json", check=True).stdout)}
     assert rows[plain]["status"] == "succeeded", rows[plain]
     assert rows[gpu_only]["status"] == "queued"
+
+
+def test_jobs_waiting_for_a_node_with_several_gpus_are_counted(any_db):
+    """What `qrun run --until-empty` says at its end when a --gpus-per-job job found no node for it."""
+    two, one = queue.submit_jobs(any_db, [JobSpec(Kind.QUANTIZE, "/m", {"bits": 4, "gpus": 2}),
+                                          JobSpec(Kind.QUANTIZE, "/m", {"bits": 8})])
+    assert queue.queued_for_several_gpus(any_db) == 1
+    assert queue.claim_job(any_db, "big", "0,1", gpus=2).id == two
+    assert queue.queued_for_several_gpus(any_db) == 0
