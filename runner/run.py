@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -438,11 +439,15 @@ class Supervisor:
             return
         except RayActorError as exc:
             if slot not in self.started and "creation task" in str(exc):
-                # Its constructor failed (it does not see QRUN_HOME, a GPU worker that sees two GPUs).
                 reason = f"worker {slot.name} could not start: {_creation_error(exc)}"
                 self.say(reason)
-                self.refused[slot] = reason
                 self._drop(slot)
+                if _is_passing(reason):  # the job table out of reach (locked, restarting): try again later
+                    self._add(slot, drain=False)
+                    self.resume_at[slot] = time.monotonic() + self.backoffs[slot].next_wait()
+                    return
+                # Its constructor failed for good (it does not see QRUN_HOME, a GPU worker that sees two GPUs).
+                self.refused[slot] = reason
                 return
             # The worker process died (OOM kill, segfault, its node went down): Ray restarts it, and
             # its job goes back to the queue now, with the cause, instead of after the lease as "lost".
@@ -602,18 +607,41 @@ class Supervisor:
             actor.request_stop.remote()
 
     def stop_cold(self) -> None:
+        """Ctrl-C twice: kill the workers now, then give their jobs back (without counting the attempt,
+        as a warm stop would), so that none waits out its lease and comes back as "lost"."""
         import ray
 
+        if self.identities:  # a worker that started a moment ago: its name is what its jobs are held by
+            ray.wait(list(self.identities.values()), num_returns=len(self.identities), timeout=2)
+            self._learn_names()
         for actor in self.actors.values():
             ray.kill(actor, no_restart=True)
+        for name in self.names.values():
+            try:
+                for job in queue.jobs_held_by(self.db, name):
+                    queue.release_job(self.db, job, name, "the runner was stopped (Ctrl-C twice)")
+            except Exception as exc:  # noqa: BLE001 -- the table out of reach: the lease gives them back
+                self.say(f"could not give back the jobs of {name} now ({_first_sentence(str(exc))}); "
+                         "their lease will")
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Words of a worker that could not start because the job table was out of reach for a while.
+PASSING_CAUSES = ("database is locked", "database unavailable", "disk i/o error", "unable to open database file",
+                  "cannot be reached", "connection refused", "the database system is starting up")
 
 
 def _creation_error(exc: BaseException) -> str:
-    """The worker constructor's own error, out of Ray's report of a failed creation task."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    raised = [line for line in lines if not line.startswith(("File ", "Traceback", "^", "~"))
-              and ":" in line and line.split(":")[0].isidentifier()]
-    return (raised[-1] if raised else _first_sentence(str(exc)))[:300]
+    """The worker constructor's own error, out of Ray's report of a failed creation task (whose
+    exception names may be module-qualified: qrun.db.errors.BadInput)."""
+    lines = [ANSI_ESCAPE.sub("", line).strip() for line in str(exc).splitlines()]
+    raised = [line for line in lines if line and not line.startswith(("File ", "Traceback", "^", "~"))
+              and ":" in line and all(part.isidentifier() for part in line.split(":")[0].split("."))]
+    return (raised[-1] if raised else _first_sentence(ANSI_ESCAPE.sub("", str(exc))))[:300]
+
+
+def _is_passing(reason: str) -> bool:
+    return any(cause in reason.lower() for cause in PASSING_CAUSES)
 
 
 def _first_sentence(text: str) -> str:

@@ -351,6 +351,31 @@ def test_cancel_while_running_stops_at_the_next_layer(qrun_home, deep_qwen2, tmp
 # ---------------------------------------------------------------- two runners, one table
 
 
+def test_a_cold_stop_gives_the_running_job_back_at_once(qrun_home, deep_qwen2, tmp_path):
+    """Ctrl-C twice (here SIGTERM twice, which qrun takes as Ctrl-C) kills the workers at once; the job
+    one held goes back to the queue then, its attempt not counted, instead of staying `running` until
+    its lease ran out and coming back as "lost" (with --max-attempts 1: failed)."""
+    (job_id,) = submit("--model", str(deep_qwen2), "--bits", "4", "--group-size", "64", "--calib-samples", "16",
+                       "--max-attempts", "1")
+    runner = start_runner("--until-empty", "--lease", "600", log=tmp_path / "run.log")
+    try:
+        wait_for(lambda: job(qrun_home, job_id)["status"] == "running", 300, "the job to start")
+        time.sleep(3)  # the runner has learnt its worker's name (the worker answers within a second or two)
+        worker_pid = int(job(qrun_home, job_id)["worker"].split(":")[1])  # host:pid:slot
+        os.kill(worker_pid, signal.SIGSTOP)  # it cannot reach its next layer (as while it loads a big model)
+        os.kill(runner.pid, signal.SIGTERM)
+        time.sleep(1)
+        os.kill(runner.pid, signal.SIGTERM)
+        runner.wait(timeout=120)
+    finally:
+        stop(runner)
+    output = (tmp_path / "run.log").read_text()
+    assert runner.returncode == 130, output
+    row = job(qrun_home, job_id)
+    assert (row["status"], row["attempts"], row["worker"]) == ("queued", 0, None), dict(row)
+    assert transitions(qrun_home, job_id)[-1] == "release"
+
+
 def test_two_runners_never_take_a_job_twice(qrun_home, tiny_qwen2, tmp_path):
     # Two serving runners, both polling before any job exists, so that they compete for every job.
     runners = [start_runner("--serve", "--lease", "10", log=tmp_path / f"run{i}.log") for i in range(2)]

@@ -296,3 +296,19 @@ def test_a_kernels_rehearsal_copies_the_model_of_the_job_that_waits_for_it(tmp_p
     caplog.clear()
     assert not rehearse("marlin_bf16", "cpu", JobShape("eval", {"ppl_data": str(tmp_path / "gone.jsonl")}, str(quantized)))[1]
     assert "the rehearsal of marlin_bf16's first job failed" in caplog.text
+
+
+def test_a_worker_that_could_not_start_is_named_by_its_own_error():
+    """Ray reports a failed constructor with a traceback, color codes and module-qualified names; the
+    runner shows the constructor's own line, and tells a table out of reach (tried again) from a
+    refusal (given up)."""
+    from qrun.runner.run import _creation_error, _is_passing
+
+    report = ("\x1b[36mray::QueueWorker.__init__()\x1b[39m (pid=1, ip=10.0.0.1)\nTraceback (most recent call last):\n"
+              '  File "runner/worker.py", line 84, in __init__\n'
+              "qrun.db.errors.BadInput: database /q/qrun.db cannot be opened: database is locked\n"
+              "The actor died because of an error raised in its creation task")
+    reason = _creation_error(RuntimeError(report))
+    assert reason == "qrun.db.errors.BadInput: database /q/qrun.db cannot be opened: database is locked"
+    assert _is_passing(reason)
+    assert not _is_passing("BadInput: QRUN_HOME /q is not writable (Permission denied)")
