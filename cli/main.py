@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 -- the last line of defence: one line, no traceback
         if verbose:
             traceback.print_exc()
-        if _read_only_database(exc):
-            click.echo(f"Error: the job table is read-only for you ({_read_only_database(exc)}): ask its owner "
+        read_only = _read_only_database(exc)
+        if read_only:
+            click.echo(f"Error: the job table is read-only for you ({read_only}): ask its owner "
                        "for write access (the file and its directory), or point --db or QRUN_DB elsewhere", err=True)
             sys.exit(2)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

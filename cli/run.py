@@ -12,9 +12,7 @@ import click
 
 from qrun.cli.common import is_tty, open_db, parse_gpu_list, stderr_line
 from qrun.db.errors import BadInput
-from qrun.db.states import FINISHED
-
-FINISHED_NAMES = {status.value for status in FINISHED}
+from qrun.db.states import FINISHED, Status
 
 
 class _Display:
@@ -119,7 +117,7 @@ def _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note) -> lis
     # Counted from the table: a job retried counts once, and one that a lease or the runner ended after
     # its worker died counts too.
     touched = summary.jobs_touched()
-    ended = [j for j in queue.list_jobs(db, touched, plain=True) if j.status in FINISHED_NAMES] if touched else []
+    ended = [j for j in queue.list_jobs(db, touched, plain=True) if Status(j.status) in FINISHED] if touched else []
     failed = [j.id for j in ended if j.status == "failed"]
     stderr_line(f"{who}: ran {len(ended)} job(s), {len(failed)} failed"
                 + (f", {summary.restarts} worker restart(s)" if summary.restarts else "")

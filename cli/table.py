@@ -71,7 +71,7 @@ def visible(text: str) -> str:
     split a row."""
     if text.isprintable():
         return text
-    return "".join(char if char.isprintable() or char == " " or not unicodedata.category(char).startswith("C")
+    return "".join(char if char.isprintable() or not unicodedata.category(char).startswith("C")
                    else char.encode("unicode_escape").decode("ascii") for char in text)
 
 

@@ -68,7 +68,7 @@ def database_url(explicit: str | None = None) -> str:
                        "command or worker sees it: give a file path, or a postgresql:// URL")
     if "://" not in url:
         return f"sqlite:///{Path(url).absolute()}"
-    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
+    if url.startswith("sqlite:///"):  # (in-memory ones were refused above)
         # Relative to where the command ran, once: workers run jobs in other directories.
         return f"sqlite:///{Path(url[len('sqlite:///'):]).absolute()}"
     return url

@@ -575,11 +575,20 @@ class Supervisor:
             self.identities[slot] = self.actors[slot].identity.remote()
         if name is None:
             return
+
+        def fail(job: int) -> None:
+            queue.fail_job(self.db, job, name, reason, retryable=True)
+            self.given_back.add(job)
+
+        self._settle_jobs_of(name, fail)
+
+    def _settle_jobs_of(self, name: str, settle: Callable[[int], None]) -> None:
+        """settle(job) for each running job the worker `name` holds; the table out of reach is said, not
+        raised: the jobs' lease gives them back instead."""
         try:
             for job in queue.jobs_held_by(self.db, name):
-                queue.fail_job(self.db, job, name, reason, retryable=True)
-                self.given_back.add(job)
-        except Exception as exc:  # noqa: BLE001 -- the lease will give it back instead
+                settle(job)
+        except Exception as exc:  # noqa: BLE001
             self.say(f"could not give back the jobs of {name} now ({_first_sentence(str(exc))}); "
                      "their lease will")
 
@@ -617,12 +626,8 @@ class Supervisor:
         for actor in self.actors.values():
             ray.kill(actor, no_restart=True)
         for name in self.names.values():
-            try:
-                for job in queue.jobs_held_by(self.db, name):
-                    queue.release_job(self.db, job, name, "the runner was stopped (Ctrl-C twice)")
-            except Exception as exc:  # noqa: BLE001 -- the table out of reach: the lease gives them back
-                self.say(f"could not give back the jobs of {name} now ({_first_sentence(str(exc))}); "
-                         "their lease will")
+            self._settle_jobs_of(name, lambda job, name=name: queue.release_job(
+                self.db, job, name, "the runner was stopped (Ctrl-C twice)"))
 
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
