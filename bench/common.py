@@ -39,7 +39,7 @@ def build_bench_model(out_dir: Path, shape: str, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from qrun.demo.tiny import sample_texts, train_tokenizer
+    from qrun.workers.tiny import sample_texts, train_tokenizer
 
     s = SHAPES[shape]
     tokenizer = train_tokenizer(sample_texts(), vocab_size=2048)
@@ -62,7 +62,7 @@ def build_bench_model(out_dir: Path, shape: str, seed: int = 0) -> Path:
 
 def write_calibration(path: Path, n: int, min_chars: int, seed: int = 0) -> Path:
     """n long dialog texts (JSONL {"text"}), each long enough to fill the token budget."""
-    from qrun.demo.tiny import sample_texts
+    from qrun.workers.tiny import sample_texts
 
     rng = random.Random(seed)
     lines = sample_texts()

@@ -38,7 +38,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def write_eval_data(path: Path, n: int, seed: int = 0) -> Path:
     """n rows {input, label, instruction}: random dialog text cut to lengths drawn from the real test set."""
-    from qrun.demo.tiny import sample_texts
+    from qrun.workers.tiny import sample_texts
 
     rng = random.Random(seed)
     lengths = json.loads(LENGTHS.read_text())["lengths"]

@@ -31,7 +31,7 @@ from load_profile import cumulative_by_function  # noqa: E402
 
 def tiny_model_and_calibration(work: Path) -> tuple[str, str]:
     from qrun.demo.dataset import write_jsonl
-    from qrun.demo.tiny import build_tiny_model, sample_texts
+    from qrun.workers.tiny import build_tiny_model, sample_texts
 
     model = build_tiny_model(work / "tiny", arch="qwen2", hidden=128, intermediate=256, layers=2)
     calib = write_jsonl([{"text": t} for t in sample_texts()[:64]], work / "calib.jsonl")

@@ -59,7 +59,7 @@ def variant_params(method: str, bits: int, args) -> dict:
 
 def ppl_text(path: Path, min_chars: int) -> Path:
     """A fixed text for perplexity: the demo's dialog lines, repeated to the length asked."""
-    from qrun.demo.tiny import sample_texts
+    from qrun.workers.tiny import sample_texts
 
     lines, text = sample_texts(), ""
     while len(text) < min_chars:

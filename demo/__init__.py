@@ -1,4 +1,3 @@
-"""Demo and test material: tiny models and tokenizers built on the spot, and the demo dataset.
-
-Nothing here is on a job's path: qrun's workers never import it.
+"""The demo's material: its synthetic dataset (`dataset`) and the small model `qrun demo` trains on
+it (`build`). Nothing here is on a job's path: the workers never import it.
 """

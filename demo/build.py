@@ -151,7 +151,7 @@ def _build_into(paths: DemoPaths, seed: int) -> None:
 def _new_model(train_rows: list[dict]):
     from transformers import AutoModelForCausalLM
 
-    from qrun.demo.tiny import tiny_config, train_tokenizer
+    from qrun.workers.tiny import tiny_config, train_tokenizer
 
     tokenizer = train_tokenizer(_tokenizer_texts(train_rows), vocab_size=VOCAB_SIZE)
     config = tiny_config("qwen2", vocab_size=len(tokenizer), **MODEL_SHAPE)

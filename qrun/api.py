@@ -110,6 +110,9 @@ def submit(model, bits=None, *, method="gptq", gguf_type=None, group_size=None, 
     return Submission(ids, sweep, name, plan.jobs, plan.existing)
 
 
+# ---------------------------------------------------------------- evaluate (qrun eval)
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -158,6 +161,15 @@ def compare(model: str | None = None, data: str | None = None, sweep: str | None
     with database(db) as opened:
         rows = comparison_rows(opened, model, data, sweep)
     return to_frame(rows) if as_frame else Rows(rows)
+
+
+# ---------------------------------------------------------------- logs and workers (qrun logs, qrun workers)
+
+
+# ---------------------------------------------------------------- housekeeping (qrun prune, du, cap-priority)
+
+
+# ---------------------------------------------------------------- running (qrun run, qrun warmup, qrun demo)
 
 
 # ---------------------------------------------------------------- waiting and changing

@@ -39,7 +39,7 @@ def db(qrun_home):
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
-    from qrun.demo.tiny import build_tiny_model
+    from qrun.workers.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2",
                             hidden=128, intermediate=256, layers=2)
@@ -47,7 +47,7 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from qrun.demo.tiny import build_tiny_model
+    from qrun.workers.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama",
                             hidden=128, intermediate=256, layers=2)
@@ -56,7 +56,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def deep_qwen2(tmp_path_factory) -> Path:
     """More layers, so a quantization runs long enough to be interrupted mid-way."""
-    from qrun.demo.tiny import build_tiny_model
+    from qrun.workers.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "deep-qwen2", arch="qwen2",
                             hidden=256, intermediate=512, layers=24)
@@ -96,7 +96,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 def write_labeled(path: Path) -> Path:
     """Eight dialogs, the scam-like ones labeled fraud, with ids as the seed's data would have."""
-    from qrun.demo.tiny import sample_texts
+    from qrun.workers.tiny import sample_texts
 
     lines = sample_texts()[:8]  # alternating: scam call, ordinary chat, ...
     with path.open("w", encoding="utf-8") as f:

@@ -99,7 +99,7 @@ def queue_db(qrun_home):
 
 
 def test_gguf_is_refused_at_submit_for_a_model_class_it_cannot_write(qrun_home, tmp_path):
-    from qrun.demo.tiny import build_tiny_model
+    from qrun.workers.tiny import build_tiny_model
 
     llama = build_tiny_model(tmp_path / "tiny-llama", arch="llama", hidden=256, intermediate=512, layers=1)
     result = run_qrun("submit", "--model", str(llama), "--method", "gguf", "--gguf-type", "q8_0")

@@ -26,7 +26,7 @@ from conftest import write_labeled
 
 @pytest.fixture(scope="session")
 def wide_qwen2(tmp_path_factory) -> Path:
-    from qrun.demo.tiny import build_tiny_model
+    from qrun.workers.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "wide-qwen2", arch="qwen2",
                             hidden=256, intermediate=512, layers=2)

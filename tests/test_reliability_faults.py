@@ -279,7 +279,7 @@ def test_a_full_disk_under_the_job_table_is_named_as_such(small_home_disk, tiny_
 @pytest.fixture(scope="module")
 def wide_qwen2(tmp_path_factory) -> Path:
     """A 4096-wide MLP: its activations grow with the calibration batch, as a real model's do."""
-    from qrun.demo.tiny import build_tiny_model
+    from qrun.workers.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "wide-qwen2", arch="qwen2",
                             hidden=128, intermediate=4096, layers=2)

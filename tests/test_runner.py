@@ -229,7 +229,7 @@ def test_a_gpu_workers_build_thread_rehearses_each_kernels_first_job():
         warming = KernelBuilds(["gptq_cuda", "marlin_bf16"], rehearse_on="cpu")
         warming.wait(["gptq_cuda"])
         assert [(name, ok) for name, _, ok in warming.rehearsals] == [("gptq_cuda", True)], warming.rehearsals
-        from qrun.demo.tiny import build_tiny_model, sample_texts
+        from qrun.workers.tiny import build_tiny_model, sample_texts
         from qrun.workers.quantize import QuantizeParams, quantize_model
         work = Path(tempfile.mkdtemp())
         model = build_tiny_model(work / "model", hidden=128, intermediate=256, layers=2, seed=1)
@@ -254,7 +254,7 @@ def test_a_kernels_rehearsal_copies_the_model_of_the_job_that_waits_for_it(tmp_p
     pickle weights are never linked nor loaded, and remote code runs only in the job itself."""
     import logging
 
-    from qrun.demo.tiny import build_tiny_model, sample_texts
+    from qrun.workers.tiny import build_tiny_model, sample_texts
     from qrun.workers.quantize import QuantizeParams, quantize_model
     from qrun.workers.warmup import JobShape, KernelBuilds, one_layer_copy, rehearse
 

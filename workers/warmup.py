@@ -366,12 +366,13 @@ def _ends(batches: list) -> list:
 
 
 def _rehearse_tiny(kind: str, method: str, dtype: str, device: str, work: Path) -> None:
-    from qrun.demo.dataset import write_jsonl
-    from qrun.demo.tiny import build_tiny_model, sample_texts
     from qrun.workers.quantize import QuantizeParams
+    from qrun.workers.tiny import build_tiny_model, sample_texts
 
     model = build_tiny_model(work / "tiny", dtype=dtype, **REHEARSAL_SHAPE)
-    calib = write_jsonl([{"text": t} for t in sample_texts()[:16]], work / "calib.jsonl")
+    calib = work / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sample_texts()[:16]),
+                     encoding="utf-8")
     params = QuantizeParams(bits=4, method=None if method == "gptq" else method, calib=str(calib),
                             calib_samples=16, calib_max_len=64)
     quantized = _quantize_rehearsal(params, model, device, work)

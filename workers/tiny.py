@@ -1,4 +1,6 @@
-"""Tiny random causal LMs (Qwen2 or Llama architecture) with a tokenizer trained on the spot.
+"""Tiny random causal LMs (Qwen2 or Llama architecture) with a tokenizer trained on the spot: what a
+worker rehearses a kernel on (workers.warmup) where no copy of the job's model can be made, and what
+the tests and the demo build their models from.
 
 No hub access is needed: the tokenizer is a byte-level BPE trained on the given texts, and
 the model is randomly initialised from a small config, saved as safetensors.
