@@ -55,7 +55,8 @@ def main() -> None:
     model = build_bench_model(work / f"model-{args.shape}", args.shape)
     calib = write_calibration(work / "calib.jsonl", args.samples, args.max_len * 6)
     from qrun.workers.inputs import inspect_model
-    from qrun.workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.params import QuantizeParams
+    from qrun.workers.quantize import quantize_model
     from qrun.workers.warmup import build_kernel, rehearse
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -51,7 +51,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="qrun-first-quantize-"))
     model, calib = (args.model, args.calib) if args.model else tiny_model_and_calibration(work)
     from qrun.workers.inputs import inspect_model
-    from qrun.workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.params import QuantizeParams
+    from qrun.workers.quantize import quantize_model
     from qrun.workers.warmup import build_kernel, kernels_a_job_uses, rehearse
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -43,18 +43,11 @@ VARIANTS = [("gptq", 4), ("gptq", 8), ("awq", 4), ("rtn", 4), ("rtn", 8), ("fp8"
 
 def variant_params(method: str, bits: int, args) -> dict:
     """A quantize job's params, as `qrun submit --method M --bits B` makes them."""
-    from qrun.workers import methods
+    from qrun.workers.params import QuantizeParams
 
-    spec = methods.METHODS[method]
-    params: dict = {"bits": bits} | ({} if method == "gptq" else {"method": method})
-    if method == "gguf":
-        params["gguf_type"] = methods.GGUF_DEFAULT_TYPE[bits]
-    if spec.grouped:
-        params["group_size"] = args.group_size
-    if spec.calibrated:
-        params |= {"calib": str(args.calib), "calib_samples": args.samples, "calib_max_len": args.max_len,
-                   "batch_size": args.batch_size}
-    return params
+    return QuantizeParams.for_method(method, bits, group_size=args.group_size, calib=str(args.calib),
+                                     calib_samples=args.samples, calib_max_len=args.max_len,
+                                     batch_size=args.batch_size).to_dict()
 
 
 def ppl_text(path: Path, min_chars: int) -> Path:
@@ -99,7 +92,8 @@ def free() -> None:
 def quantize(model: Path, params: dict, target: Path, work: Path) -> dict:
     from qrun.workers.evaluate import weights_bytes
     from qrun.workers.inputs import inspect_model
-    from qrun.workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.params import QuantizeParams
+    from qrun.workers.quantize import quantize_model
 
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
@@ -121,7 +115,8 @@ def quantize(model: Path, params: dict, target: Path, work: Path) -> dict:
 
 def evaluate(model_dir: Path, ppl_file: Path, batch_size: int) -> dict:
     """Load the artifact as qrun's eval job does, and measure perplexity (and its speed) on the text."""
-    from qrun.workers.evaluate import EvalParams, artifact_format, load_model, perplexity, plan_eval
+    from qrun.workers.evaluate import artifact_format, load_model, perplexity, plan_eval
+    from qrun.workers.params import EvalParams
 
     reset_peak()
     started = time.perf_counter()

@@ -121,7 +121,8 @@ def quantize_once(model: Path, calib: Path, args, engine: dict, batch_size: int,
     from qrun.workers.inputs import inspect_model
     from qrun.workers.jobs import free_memory
     from qrun.workers.engine import Engine
-    from qrun.workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.params import QuantizeParams
+    from qrun.workers.quantize import quantize_model
 
     target, offload = work / "out", work / "offload"
     for path in (target, offload):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 
 import click
 
@@ -29,13 +29,6 @@ def _json_default(value):
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def local_time(utc: datetime | None) -> str:
-    """A time of the job table (naive UTC) as local ISO 8601 with its offset: 2026-11-25T14:02:11+01:00."""
-    if utc is None:
-        return ""
-    return utc.replace(tzinfo=timezone.utc).astimezone().isoformat(timespec="seconds")
-
-
 MAX_JOB_ID = 2**63 - 1  # the widest integer column of SQLite and Postgres
 
 
@@ -54,21 +47,11 @@ def parse_job_ids(values: tuple[str, ...]) -> list[int]:
     return ids
 
 
-def parse_gpu_list(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        gpus = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise BadInput(f"--gpus {value!r} must be a comma-separated list of GPU indices, like 0,1") from None
-    if not gpus or any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
-        raise BadInput(f"--gpus {value!r} must list distinct GPU indices, like 0,1")
-    return gpus
-
-
 def stderr_line(message: str) -> None:
+    """One line to standard error: every command's messages go there, its results to standard output."""
     click.echo(message, err=True)
 
 
 def is_tty() -> bool:
+    """Whether standard error is a terminal (a live table) or not (a log: one line per change)."""
     return sys.stderr.isatty()

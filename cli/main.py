@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-from qrun.cli import compare, control, demo, housekeeping, results, run, status, submit, warmup, workers
+from qrun.cli import compare, control, demo, housekeeping, run, status, submit, warmup, workers
 from qrun import DISTRIBUTION
 from qrun.db.errors import QrunError
 
@@ -31,12 +31,13 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
     pin_qrun_home()  # a relative QRUN_HOME names one place for the whole run, workers included
 
 
-for module in (submit, status, control, run, workers, warmup, results, compare, housekeeping, demo):
+for module in (submit, status, control, run, workers, warmup, compare, housekeeping, demo):
     for command in module.COMMANDS:
         cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script: run one command, and turn what it raised into one line and an exit code."""
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     try:
         code = cli.main(args=argv, prog_name="qrun", standalone_mode=False)

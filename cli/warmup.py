@@ -15,13 +15,10 @@ def warmup(device):
     pays for it: on a new GPU machine gptq_cuda (~21 s), Marlin fp16/bf16 (~2 min each) and AWQ's; on
     a CPU the AVX-512 int4 kernel (~45 s). Workers build them in the background, holding each job
     back until the kernels it uses are ready; after warmup they only load them."""
-    from qrun.workers.warmup import build_kernels, describe
+    import qrun
+    from qrun.workers.warmup import describe
 
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    stderr_line(describe(build_kernels(device)))  # an unusable kernel is named there, not an error
+    stderr_line(describe(qrun.warmup(device)))  # an unusable kernel is named there, not an error
 
 
 COMMANDS = [warmup]

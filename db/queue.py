@@ -142,12 +142,6 @@ def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None,
     return ids
 
 
-def find_equivalent_job(db: Database, kind: Kind, model: str, params: dict) -> int | None:
-    """A job of the same kind, model and parameters that has not failed, if any (to avoid duplicates)."""
-    job = equivalent_job(db, kind, model, params)
-    return None if job is None else job.id
-
-
 def equivalent_job(db: Database, kind: Kind, model: str, params: dict, upstream: int | None = None):
     """The first job of the same kind, model and parameters that is queued, running or succeeded (a
     plain row: id, status, ...), or None. upstream: only jobs that depend on that job (an eval of one
@@ -182,12 +176,11 @@ def sweep_named(db: Database, name: str) -> str | None:
         return s.execute(select(Job.sweep).where(Job.sweep_name == name).order_by(Job.id.desc()).limit(1)).scalar()
 
 
-def jobs_of_sweep(db: Database, sweep: str, *, plain: bool = False) -> list[Job]:
-    """The jobs of a sweep, given by id or name, ordered by id; BadInput when it has none.
-    plain: read-only rows, as list_jobs gives them."""
-    query = (select(*Job.__table__.columns) if plain else select(Job)).where(sweep_filter(sweep)).order_by(Job.id)
+def jobs_of_sweep(db: Database, sweep: str) -> list[Job]:
+    """The jobs of a sweep, given by id or name, ordered by id; BadInput when it has none."""
+    query = select(Job).where(sweep_filter(sweep)).order_by(Job.id)
     with db.transaction() as s:
-        jobs = list(s.execute(query).all() if plain else s.scalars(query))
+        jobs = list(s.scalars(query))
     if not jobs:
         raise BadInput(f"--sweep {sweep!r} matches no job: give a sweep id or name from `qrun status --json`")
     return jobs
@@ -280,8 +273,8 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
     Ready: queued, and its upstream job (if any) succeeded. A worker holding `gpus` GPUs takes only
     jobs that need no more (a CPU worker counts as one: it never takes a job that needs several), and
     only jobs its device can run (`runnable_by`: compute_capability None is a CPU worker, which never
-    takes a job whose method needs a GPU); `only_multi_gpu` limits it to jobs that need more than one. Expired leases are settled first, in
-    the same transaction, so any running qrun keeps the table honest. Orphans of failed upstream
+    takes a job whose method needs a GPU); `only_multi_gpu` limits it to jobs that need more than one.
+    Expired leases are settled first, in the same transaction, so any running qrun keeps the table honest. Orphans of failed upstream
     jobs are never ready; they are failed only when nothing is, as finding them scans the queue.
 
     `passable` is given by a worker that the runner may lend to a job needing more GPUs than it
@@ -399,11 +392,6 @@ def release_job(db: Database, job_id: int, worker: str, reason: str) -> None:
                     values={"worker": None, "gpu": None, "lease_expires_at": None,
                             "attempts": func.max(Job.attempts - 1, 0) if db.is_sqlite
                             else func.greatest(Job.attempts - 1, 0)})
-
-
-def is_cancelled(db: Database, job_id: int) -> bool:
-    with db.transaction() as s:
-        return s.execute(select(Job.status).where(Job.id == job_id)).scalar() == Status.CANCELLED.value
 
 
 # ---------------------------------------------------------------- keeping the table honest
@@ -649,7 +637,7 @@ CAP_KEY = "max_priority:"  # qrun_meta key prefix: max_priority:USER -> the high
 
 def set_priority_cap(db: Database, user: str, cap: int | None) -> bool:
     """Cap the priority `user` may submit with (None: remove the cap); whether a cap was there before.
-    Who may call this is the CLI's check (the SQLite file's owner; anyone on Postgres)."""
+    Who may call this is qrun.housekeeping.check_admin's question (the SQLite file's owner; anyone on Postgres)."""
     from qrun.db.schema import Meta
 
     key = CAP_KEY + user

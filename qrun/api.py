@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from qrun.db.errors import BadInput, QrunError
+from qrun.workers.params import EvalParams
 
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 DEFAULT_POLL_S = 2.0
 
 
@@ -29,16 +29,17 @@ class WaitTimeout(QrunError, TimeoutError):
 
 
 @contextmanager
-def database(db=None) -> Iterator:
+def database(db=None, create: bool = True) -> Iterator:
     """An opened job table: `db` itself when it is one, else opened here from a URL or the default
-    and closed again on leaving."""
+    and closed again on leaving. create=False for calls that only look: a SQLite file that is not
+    there is refused (a mistyped path), not made."""
     from qrun.db.session import Database, open_database, pin_qrun_home
 
     if isinstance(db, Database):
         yield db
         return
     pin_qrun_home()  # a relative QRUN_HOME would name another place inside a worker's job directory
-    opened = open_database(db)
+    opened = open_database(db, create)
     try:
         yield opened
     finally:
@@ -75,37 +76,34 @@ class Submission:
                 for n, job in enumerate(self.planned, 1)]
 
 
-def submit(model, bits=None, *, method="gptq", gguf_type=None, group_size=None, desc_act=False, sym=True, damp=0.01, calib=None, calib_samples=128,
-           calib_max_len=1024, batch_size=16, eval=None, eval_mode="score", eval_ppl=None, max_new_tokens=32,
-           eval_batch_size=8, priority=0, max_attempts=3, trust_remote_code=False, allow_pickle=False,
-           name=None, rerun=False, dry_run=False, gpus_per_job=1, db=None) -> Submission:
+def submit(model, bits=None, *, db=None, **options) -> Submission:
     """Add one quantize job per combination of method, bits, group_size and damp (each one value or a
     list), and with `eval` (a labeled data file) an eval job after each plus one of the unquantized
     baseline. Each method takes the part of the sweep that applies to it: method="awq" only 4 bits,
     "gguf" its quant types (gguf_type, e.g. "q4_k_m"; default: one per width of bits), "fp8" and
     "bnb-nf4" one variant each; group_size None is 128 where a method has groups.
 
+    The keywords are `qrun submit`'s options (qrun.sweeps.SubmitOptions, with their defaults): method,
+    gguf_type, group_size, desc_act, sym, damp, calib, calib_samples, calib_max_len, batch_size, eval,
+    eval_mode, eval_ppl, max_new_tokens, eval_batch_size, priority, max_attempts, trust_remote_code,
+    allow_pickle, gpus_per_job, name, rerun, dry_run.
+
     A job equal to one already queued, running or succeeded is not added again: the Submission's
     `existing` names it (rerun=True adds it anyway). All new jobs share one sweep id; `name` names the
     sweep (a name already used adds to that sweep). gpus_per_job: GPUs of one node each job holds (a
     model too big for one card). Everything is checked before the database is opened; dry_run checks
     and plans without adding."""
-    from qrun.sweeps import check_submission, check_sweep_name, plan_jobs
-
-    request = check_submission(
-        model, bits, method=method, gguf_type=gguf_type, group_size=group_size, desc_act=desc_act, sym=sym, damp=damp, calib=calib,
-        calib_samples=calib_samples, calib_max_len=calib_max_len, batch_size=batch_size, eval=eval,
-        eval_mode=eval_mode, eval_ppl=eval_ppl, max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size,
-        priority=priority, max_attempts=max_attempts, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle, gpus_per_job=gpus_per_job)
-    name = check_sweep_name(name)
     from qrun.db import queue
+    from qrun.sweeps import SubmitOptions, check_submission, plan_jobs
 
+    given = SubmitOptions(model, bits, **options)
+    request = check_submission(given)
+    name = request.name
     with database(db) as opened:
-        plan = plan_jobs(opened, request, rerun=rerun)
+        plan = plan_jobs(opened, request, rerun=given.rerun)
         sweep = (queue.sweep_named(opened, name) if name else None) or queue.new_sweep_id()
-        if dry_run or not plan.jobs:
-            return Submission([], None if not plan.jobs else sweep, name, plan.jobs, plan.existing, dry_run)
+        if given.dry_run or not plan.jobs:
+            return Submission([], None if not plan.jobs else sweep, name, plan.jobs, plan.existing, given.dry_run)
         ids = queue.submit_jobs(opened, plan.specs, sweep=sweep, sweep_name=name)
     return Submission(ids, sweep, name, plan.jobs, plan.existing)
 
@@ -113,10 +111,27 @@ def submit(model, bits=None, *, method="gptq", gguf_type=None, group_size=None, 
 # ---------------------------------------------------------------- evaluate (qrun eval)
 
 
+def evaluate(model, *, data=None, ppl=None, mode=EvalParams.mode, max_new_tokens=EvalParams.max_new_tokens,
+             batch_size=EvalParams.batch_size, priority=0, trust_remote_code=False, gpus_per_job=EvalParams.gpus,
+             db=None) -> int:
+    """Add an eval job for an existing model or artifact directory (any method's, a directory holding a
+    .gguf file too; its variant is read from its files): `data` (labeled dialogs, classified in `mode`
+    score or generate) and/or `ppl` (text for perplexity). Everything is checked before the database is
+    opened. Returns the new job's id."""
+    from qrun.db import queue
+    from qrun.sweeps import check_evaluation
+
+    spec = check_evaluation(model, data=data, ppl=ppl, mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            priority=priority, trust_remote_code=trust_remote_code, gpus_per_job=gpus_per_job)
+    with database(db) as opened:
+        return queue.submit_jobs(opened, [spec])[0]
+
+
 # ---------------------------------------------------------------- reading
 
 
 def _select_jobs(db, ids: Iterable[int] | None, sweep: str | None) -> list:
+    """The jobs of `ids` (all when none), within the sweep given by id or name if any (BadInput if it has none)."""
     from qrun.db import queue
 
     ids = list(ids or [])
@@ -126,13 +141,24 @@ def _select_jobs(db, ids: Iterable[int] | None, sweep: str | None) -> list:
     return [j for j in jobs if j.id in set(ids)] if ids else jobs
 
 
-def status(ids: Iterable[int] | None = None, sweep: str | None = None, db=None) -> list[dict]:
+def status(ids: Iterable[int] | None = None, sweep: str | None = None, db=None, *, users: Iterable[str] = (),
+           mine: bool = False, states: Iterable[str] = (), models: Iterable[str] = (), sweeps: Iterable[str] = (),
+           since: str | None = None, show_all: bool = True, limit: int | None = None) -> list[dict]:
     """The jobs (all; those of `ids`; those of a sweep, by id or name) as `qrun status --json` rows:
-    id, kind, status, params, progress, metrics, artifacts, sweep, ..."""
-    from qrun.cli.status import job_rows  # the `status --json` rows, defined once, beside their command
+    id, kind, status, params, progress, metrics, artifacts, sweep, ... (times naive UTC).
 
+    The other keywords are `qrun status`'s filters: users (submitted by), mine (by you), states,
+    models (a directory or its name), sweeps (ids or names), since (a span like 2h, 1d or an ISO time:
+    jobs active at any time since then), limit (the newest N). show_all=False: only active jobs and
+    those finished in the last hour unless ids or since say otherwise (the command's default)."""
+    from qrun.views import job_filter, job_rows, select_jobs
+
+    ids = list(ids or [])
+    flt = job_filter(ids, users=users, mine=mine, states=states, models=models, sweeps=sweeps, since=since,
+                     show_all=show_all, limit=limit)  # bad input is refused before the table is opened
     with database(db) as opened:
-        return job_rows(opened, _select_jobs(opened, ids, sweep))
+        jobs = select_jobs(opened, flt) if sweep is None else flt.apply(_select_jobs(opened, ids, sweep))
+        return job_rows(opened, jobs)
 
 
 class Rows(list):
@@ -152,24 +178,154 @@ def to_frame(rows: list[dict]):
     return pandas.DataFrame(list(rows))
 
 
-def compare(model: str | None = None, data: str | None = None, sweep: str | None = None, *,
-            as_frame: bool = False, db=None):
+def compare(model: str | None = None, data: str | None = None, sweep: str | None = None, *, metric: str = "f1",
+            max_drop: float | None = None, warn: Callable[[str], None] | None = None, as_frame: bool = False,
+            db=None):
     """`qrun compare`'s rows (plain dicts: variant, bits, size, precision, recall, ... and their deltas
-    from the baseline), for one source model, data file or sweep if given. as_frame: a DataFrame."""
-    from qrun.cli.compare import comparison_rows  # assembled beside its command, as job_row is
+    from the baseline), for one source model, data file or sweep if given. With max_drop, each row also
+    says whether its `metric` is within max_drop of the baseline's and which is the smallest that is.
+    warn(line): told of unreadable predictions files (default: standard error). as_frame: a DataFrame."""
+    from qrun.comparison import check_max_drop, comparison_rows, stderr_line
 
-    with database(db) as opened:
-        rows = comparison_rows(opened, model, data, sweep)
+    check_max_drop(max_drop)
+    with database(db, create=False) as opened:
+        rows = comparison_rows(opened, model, data, sweep, metric=metric, max_drop=max_drop, warn=warn or stderr_line)
     return to_frame(rows) if as_frame else Rows(rows)
 
 
 # ---------------------------------------------------------------- logs and workers (qrun logs, qrun workers)
 
 
+def logs(job_id: int, *, tail: int | None = None, raw: bool = False, db=None):
+    """`qrun logs`: the job's history and log as a `qrun.joblogs.JobLogs` (job_id, status; history: one
+    comment line per transition; log: its lines with progress bars collapsed, the last `tail` of them,
+    or with raw the file's bytes, or None before the job started; error: its error as comment lines)."""
+    from qrun.joblogs import check_tail, read_logs
+
+    check_tail(tail)
+    with database(db, create=False) as opened:
+        return read_logs(opened, job_id, tail, raw)
+
+
+def follow_logs(job_id: int, *, raw: bool = False, db=None, poll_s: float = 0.5) -> Iterator[str | int]:
+    """`qrun logs --follow`: a generator of text to write, the history and log as they grow (raw: the log
+    as written), every poll_s seconds until the job finishes; its last item is the exit code, an int:
+    0 if the job succeeded, 1 if it failed or was cancelled."""
+    from qrun.joblogs import follow
+
+    with database(db, create=False) as opened:
+        yield from follow(opened, job_id, raw, poll_s)
+
+
+def worker_status(*, all: bool = False, db=None) -> list[dict]:
+    """`qrun workers --json`: one dict per worker (name, node, slot, device, gpu, state, current_job,
+    activity, jobs_done, started_at, heartbeat_at, last_seen_s), the last day's less those stopped
+    over an hour ago; all=True: every worker ever recorded."""
+    from qrun.views import worker_rows
+
+    with database(db, create=False) as opened:
+        return worker_rows(opened, all)
+
+
 # ---------------------------------------------------------------- housekeeping (qrun prune, du, cap-priority)
 
 
+def prune(older_than: str, *, failed_only: bool = False, user: str | None = None, yes: bool = False,
+          db=None) -> dict:
+    """Old finished jobs (finished before `older_than`: a span like 30d, 12h, 2w, or an ISO time), only
+    failed and cancelled ones with failed_only, only `user`'s with user; with yes, their rows and files
+    removed. Never queued or running jobs, nor one a kept job depends on. Returns `qrun prune --json`:
+    {removed, bytes, jobs: [{id, kind, status, user, model, finished_at, bytes, paths}]}."""
+    from qrun.housekeeping import prune_jobs
+    from qrun.views import parse_since
+
+    before = parse_since(older_than, option="--older-than")
+    with database(db, create=False) as opened:
+        return prune_jobs(opened, before, failed_only=failed_only, user=user, yes=yes)
+
+
+def du(*, db=None) -> dict:
+    """Space per user and per model, as `qrun du --json`: {users, models}, each a list of {name, jobs,
+    artifact_bytes, log_bytes, bytes}, the largest first."""
+    from qrun.housekeeping import usage
+
+    with database(db, create=False) as opened:
+        return usage(opened)
+
+
+def priority_caps(*, db=None) -> dict[str, int]:
+    """Every user's priority cap (the highest --priority they may submit with): {user: cap}."""
+    from qrun.db import queue
+
+    with database(db, create=False) as opened:
+        return queue.priority_caps(opened)
+
+
+def set_priority_cap(user: str, cap: int | None, *, db=None) -> bool:
+    """Cap the priority `user` may submit with (cap None: remove the cap); whether a cap was there.
+    Only the owner of a SQLite job table may (BadInput otherwise); on Postgres, anyone."""
+    from qrun.db import queue
+    from qrun.housekeeping import check_admin
+
+    with database(db) as opened:
+        check_admin(opened)
+        return queue.set_priority_cap(opened, user, cap)
+
+
 # ---------------------------------------------------------------- running (qrun run, qrun warmup, qrun demo)
+
+
+def _to_stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+def run(*, gpus: list[int] | str | None = None, cpu_workers: int | None = None, serve: bool = False,
+        until_empty: bool = False, ray_address: str | None = None, lease_s: float = 60.0, db=None,
+        say: Callable[[str], None] | None = None, on_tick: Callable | None = None):
+    """Work the queue here: start Ray (or join the cluster at ray_address), one worker per GPU (or
+    cpu_workers CPU workers), until the queue is empty, or with serve until Ctrl-C. gpus: this
+    machine's GPUs to use ([0, 1] or "0,1"; None: all). lease_s: seconds a worker may go silent before
+    its job returns to the queue. say(line): each line the run gives (default: standard error); Ray's
+    own notices go to a run log under $QRUN_HOME/logs, named on the first line. on_tick(watch): a
+    display's hook (qrun.runs.JobWatch: watch.read() gives the jobs). Returns a qrun.runs.RunOutcome:
+    workers, ran, failed (ids), restarts, interrupted, and the jobs still waiting for a GPU."""
+    from qrun.runs import check_run_options, parse_gpus, run_with_log
+
+    say = say or _to_stderr
+    warning = check_run_options(gpus=gpus, cpu_workers=cpu_workers, until_empty=until_empty, serve=serve,
+                                ray_address=ray_address, lease_s=lease_s)  # before the table is opened
+    if warning:
+        say(warning)
+    with database(db) as opened:
+        return run_with_log(opened, parse_gpus(gpus), cpu_workers, not serve, ray_address, lease_s, say, on_tick)
+
+
+def warmup(device: str = "auto") -> list[tuple[str, float, bool, str]]:
+    """Build (or load from the cache) GPTQModel's kernels for device "cuda", "cpu" or "auto" (this
+    machine's), so that no job pays for it. Returns (name, seconds, usable, why not) per kernel: an
+    unusable kernel is reported there, not raised."""
+    from qrun.workers.warmup import build_kernels
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_kernels(device)
+
+
+def run_demo(*, db=None, say: Callable[[str], None] | None = None, on_tick: Callable | None = None):
+    """`qrun demo`: build the tiny demo model (once), queue its GPTQ and round-to-nearest variants at 8,
+    4 and 2 bits with evals (those missing), run them here, and read the comparison. say(line): the
+    demo's progress lines (default: standard error). Returns a qrun.demo_run.DemoResult: rows (the
+    comparison), sentence, closing (the lines after the table), ok, interrupted."""
+    from contextlib import ExitStack
+
+    from qrun.demo_run import run_demo as demo
+
+    with ExitStack() as opened:  # the table is opened once the model is there, and closed at the end
+        return demo(lambda: opened.enter_context(database(db)), say=say or _to_stderr, on_tick=on_tick)
 
 
 # ---------------------------------------------------------------- waiting and changing
@@ -180,7 +336,8 @@ def wait(ids: Iterable[int], timeout: float | None = None, poll_s: float = DEFAU
     """Wait until every job of `ids` has finished (succeeded, failed or cancelled) and return their
     final `status` rows. Jobs run only while some `qrun run` works the queue. on_finish(row) is
     called once per job as it finishes; WaitTimeout after `timeout` seconds."""
-    from qrun.cli.status import job_rows
+    from qrun.db.states import FINISHED
+    from qrun.views import job_rows
 
     ids = sorted(set(ids))
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -189,7 +346,7 @@ def wait(ids: Iterable[int], timeout: float | None = None, poll_s: float = DEFAU
         while True:
             rows = job_rows(opened, _select_jobs(opened, ids, None))
             for row in rows:
-                if row["status"] in FINISHED_STATUSES and row["id"] not in seen:
+                if row["status"] in FINISHED and row["id"] not in seen:
                     seen.add(row["id"])
                     if on_finish is not None:
                         on_finish(row)
@@ -220,11 +377,12 @@ def cancel(ids: Iterable[int] | None = None, sweep: str | None = None, force: bo
     """Cancel jobs (a running one stops at its next layer); with `sweep`, its queued and running jobs.
     Another user's jobs only with force. Returns the ids cancelled."""
     from qrun.db import queue
+    from qrun.db.states import Status
 
     ids = list(ids or [])
     _check_ids_or_sweep(ids, sweep, "cancel")  # before the table is opened
     with database(db) as opened:
-        targets = _targets(opened, ids, sweep, ("queued", "running"))
+        targets = _targets(opened, ids, sweep, (Status.QUEUED.value, Status.RUNNING.value))
         queue.cancel_jobs(opened, targets, force=force)
     return targets
 
@@ -233,10 +391,11 @@ def retry(ids: Iterable[int] | None = None, sweep: str | None = None, force: boo
     """Queue failed or cancelled jobs again with fresh attempts; with `sweep`, its failed and cancelled
     jobs. Another user's jobs only with force. Returns the ids queued again."""
     from qrun.db import queue
+    from qrun.db.states import Status
 
     ids = list(ids or [])
     _check_ids_or_sweep(ids, sweep, "retry")  # before the table is opened
     with database(db) as opened:
-        targets = _targets(opened, ids, sweep, ("failed", "cancelled"))
+        targets = _targets(opened, ids, sweep, (Status.FAILED.value, Status.CANCELLED.value))
         queue.retry_jobs(opened, targets, force=force)
     return targets

@@ -7,18 +7,16 @@ Python, so bad input is refused before the database is opened.
 
 from __future__ import annotations
 
-import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from qrun.db.errors import BadInput
-from qrun.db.queue import JobSpec
+from qrun.db.queue import JobSpec, check_priority
 from qrun.db.states import Kind
 from qrun.variants import variant_labels
 from qrun.workers import methods
+from qrun.workers.params import BASELINE, EVAL_MODES, EvalParams, QuantizeParams, params_of
 
-EVAL_MODES = ("score", "generate")
-BASELINE = "baseline"
 # A sweep name must not read as a sweep id, which `--sweep` also takes.
 SWEEP_ID_PATTERN = re.compile(r"[0-9a-f]{8}")
 MAX_NAME_LENGTH = 64
@@ -44,6 +42,7 @@ def check_file(path: str | None, what: str) -> str | None:
 
 
 def check_sweep_name(name: str | None) -> str | None:
+    """The sweep's name if it is one (1 to 64 printable characters, not like a sweep id), else BadInput."""
     if name is None:
         return None
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH or not name.isprintable():
@@ -51,12 +50,6 @@ def check_sweep_name(name: str | None) -> str | None:
     if SWEEP_ID_PATTERN.fullmatch(name):
         raise BadInput(f"--name {name!r} looks like a sweep id (8 hex characters): choose a name with other letters")
     return name
-
-
-def eval_params(data: str | None, mode: str, max_new_tokens: int, ppl: str | None, batch_size: int,
-                variant: str, trust_remote_code: bool) -> dict:
-    return {"data": data, "mode": mode, "max_new_tokens": max_new_tokens, "ppl_data": ppl,
-            "batch_size": batch_size, "variant": variant, "trust_remote_code": trust_remote_code}
 
 
 def validate_eval_inputs(data: str | None, ppl: str | None, max_new_tokens: int, batch_size: int,
@@ -73,71 +66,104 @@ def validate_eval_inputs(data: str | None, ppl: str | None, max_new_tokens: int,
     check_job_counts(max_new_tokens=max_new_tokens, **{batch_option: batch_size})
 
 
-@dataclass
-class SweepRequest:
-    """A submit's inputs, checked: the model's resolved path, one params dict per sweep point (in the
-    order of the options, repeats dropped), and the eval's arguments (None: no eval)."""
+@dataclass(frozen=True)
+class SubmitOptions:
+    """The options of one submit (`qrun submit`, `qrun.submit`), as given: a repeatable option is one
+    value or a list. Every default is the job params' own (workers.params); check_submission checks them."""
 
     model: str
-    points: list[dict]
-    eval_args: dict | None
-    priority: int = 0
-    max_attempts: int = 3
-    gpus: int = 1  # GPUs of one node each job holds
+    bits: int | list[int] | None = None
+    method: str | list[str] = methods.DEFAULT_METHOD
+    gguf_type: str | list[str] | None = None  # gguf: its types (None: the default type of each width of bits)
+    group_size: int | list[int] | None = None  # None: the params' default where a method has groups
+    desc_act: bool = QuantizeParams.desc_act
+    sym: bool = QuantizeParams.sym
+    damp: float | list[float] = QuantizeParams.damp_percent
+    calib: str | None = None  # None: the eval file, else built-in text
+    calib_samples: int = QuantizeParams.calib_samples
+    calib_max_len: int = QuantizeParams.calib_max_len
+    batch_size: int = QuantizeParams.batch_size
+    eval: str | None = None
+    eval_mode: str = EvalParams.mode
+    eval_ppl: str | None = None
+    max_new_tokens: int = EvalParams.max_new_tokens
+    eval_batch_size: int = EvalParams.batch_size
+    priority: int = JobSpec.priority
+    max_attempts: int = JobSpec.max_attempts
+    trust_remote_code: bool = QuantizeParams.trust_remote_code
+    allow_pickle: bool = QuantizeParams.allow_pickle
+    gpus_per_job: int = QuantizeParams.gpus
+    name: str | None = None
+    rerun: bool = False
+    dry_run: bool = False
 
 
-def check_submission(model, bits=None, *, method="gptq", gguf_type=None, group_size=None, desc_act=False, sym=True,
-                     damp=0.01, calib=None, calib_samples=128, calib_max_len=1024, batch_size=16, eval=None,
-                     eval_mode="score", eval_ppl=None, max_new_tokens=32, eval_batch_size=8, priority=0,
-                     max_attempts=3, trust_remote_code=False, allow_pickle=False, gpus_per_job=1) -> SweepRequest:
-    """Every input of a submit checked (model, methods, settings, files), and the sweep expanded: BadInput
-    naming the first bad one. Nothing is opened or written.
+@dataclass
+class SweepRequest:
+    """A submit's inputs, checked: the model's resolved path, one quantize job's params per sweep point
+    (in the order of the options, repeats dropped), and the eval jobs' params (None: no eval; their
+    variant is set per job)."""
+
+    model: str
+    points: list[QuantizeParams]
+    evaluation: EvalParams | None
+    priority: int = JobSpec.priority
+    max_attempts: int = JobSpec.max_attempts
+    gpus: int = QuantizeParams.gpus  # GPUs of one node each job holds
+    name: str | None = None  # the sweep's name
+
+
+def check_submission(options: SubmitOptions | str, **keywords) -> SweepRequest:
+    """Every input of a submit checked (model, methods, settings, files, the sweep's name), and the sweep
+    expanded: BadInput naming the first bad one. Nothing is opened or written. options: SubmitOptions,
+    or the model, with SubmitOptions' other fields as keywords.
 
     The sweep is methods × bits × group sizes × damps, each method taking the part that applies to it
-    (workers.methods): AWQ only 4 bits, GGUF its quant types, damp only GPTQ. group_size None: 128
-    where a method takes groups."""
+    (workers.methods): AWQ only 4 bits, GGUF its quant types, damp only GPTQ."""
     from qrun.workers.datasets import check_calibration_file
     from qrun.workers.inputs import (check_calibration_settings, check_gpus_per_job, check_job_counts,
-                                     check_priority, check_quantizable, inspect_model)
+                                     check_quantizable, inspect_model)
 
-    chosen = [methods.check_method(m) for m in dict.fromkeys(as_names(method, "--method"))]
-    gguf_types = tuple(methods.check_gguf_type(t) for t in as_names(gguf_type, "--gguf-type")) if gguf_type else ()
-    if gguf_types and not any(m.name == "gguf" for m in chosen):
+    o = options if isinstance(options, SubmitOptions) else SubmitOptions(options, **keywords)
+    chosen = [methods.check_method(m) for m in dict.fromkeys(as_names(o.method, "--method"))]
+    gguf_types = tuple(methods.check_gguf_type(t) for t in as_names(o.gguf_type, "--gguf-type")) if o.gguf_type else ()
+    if gguf_types and not any(m.quant_types for m in chosen):
         raise BadInput("--gguf-type applies to --method gguf only: add --method gguf")
-    bits = as_values(bits, "--bits", int) if bits not in (None, (), []) else ()
-    explicit_group = group_size not in (None, (), [])
-    group_size = as_values(group_size, "--group-size", int) if explicit_group else (128,)
-    damp = as_values(damp, "--damp", float)
-    _check_options_apply(chosen, explicit_group, desc_act, sym, calib, damp)
-    if eval_mode not in EVAL_MODES:
-        raise BadInput(f"--eval-mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
-    if eval_mode != "score" and eval is None:
-        raise BadInput(f"--eval-mode {eval_mode} applies to the eval jobs of --eval FILE: add --eval")
-    info = inspect_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    bits = as_values(o.bits, "--bits", int) if o.bits not in (None, (), []) else ()
+    explicit_group = o.group_size not in (None, (), [])
+    group_sizes = as_values(o.group_size, "--group-size", int) if explicit_group else (QuantizeParams.group_size,)
+    damps = as_values(o.damp, "--damp", float)
+    _check_options_apply(chosen, explicit_group, o.desc_act, o.sym, o.calib, damps)
+    check_eval_mode(o.eval_mode, "--eval-mode")
+    if o.eval_mode != EvalParams.mode and o.eval is None:
+        raise BadInput(f"--eval-mode {o.eval_mode} applies to the eval jobs of --eval FILE: add --eval")
+    info = inspect_model(o.model, trust_remote_code=o.trust_remote_code, allow_pickle=o.allow_pickle)
     check_quantizable(info)
-    check_calibration_settings(calib_samples, calib_max_len)
-    check_job_counts(batch_size=batch_size, max_attempts=max_attempts)
-    check_priority(priority)
-    check_gpus_per_job(gpus_per_job)
-    calib = check_file(calib, "calibration file")
-    eval_data = check_file(eval, "eval file")
-    eval_ppl = check_file(eval_ppl, "perplexity file")
+    check_calibration_settings(o.calib_samples, o.calib_max_len)
+    check_job_counts(batch_size=o.batch_size, max_attempts=o.max_attempts)
+    check_priority(o.priority)
+    check_gpus_per_job(o.gpus_per_job)
+    calib = check_file(o.calib, "calibration file")
+    eval_data = check_file(o.eval, "eval file")
+    eval_ppl = check_file(o.eval_ppl, "perplexity file")
     if calib:
-        check_calibration_file(calib, min_samples=min(calib_samples, 4))
-    validate_eval_inputs(eval_data, eval_ppl, max_new_tokens, eval_batch_size)
-    common = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
-    calibration = {"calib": calib or eval_data, "calib_samples": calib_samples, "calib_max_len": calib_max_len,
-                   "batch_size": batch_size}
+        check_calibration_file(calib, min_samples=min(o.calib_samples, 4))
+    validate_eval_inputs(eval_data, eval_ppl, o.max_new_tokens, o.eval_batch_size)
+    settings = dict(desc_act=o.desc_act, sym=o.sym, calib=calib or eval_data, calib_samples=o.calib_samples,
+                    calib_max_len=o.calib_max_len, batch_size=o.batch_size, trust_remote_code=o.trust_remote_code,
+                    allow_pickle=o.allow_pickle, gpus=o.gpus_per_job)
     points = []
-    for chosen_method in chosen:
-        for point in methods.points_of_method(chosen_method, bits, gguf_types, alone=len(chosen) == 1):
-            points += _method_points(info, chosen_method, point, group_size, desc_act, sym, damp, calibration, common)
-    eval_args = None
+    for method in chosen:
+        for point in methods.points_of_method(method, bits, gguf_types, alone=len(chosen) == 1):
+            points += _method_points(info, method, point, group_sizes, damps, settings)
+    evaluation = None
     if eval_data or eval_ppl:
-        eval_args = dict(data=eval_data, mode=eval_mode, max_new_tokens=max_new_tokens, ppl=eval_ppl,
-                         batch_size=eval_batch_size, trust_remote_code=trust_remote_code)
-    return SweepRequest(info.path, list({_key(p): p for p in points}.values()), eval_args, priority,
-                        max_attempts, gpus_per_job)
+        evaluation = EvalParams(data=eval_data, mode=o.eval_mode, max_new_tokens=o.max_new_tokens, ppl_data=eval_ppl,
+                                batch_size=o.eval_batch_size, trust_remote_code=o.trust_remote_code,
+                                gpus=o.gpus_per_job)
+    unique = list({_key(p.to_dict()): p for p in points}.values())
+    return SweepRequest(info.path, unique, evaluation, o.priority, o.max_attempts, o.gpus_per_job,
+                        check_sweep_name(o.name))
 
 
 def as_names(value, option: str) -> tuple[str, ...]:
@@ -148,47 +174,47 @@ def as_names(value, option: str) -> tuple[str, ...]:
     return values
 
 
-def _check_options_apply(chosen: list, explicit_group: bool, desc_act: bool, sym: bool, calib, damp) -> None:
+def check_eval_mode(mode: str, option: str) -> None:
+    """BadInput unless `mode` is an eval mode. option: as the command spells it (--eval-mode, --mode)."""
+    if mode not in EVAL_MODES:
+        raise BadInput(f"{option} {mode!r} is not one of {', '.join(EVAL_MODES)}")
+
+
+def _check_options_apply(chosen: list, explicit_group: bool, desc_act: bool, sym: bool, calib, damps) -> None:
     """An option that no method of the sweep takes is refused, not silently ignored."""
     names = ", ".join(m.name for m in chosen)
-    if explicit_group and not any(m.grouped for m in chosen):
+
+    def none_takes(setting: str) -> bool:
+        return not any(setting in m.takes for m in chosen)
+
+    if explicit_group and none_takes(methods.GROUP_SIZE):
         raise BadInput(f"--group-size does not apply to --method {names} (they have their own block layout)")
-    if desc_act and not any(m.name == "gptq" for m in chosen):
+    if desc_act and none_takes(methods.DESC_ACT):
         raise BadInput(f"--desc-act is GPTQ's activation order: it does not apply to --method {names}")
-    if not sym and not any(m.name in ("gptq", "rtn") for m in chosen):
+    if not sym and none_takes(methods.SYM):
         raise BadInput(f"--no-sym does not apply to --method {names}")
-    if calib and not any(m.calibrated for m in chosen):
+    if calib and none_takes(methods.CALIBRATION):
         raise BadInput(f"--calib does not apply to --method {names}: they use no calibration data")
-    if tuple(damp) != (0.01,) and not any(m.name == "gptq" for m in chosen):
+    if tuple(damps) != (QuantizeParams.damp_percent,) and none_takes(methods.DAMP):
         raise BadInput(f"--damp is GPTQ's Hessian dampening: it does not apply to --method {names}")
 
 
-def _method_points(info, method, point: dict, group_sizes, desc_act, sym, damps, calibration: dict,
-                   common: dict) -> list[dict]:
+def _method_points(info, method: methods.Method, point: dict, group_sizes, damps,
+                   settings: dict) -> list[QuantizeParams]:
     """The params of one method's sweep point, crossed with the options that method takes, each checked."""
     from qrun.workers.inputs import check_quantize_settings
 
-    extra = ({} if method.name == methods.DEFAULT_METHOD else {"method": method.name}) | methods.requirements(method)
-    if method.name == "gguf":
-        extra["gguf_type"] = point["gguf_type"]
+    params = QuantizeParams.for_method(method.name, point["bits"], gguf_type=point.get("gguf_type"), **settings)
     if not method.grouped:
-        methods.check_architecture(point | extra, info.architecture)
-        methods.check_widths(point | extra, info.widths or (("hidden size", info.hidden_size),
-                                                          ("intermediate size", info.intermediate_size)))
-        return [{"bits": point["bits"], **extra, **common}]
+        methods.check_architecture(method, info.architecture)
+        methods.check_widths(method, params.quant_type, info.widths or (("hidden size", info.hidden_size),
+                                                                         ("intermediate size", info.intermediate_size)))
+        return [params]
     out = []
-    for g in group_sizes:
-        if method.name == "gptq":
-            for d in damps:
-                check_quantize_settings(info, point["bits"], g, d)
-                out.append({"bits": point["bits"], "group_size": g, "desc_act": desc_act, "sym": sym,
-                            "damp_percent": d, **calibration, **common})
-            continue
-        check_quantize_settings(info, point["bits"], g, 0.01, bits_of=method.bits)
-        settings = {"bits": point["bits"], "group_size": g}
-        if method.name == "rtn":
-            settings["sym"] = sym
-        out.append(settings | extra | (calibration if method.calibrated else {}) | common)
+    for group_size in group_sizes:
+        for damp in damps if params.takes("damp_percent") else (QuantizeParams.damp_percent,):
+            check_quantize_settings(info, params.bits, group_size, damp, bits_of=method.bits)
+            out.append(replace(params, group_size=group_size, damp_percent=damp))
     return out
 
 
@@ -196,6 +222,32 @@ def _key(params: dict) -> str:
     import json
 
     return json.dumps(params, sort_keys=True)
+
+
+# ---------------------------------------------------------------- checking `qrun eval`
+
+
+def check_evaluation(model: str, *, data: str | None = None, ppl: str | None = None, mode: str = EvalParams.mode,
+                     max_new_tokens: int = EvalParams.max_new_tokens, batch_size: int = EvalParams.batch_size,
+                     priority: int = JobSpec.priority, trust_remote_code: bool = EvalParams.trust_remote_code,
+                     gpus_per_job: int = EvalParams.gpus) -> JobSpec:
+    """Every input of an eval of an existing model or artifact directory checked, and its job: the
+    variant is read from the directory's own files (workers.inputs.quantized_variant). BadInput naming
+    the first bad input; nothing is opened or written."""
+    from qrun.workers.inputs import check_gpus_per_job, inspect_model, quantized_variant
+
+    if not data and not ppl:
+        raise BadInput("qrun eval needs --data FILE (classification) or --ppl FILE (perplexity), or both")
+    check_eval_mode(mode, "--mode")
+    info = inspect_model(model, trust_remote_code=trust_remote_code, allow_pickle=None, allow_gguf=True)
+    data = check_file(data, "eval file")
+    ppl = check_file(ppl, "perplexity file")
+    validate_eval_inputs(data, ppl, max_new_tokens, batch_size, batch_option="batch_size")
+    check_priority(priority)
+    check_gpus_per_job(gpus_per_job)
+    params = EvalParams(data=data, mode=mode, max_new_tokens=max_new_tokens, ppl_data=ppl, batch_size=batch_size,
+                        variant=quantized_variant(info.path), trust_remote_code=trust_remote_code, gpus=gpus_per_job)
+    return JobSpec(kind=Kind.EVAL, model=info.path, params=params.to_dict(), priority=priority)
 
 
 # ---------------------------------------------------------------- planning the jobs
@@ -211,6 +263,11 @@ class PlannedJob:
     @property
     def kind(self) -> str:
         return self.spec.kind.value
+
+    @property
+    def params_text(self) -> str:
+        """The settings that tell the jobs of a sweep apart, in a few words (a dry run's PARAMS)."""
+        return params_of(self.spec.kind, self.spec.params).plan_text()
 
 
 @dataclass
@@ -263,29 +320,25 @@ def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:
     """Quantize jobs (one per sweep point), each followed by its eval, plus the baseline eval once.
     A job equal to one already queued, running or succeeded is not added (unless rerun): the plan
     names that job instead, and a new eval of an existing variant depends on the existing job."""
-    from qrun.workers.inputs import gpus_param
-
     check_priority_cap(db, request.priority)
     plan = Plan()
-    model, eval_args = request.model, request.eval_args
+    model, evaluation = request.model, request.evaluation
     common = dict(model=model, priority=request.priority, max_attempts=request.max_attempts)
-    gpus = gpus_param(request.gpus)
-    if eval_args is not None:
-        baseline = eval_params(variant=BASELINE, **eval_args) | gpus
+    if evaluation is not None:
+        baseline = replace(evaluation, variant=BASELINE).to_dict()
         if _reuse(db, plan, rerun, Kind.EVAL, model, baseline, BASELINE) is None:
             plan.add(JobSpec(kind=Kind.EVAL, params=baseline, **common), BASELINE)
-    for params, label in zip(request.points, variant_labels(request.points)):
-        params = params | gpus
+    points = [point.to_dict() for point in request.points]
+    for point, params, label in zip(request.points, points, variant_labels(points)):
         existing = _reuse(db, plan, rerun, Kind.QUANTIZE, model, params, label)
         if existing is None:
             index = plan.add(JobSpec(kind=Kind.QUANTIZE, params=params, **common), label)
-        if eval_args is None:
+        if evaluation is None:
             continue
         # The eval's stored variant is the method's label (w4g128, rtn-w4g128, ...): what `qrun compare` groups by.
-        evaluation = (eval_params(variant=methods.label(params), **eval_args) | {"from_upstream": True} | gpus
-                      | methods.requirements(methods.method_of(params)))
+        after = replace(evaluation, variant=point.label(), from_upstream=True, **point.requirements()).to_dict()
         if existing is None:
-            plan.add(JobSpec(kind=Kind.EVAL, params=evaluation, after=index, **common), label)
-        elif _reuse(db, plan, rerun, Kind.EVAL, model, evaluation, label, upstream=existing) is None:
-            plan.add(JobSpec(kind=Kind.EVAL, params=evaluation, depends_on=existing, **common), label)
+            plan.add(JobSpec(kind=Kind.EVAL, params=after, after=index, **common), label)
+        elif _reuse(db, plan, rerun, Kind.EVAL, model, after, label, upstream=existing) is None:
+            plan.add(JobSpec(kind=Kind.EVAL, params=after, depends_on=existing, **common), label)
     return plan

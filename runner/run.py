@@ -223,6 +223,15 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
+def refuse_sqlite_on_a_cluster(db, nodes: int) -> None:
+    """SQLite's lock does not cross machines (and its WAL does not work on network file systems)."""
+    if db.is_sqlite and nodes > 1:
+        raise BadInput(
+            f"the job table {db.url} is a SQLite file, which cannot serve a Ray cluster of {nodes} nodes (its "
+            "lock does not cross machines): use a Postgres job table, --db postgresql+psycopg://USER@HOST/DB"
+        )
+
+
 def alive_nodes() -> list[dict]:
     """Ray's live nodes, in a stable order (the head first, as Ray lists it)."""
     import ray

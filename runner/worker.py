@@ -24,6 +24,7 @@ import time
 from qrun.db import queue
 from qrun.db.errors import BadInput, JobLost
 from qrun.db.session import GROUP_UMASK, artifacts_root, open_database, pin_qrun_home, qrun_home
+from qrun.db.states import Kind
 from qrun.workers import artifacts
 from qrun.workers.artifacts import runner_marker
 from qrun.workers.jobs import Backoff, JobContext, describe_error, execute
@@ -200,7 +201,7 @@ class QueueWorker:
         from qrun.workers.evaluate import resolve_model_dir
 
         try:
-            return resolve_model_dir(self.db, job) if job.kind == "eval" else job.model
+            return resolve_model_dir(self.db, job) if job.kind == Kind.EVAL.value else job.model
         except BadInput:
             return None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import qrun
-from conftest import REPO, run_qrun, write_labeled
+from helpers import REPO, finish_job, run_qrun, write_labeled
 from qrun.db import queue
 from qrun.db.errors import BadInput, QrunError
 from qrun.db.queue import JobSpec
@@ -84,22 +84,14 @@ def test_status_rows_are_the_commands_json_rows(db, tiny_qwen2):
 
 def _finished_eval(db, model: str, variant: str, f1: float, depends_on: int | None = None,
                    sweep: str | None = None) -> int:
-    (job_id,) = queue.submit_jobs(db, [JobSpec(kind=Kind.EVAL, model=model, depends_on=depends_on,
-                                               params={"data": "/d/test.jsonl", "mode": "score", "variant": variant})],
-                                  sweep=sweep)
-    claimed = queue.claim_job(db, "w", None)
-    assert claimed.id == job_id
-    queue.finish_job(db, job_id, "w", {"f1": f1, "accuracy": f1})
-    return job_id
+    spec = JobSpec(kind=Kind.EVAL, model=model, depends_on=depends_on,
+                   params={"data": "/d/test.jsonl", "mode": "score", "variant": variant})
+    return finish_job(db, spec, {"f1": f1, "accuracy": f1}, sweep=sweep)
 
 
 def _finished_quantize(db, model: str, bits: int, sweep: str) -> int:
-    (job_id,) = queue.submit_jobs(db, [JobSpec(kind=Kind.QUANTIZE, model=model, params={"bits": bits,
-                                                                                       "group_size": 128})],
-                                  sweep=sweep)
-    queue.claim_job(db, "w", None)
-    queue.finish_job(db, job_id, "w", {"quantize_s": 3.0})
-    return job_id
+    spec = JobSpec(kind=Kind.QUANTIZE, model=model, params={"bits": bits, "group_size": 128})
+    return finish_job(db, spec, {"quantize_s": 3.0}, sweep=sweep)
 
 
 def test_compare_gives_rows_a_frame_and_a_sweeps_own_variants(any_db, monkeypatch):

@@ -3,7 +3,7 @@ and the fix, exit code 2, no traceback, and the job table exactly as it was.
 
 The bulk runs `cli.main.main` (what the console script runs, error handling included) inside click's
 CliRunner; a few run the real console script, among them the unreadable-file cases, which need a
-process without root's power to read anything: see `_without_dac`.
+process without root's power to read anything: see `helpers.without_dac`.
 """
 
 from __future__ import annotations
@@ -17,21 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from qrun.cli.main import main
-from conftest import run_qrun
+from helpers import QRUN, invoke_main, run_qrun, without_dac
 
 pytestmark = pytest.mark.reliability
-
-
-class _ConsoleScript:
-    """`qrun` as the console script runs it (cli.main.main), in the shape CliRunner.invoke expects."""
-
-    name = "qrun"
-
-    def main(self, args, prog_name=None, **_):
-        main(list(args))
 
 
 @dataclass
@@ -41,7 +30,7 @@ class Outcome:
 
 
 def invoke(*args: str) -> Outcome:
-    result = CliRunner().invoke(_ConsoleScript(), list(args))
+    result = invoke_main(*args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # an escaped exception is a failure in itself: show it whole
     return Outcome(result.exit_code, result.output)
@@ -412,22 +401,10 @@ def test_qrun_home_that_cannot_be_created(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the real console script, without root's reach
 
 
-def _without_dac() -> list[str]:
-    """A command prefix that drops the capabilities that let root read and write anything
-    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): file modes then apply to the process as to any user."""
-    if os.geteuid() != 0:
-        return []  # an ordinary user already meets file modes
-    if not shutil.which("setpriv"):
-        pytest.skip("running as root and setpriv (util-linux) is missing: cannot make a file unreadable")
-    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
-
-
 def qrun_limited(*args: str, env: dict | None = None):
     import subprocess
-    import sys
 
-    exe = Path(sys.executable).parent / "qrun"
-    return subprocess.run([*_without_dac(), str(exe), *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([*without_dac(), QRUN, *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})})
 
 
@@ -685,12 +662,21 @@ def test_every_malformed_input_is_refused_at_submit(table, model, files, tmp_pat
     assert sorted(p.name for p in (table.parent).rglob("*")) == artifacts  # no file created either
 
 
-def test_the_malformed_table_is_large_and_every_case_starts_from_good_input(table, model, files, tmp_path):
-    """The cases break one thing each: the unbroken inputs they start from are accepted."""
-    assert len(MALFORMED) >= 40
-    accepted = invoke(*SUBMIT, "--model", str(model), "--eval", str(files["good"]), "--calib", str(files["good"]),
-                      "--eval-ppl", str(files["good"]), "--priority", str(2**63 - 1), "--dry-run")
+def test_every_malformed_case_starts_from_input_that_is_accepted(table, model, files, tmp_path):
+    """The cases break one thing each: the unbroken inputs they start from -- the model, the data
+    files, the options, a shard index and a quantized artifact's config -- are accepted."""
+    good = str(files["good"])
+    accepted = invoke(*SUBMIT, "--model", str(model), "--eval", good, "--calib", good, "--eval-ppl", good,
+                      "--priority", str(2**63 - 1), "--dry-run")
     assert accepted.exit_code == 0, accepted.output
+    sharded = broken_model(model, "sharded", files={
+        "model.safetensors.index.json": json.dumps({"weight_map": {"w": "model.safetensors"}}).encode()})
+    accepted = invoke(*SUBMIT, "--model", str(sharded), "--dry-run")
+    assert accepted.exit_code == 0, accepted.output
+    artifact = broken_model(model, "artifact", files={"quantize_config.json": b'{"bits": 4, "group_size": 128}'})
+    for source in (model, artifact):
+        accepted = invoke(*EVAL, "--model", str(source), "--data", good, "--ppl", good, "--priority", str(2**63 - 1))
+        assert accepted.exit_code == 0, accepted.output
 
 
 def test_a_utf8_byte_order_mark_is_dropped_not_refused(table, model, tmp_path):

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_qrun, wait_for
+from helpers import BIN, QRUN, free_port, run_qrun, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
-BIN = Path(sys.executable).parent
 RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayCluster:
@@ -153,7 +145,7 @@ def test_losing_a_node_loses_no_job_and_a_node_that_comes_back_is_used(cluster, 
     deep = ("--model", str(deep_qwen2), "--group-size", "64", "--calib-samples", "16")
     ids = submit(env, *deep, "--bits", "4", "--bits", "8")
     log = tmp_path / "run.log"
-    runner = subprocess.Popen([str(BIN / "qrun"), "run", "--serve", "--ray-address", cluster.address],
+    runner = subprocess.Popen([QRUN, "run", "--serve", "--ray-address", cluster.address],
                               stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **env},
                               start_new_session=True)
     try:
@@ -215,7 +207,7 @@ def test_a_client_without_the_clusters_token_is_refused_in_one_line(tmp_path, qr
             if token:
                 env["RAY_AUTH_TOKEN"] = token
             started = time.monotonic()
-            result = subprocess.run([str(BIN / "qrun"), "run", "--until-empty", "--ray-address", head.address],
+            result = subprocess.run([QRUN, "run", "--until-empty", "--ray-address", head.address],
                                     capture_output=True, text=True, env=env, timeout=120)
             assert time.monotonic() - started < 15  # one GCS request, not ray.init's ~20 s of retries
             assert result.returncode == 2, result.stderr

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qrun.cli.compare import comparison_rows, describe_smallest, groups, plot_points, smallest_within
+from qrun.comparison import comparison_rows, describe_smallest, groups, smallest_within
+from qrun.plotting import plot_points
 from qrun.cli.main import cli
 from qrun.db import queue
 from qrun.db.states import Kind
-from conftest import run_qrun
-from conftest import write_labeled
+from helpers import QRUN, run_qrun, submit_and_claim, without_dac, write_labeled, write_predictions
 
 T, F = True, False
 
@@ -30,14 +30,9 @@ def source(tmp_path) -> Path:
 
 def _finish(db, tmp_path, spec: queue.JobSpec, metrics: dict, predictions: dict | None = None) -> int:
     """Submit, claim and succeed one job, with a predictions artifact written like an eval job's."""
-    (job_id,) = queue.submit_jobs(db, [spec])
-    assert queue.claim_job(db, "w", None).id == job_id
-    records = []
-    if predictions is not None:
-        path = tmp_path / f"job{job_id}.predictions.jsonl"
-        path.write_text("".join(json.dumps({"id": k, "label": None, "prediction": v, "score": None}) + "\n"
-                                for k, v in predictions.items()))
-        records.append(queue.ArtifactRecord("predictions", str(path), path.stat().st_size, "0" * 64))
+    job_id = submit_and_claim(db, spec)
+    records = [] if predictions is None else [write_predictions(tmp_path / f"job{job_id}.predictions.jsonl",
+                                                                predictions)]
     queue.finish_job(db, job_id, "w", metrics, records)
     return job_id
 
@@ -76,14 +71,23 @@ def sweep(db, tmp_path, source):
     ids["w8"] = _finish(db, tmp_path, _eval(source, data, "w8g128", q8), _scores(0.8, 0.6, 0.75, 1.5e6),
                         {"a": T, "b": F, "c": T, "d": F})
     q3 = _quantize(db, tmp_path, source, 3, 9.0)
-    (failed,) = queue.submit_jobs(db, [_eval(source, data, "w3g128", q3)])
-    queue.claim_job(db, "w", None)
+    failed = submit_and_claim(db, _eval(source, data, "w3g128", q3))
     queue.fail_job(db, failed, "w", "boom")
     ids["other_job"] = _finish(db, tmp_path, _eval(source, other, "baseline"), _scores(0.5, 0.5, 0.5, 3e6))
     return ids | {"data": data, "other": other, "q4": q4}
 
 
-def test_rows_baseline_first_then_bits_descending_newest_wins(db, sweep, source):
+def test_rows_baseline_first_then_by_size_then_bits_newest_wins(db, sweep, source, tmp_path):
+    # Baseline first even where a variant is larger; then by size, largest first; equal sizes by bits, most
+    # first; a row of unknown size last. Finished in none of these orders (the baseline last).
+    data = tmp_path / "order.jsonl"
+    for bits, size in ((3, None), (4, 1e6), (2, 5e6), (8, 1e6)):
+        metrics = {k: v for k, v in _scores(0.5, 0.5, 0.5, size).items() if v is not None}
+        _finish(db, tmp_path, _eval(source, data, f"w{bits}g128", _quantize(db, tmp_path, source, bits, 1.0)), metrics)
+    _finish(db, tmp_path, _eval(source, data, "baseline"), _scores(0.5, 0.5, 0.5, 3e6))
+    assert [r["variant"] for r in comparison_rows(db, data=str(data))] == [
+        "baseline", "w2g128", "w8g128", "w4g128", "w3g128"]
+
     rows = comparison_rows(db, data=str(sweep["data"]))
     assert [(r["variant"], r["bits"], r["job_id"]) for r in rows] == [
         ("baseline", 16, sweep["baseline"]), ("w8g128", 8, sweep["w8"]), ("w4g128", 4, sweep["w4"])]
@@ -253,19 +257,13 @@ def test_unreadable_predictions_are_named_not_silent(db, sweep, tmp_path, damage
 def test_predictions_without_read_permission_are_named(db, sweep, tmp_path):
     """A file made unreadable (chmod 000), read by the real console script without root's power to
     read anything (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH)."""
-    import shutil
     import subprocess
-    import sys
 
-    prefix = []
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("running as root and setpriv (util-linux) is missing: cannot make a file unreadable")
-        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    prefix = without_dac()
     path = _w4_predictions(sweep, tmp_path)
     path.chmod(0o000)
     try:
-        result = subprocess.run([*prefix, str(Path(sys.executable).parent / "qrun"), "compare", "--data",
+        result = subprocess.run([*prefix, QRUN, "compare", "--data",
                                  str(sweep["data"]), "--format", "json"],
                                 capture_output=True, text=True, timeout=120, env=os.environ.copy())
     finally:
@@ -491,7 +489,7 @@ def test_plot_points_pareto_front_and_band(db, methods):
 def test_plot_draws_one_labelled_point_per_variant(db, methods, sweep, tmp_path):
     from matplotlib.collections import PathCollection
 
-    from qrun.cli.compare import draw_plot
+    from qrun.plotting import draw_plot
 
     rows = comparison_rows(db)
     fig, panels = draw_plot(rows, "f1", 0.01)
@@ -508,7 +506,7 @@ def test_plot_draws_one_labelled_point_per_variant(db, methods, sweep, tmp_path)
 
 
 def test_plot_of_a_wide_size_range_has_a_log_axis(db, tmp_path, source):
-    from qrun.cli.compare import draw_plot
+    from qrun.plotting import draw_plot
 
     data = tmp_path / "data.jsonl"
     _finish(db, tmp_path, _eval(source, data, "baseline"), _scores(0.9, 0.9, 0.9, 140e9) | {"f1": 0.9})

@@ -13,17 +13,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import run_qrun, wait_for
+from helpers import QRUN, run_qrun, wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.postgres]
-
-QRUN = str(Path(sys.executable).parent / "qrun")
 
 
 def statuses(env: dict) -> dict[int, dict]:

@@ -3,25 +3,17 @@ what a user sees when the database named cannot be opened."""
 
 import importlib.util
 import os
-import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from helpers import QRUN, free_port, without_dac
 from qrun.db.errors import BadInput
 from qrun.db.session import is_transient_db_error
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _error_of(action):
@@ -80,7 +72,7 @@ def test_sqlite_bugs_and_constraint_violations_are_not_transient(tmp_path):
 
 def test_a_refused_postgres_connection_is_transient():
     pytest.importorskip("psycopg", reason="pip install 'qrun-quant[postgres]' to test Postgres URLs")
-    engine = create_engine(f"postgresql+psycopg://qrun@127.0.0.1:{_free_port()}/qrun",
+    engine = create_engine(f"postgresql+psycopg://qrun@127.0.0.1:{free_port()}/qrun",
                            connect_args={"connect_timeout": 5})
     exc = _error_of(engine.connect)
     assert isinstance(exc, OperationalError)
@@ -94,11 +86,11 @@ def test_a_refused_postgres_connection_is_transient():
 # Each is bad input: exit 2, one line that names the setting the user gave and the fix, no traceback.
 
 
-def _qrun(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (),
+def _qrun(*args: str, env: dict | None = None, prefix: list[str] | tuple[str, ...] = (),
           python_first: str | None = None) -> subprocess.CompletedProcess:
     """The real `qrun` console script; python_first: Python run in the same process before the CLI."""
     if python_first is None:
-        command = [*prefix, str(Path(sys.executable).parent / "qrun"), *args]
+        command = [*prefix, QRUN, *args]
     else:
         command = [*prefix, sys.executable, "-c",
                    f"{python_first}\nimport sys\nfrom qrun.cli.main import main\nsys.argv = ['qrun', *sys.argv[1:]]\n"
@@ -114,15 +106,6 @@ def _refusal(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def _without_dac() -> tuple[str, ...]:
-    """As root, drop the capabilities that let root write anywhere, so a 0555 directory refuses us too."""
-    if os.geteuid() != 0:
-        return ()
-    if not shutil.which("setpriv"):
-        pytest.skip("running as root and setpriv (util-linux) is missing: cannot make a directory read-only to root")
-    return ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--")
-
-
 @pytest.mark.reliability
 def test_database_in_a_read_only_directory_names_the_setting_used(tmp_path, qrun_home):
     read_only = tmp_path / "read-only"
@@ -130,10 +113,10 @@ def test_database_in_a_read_only_directory_names_the_setting_used(tmp_path, qrun
     read_only.chmod(0o555)
     db_file = read_only / "qrun.db"
     # `status --watch` makes the database it waits on (plain `status` only looks: "no such database")
-    by_option = _refusal(_qrun("--db", str(db_file), "status", "--watch", prefix=_without_dac()))
+    by_option = _refusal(_qrun("--db", str(db_file), "status", "--watch", prefix=without_dac()))
     assert by_option.startswith(f"Error: --db {db_file}: its directory {read_only} is not writable (Permission denied)")
     assert "point --db at a SQLite file in a directory you can write" in by_option
-    by_env = _refusal(_qrun("status", "--watch", env={"QRUN_DB": str(db_file)}, prefix=_without_dac()))
+    by_env = _refusal(_qrun("status", "--watch", env={"QRUN_DB": str(db_file)}, prefix=without_dac()))
     assert by_env.startswith(f"Error: QRUN_DB {db_file}: its directory {read_only} is not writable")
     assert "QRUN_HOME" not in by_option + by_env
     assert not db_file.exists()
@@ -156,7 +139,7 @@ def test_postgres_url_without_its_driver_names_the_extra(qrun_home):
 @pytest.mark.reliability
 def test_unreachable_postgres_server_is_one_line_naming_the_url(qrun_home):
     pytest.importorskip("psycopg", reason="pip install 'qrun-quant[postgres]' to test Postgres URLs")
-    port = _free_port()
+    port = free_port()
     line = _refusal(_qrun("--db", f"postgresql+psycopg://qrun:s3cret@127.0.0.1:{port}/queue", "status"))
     assert line.startswith(f"Error: database postgresql+psycopg://qrun:***@127.0.0.1:{port}/queue cannot be reached (")
     assert "Connection refused" in line and "s3cret" not in line

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import run_qrun
+from helpers import run_qrun
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
@@ -249,7 +249,7 @@ def test_demo_comparison_shows_where_quality_falls(demo_run):
 def test_demo_sweep_adds_only_what_is_missing(db, tiny_qwen2, tmp_path):
     """The demo's sweep is `qrun submit`'s (GPTQ and RTN at 8, 4, 2 bits, evals, one baseline): a second
     plan adds nothing, and after a failed eval only that eval again, on the variant already quantized."""
-    from qrun.cli.demo import demo_request
+    from qrun.demo_run import demo_request
     from qrun.db import queue
     from qrun.demo.dataset import generate_rows, write_jsonl
     from qrun.sweeps import plan_jobs
@@ -283,7 +283,7 @@ def _row(variant, bits, f1, size_pct, flips=(0, 0)):
 
 
 def test_trade_off_sentence_is_read_from_the_results():
-    from qrun.cli.demo import trade_off_sentence
+    from qrun.demo_run import trade_off_sentence
 
     base = _row("baseline", 16, 0.990, 100.0)
     # a smaller variant below the one kept: what the next step down costs

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_qrun, wait_for
+from helpers import QRUN, run_qrun, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -67,12 +67,10 @@ def test_killed_worker_does_not_lose_the_job(qrun_home, deep_qwen2):
     """SIGKILL the worker process mid-quantization: the runner sees the worker die, gives its job back at
     once with that cause (not after the 60 s lease, as "lost"), and the restarted worker finishes it."""
     import subprocess
-    import sys
 
     (job_id,) = json.loads(run_qrun("submit", "--model", str(deep_qwen2), "--bits", "4", "--group-size", "64",
                                 "--calib-samples", "16", "--json", check=True).stdout)
-    exe = Path(sys.executable).parent / "qrun"
-    runner = subprocess.Popen([str(exe), "run", "--until-empty", "--lease", "60"], stdout=subprocess.PIPE,
+    runner = subprocess.Popen([QRUN, "run", "--until-empty", "--lease", "60"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         job = wait_for(lambda: next((j for j in _status(job_id) if j["progress"]["done"] >= 2), None),

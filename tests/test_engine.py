@@ -15,14 +15,15 @@ import pytest
 
 from qrun.workers import engine as eng
 from qrun.workers.engine import Engine
-from conftest import write_labeled
+from helpers import write_labeled
 
 
 def quantize(model: Path, out: Path, calib: Path, engine: Engine, calls: list) -> dict:
     """One 4-bit job through qrun's quantize function, counting GPTQ's Hessian updates."""
     from gptqmodel.quantization.gptq import GPTQ
 
-    from qrun.workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.params import QuantizeParams
+    from qrun.workers.quantize import quantize_model
 
     original = GPTQ.add_batch
 

@@ -10,7 +10,7 @@ import pytest
 
 from qrun.db import queue
 from qrun.db.states import Kind
-from conftest import SHARED_DATA, write_labeled
+from helpers import SHARED_DATA, write_labeled
 from qrun.workers.datasets import load_labeled
 
 CLASSIFICATION_METRICS = ("tp", "fp", "tn", "fn", "precision", "recall", "f1", "accuracy", "invalid",

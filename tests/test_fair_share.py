@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import run_qrun
+from helpers import run_qrun
 
 from qrun.db import queue
 from qrun.db.errors import BadInput
@@ -93,7 +93,7 @@ def test_cap_priority_command_and_submit_refusal(qrun_home, tiny_qwen2):
 
 
 def test_only_the_database_owner_sets_caps(db, monkeypatch):
-    from qrun.cli.housekeeping import _check_admin
+    from qrun.housekeeping import check_admin as _check_admin
 
     _check_admin(db)  # the owner (this test created the file)
     monkeypatch.setattr(os, "getuid", lambda: os.stat(db.url[len("sqlite:///"):]).st_uid + 1)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from pathlib import Path
 
-from conftest import run_qrun
+from helpers import run_qrun
 from sqlalchemy import func, select, update
 
 from qrun.db import queue

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conftest import run_qrun, write_labeled
+from helpers import run_qrun, write_labeled
 from qrun.db import queue
 from qrun.db.queue import JobSpec
 from qrun.db.states import Kind

@@ -21,22 +21,12 @@ from qrun.db.states import Kind
 from qrun.workers import methods
 from qrun.workers.artifacts import UNSAFE_SUFFIXES
 from qrun.workers.inputs import inspect_model, quantized_variant
-from conftest import write_labeled
-
-
-@pytest.fixture(scope="session")
-def wide_qwen2(tmp_path_factory) -> Path:
-    from qrun.workers.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "wide-qwen2", arch="qwen2",
-                            hidden=256, intermediate=512, layers=2)
+from helpers import drain_here, write_labeled
 
 
 def run_pair(db, model: Path, point: dict, data: Path) -> tuple[dict, dict, Path]:
     """Submit a quantize job and the eval after it (as qrun.sweeps.plan_jobs makes them), drain them on
     a CPU worker; (quantize metrics, eval metrics, artifact directory)."""
-    from qrun.runner.worker import QueueWorker
-
     method = methods.method_of(point)
     params = dict(point) | methods.requirements(method)
     if method.calibrated:
@@ -45,7 +35,7 @@ def run_pair(db, model: Path, point: dict, data: Path) -> tuple[dict, dict, Path
                   "variant": methods.label(point), "from_upstream": True} | methods.requirements(method)
     quantize_id, eval_id = queue.submit_jobs(db, [queue.JobSpec(Kind.QUANTIZE, str(model), params),
                                                   queue.JobSpec(Kind.EVAL, str(model), evaluation, after=0)])
-    outcomes = dict(QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30).drain(burst=True))
+    outcomes = drain_here(db)
     failed = {i: queue.get_job(db, i).error for i, status in outcomes.items() if status != "succeeded"}
     assert not failed and set(outcomes) == {quantize_id, eval_id}, (failed, outcomes)
     (artifact,) = queue.artifacts_of(db, [quantize_id])[quantize_id]
@@ -177,7 +167,8 @@ def test_a_method_that_needs_a_gpu_fails_on_a_cpu_in_one_line(monkeypatch):
     from dataclasses import replace
 
     from qrun.db.errors import BadInput
-    from qrun.workers.quantize import QuantizeParams, check_device
+    from qrun.workers.params import QuantizeParams
+    from qrun.workers.quantize import check_device
 
     monkeypatch.setitem(methods.METHODS, "bnb-nf4", replace(methods.METHODS["bnb-nf4"], needs_gpu=True))
     with pytest.raises(BadInput) as caught:
@@ -194,7 +185,7 @@ def test_a_method_that_needs_a_gpu_fails_on_a_cpu_in_one_line(monkeypatch):
     {"method": "bnb-nf4", "bits": 4},
 ])
 def test_the_job_names_its_variant_as_the_method_table_does(point):
-    from qrun.workers.quantize import QuantizeParams
+    from qrun.workers.params import QuantizeParams
 
     params = QuantizeParams.from_dict(point)
     assert params.label() == methods.label(params.to_dict()) == methods.label(point)

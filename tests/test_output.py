@@ -8,15 +8,14 @@ import json
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from conftest import run_qrun, wait_for
-from qrun.cli.compare import comparison_rows
+from helpers import QRUN, run_qrun, submit_and_claim, wait_for, write_predictions
+from qrun.comparison import comparison_rows
 from qrun.cli.table import display_width
 from qrun.db import queue
 from qrun.db.states import Kind
@@ -42,14 +41,11 @@ def _claim(db, job_id: int, worker: str = "host:1:gpu0", gpu: str = "0"):
 
 
 def _succeed(db, tmp_path, spec: queue.JobSpec, metrics: dict, user: str = "alice") -> int:
-    (job_id,) = queue.submit_jobs(db, [spec], user=user)
-    _claim(db, job_id)
+    job_id = submit_and_claim(db, spec, worker="host:1:gpu0", gpu="0", user=user)
     records = []
     if spec.kind == Kind.EVAL:
-        path = tmp_path / f"job{job_id}.predictions.jsonl"
-        path.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in
-                                {"a": True, "b": False, "c": True, "d": False}.items()))
-        records.append(queue.ArtifactRecord("predictions", str(path), path.stat().st_size, "0" * 64))
+        records.append(write_predictions(tmp_path / f"job{job_id}.predictions.jsonl",
+                                         {"a": True, "b": False, "c": True, "d": False}))
     queue.finish_job(db, job_id, "host:1:gpu0", metrics, records)
     return job_id
 
@@ -201,8 +197,7 @@ def test_unknown_column_is_bad_input(db):
 
 def test_watch_when_piped_prints_the_table_then_only_changed_rows(db, tmp_path, model):
     (job_id,) = queue.submit_jobs(db, [queue.JobSpec(kind=Kind.QUANTIZE, model=str(model), params={"bits": 4})])
-    exe = Path(sys.executable).parent / "qrun"
-    watcher = subprocess.Popen([str(exe), "status", "--watch"], stdout=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen([QRUN, "status", "--watch"], stdout=subprocess.PIPE, text=True)
     try:
         first = watcher.stdout.readline() + watcher.stdout.readline()
         assert "queued" in first
@@ -255,15 +250,13 @@ def test_logs_collapse_progress_bar_redraws(db, tmp_path, model):
     assert text[0] == "loading model" and text[-1] == "saved" and len(text) == 4
     assert re.match(r"^Quantizing: 100%\|█+\| 5/5 ", text[1])
     assert text[2] == "Layer 0 Finalize 2/2 | 0:00:02 / 0:00:02 [2/2]"
-    exe = Path(sys.executable).parent / "qrun"
-    assert subprocess.run([str(exe), "logs", "--raw", str(job_id)], capture_output=True, check=True).stdout.endswith(raw)
+    assert subprocess.run([QRUN, "logs", "--raw", str(job_id)], capture_output=True, check=True).stdout.endswith(raw)
     assert run_qrun("logs", "--tail", "1", str(job_id), check=True).stdout.splitlines()[-1] == "saved"
 
 
 def test_logs_follow_until_the_job_finishes_and_exit_with_its_outcome(db, tmp_path, model):
     job_id, log = _job_with_log(db, tmp_path, model)
-    exe = Path(sys.executable).parent / "qrun"
-    follower = subprocess.Popen([str(exe), "logs", "-f", str(job_id)], stdout=subprocess.PIPE, text=True)
+    follower = subprocess.Popen([QRUN, "logs", "-f", str(job_id)], stdout=subprocess.PIPE, text=True)
     try:
         with open(log, "a", encoding="utf-8") as f:
             f.write("layer 1 done\n")

@@ -15,11 +15,13 @@ REAL_CONFTEST = Path(__file__).with_name("conftest.py")
 def _run_without_postgres(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
     """A small pytest session whose conftest is ours, except that no PostgreSQL programs are found."""
     (tmp_path / "conftest.py").write_text(textwrap.dedent(f"""
-        import importlib.util
+        import importlib.util, sys
+        sys.path.insert(0, {str(REAL_CONFTEST.parent)!r})  # its helpers
+        import helpers
+        helpers.postgres_bin_dir = lambda: None  # as on a machine without the postgresql package
         spec = importlib.util.spec_from_file_location("real_conftest", {str(REAL_CONFTEST)!r})
         real = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(real)
-        real._postgres_bin_dir = lambda: None  # as on a machine without the postgresql package
         globals().update({{k: v for k, v in vars(real).items() if not k.startswith("__")}})
     """))
     (tmp_path / "test_uses_any_db.py").write_text("def test_opens(any_db):\n    assert any_db.url\n")

@@ -10,16 +10,13 @@ One worker drains every corner in this process (GPTQModel is imported once): abo
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from qrun.cli.main import main
 from qrun.db import queue
-from conftest import write_labeled
+from helpers import drain_here, invoke_main, write_labeled
 
 # (bits, group size, desc_act, sym): each value of each option at least once, and the pairs that
 # used to break or are most likely to: -1 without desc_act (GPTQModel's act_group_aware default
@@ -35,17 +32,6 @@ CORNERS = [
 ]
 
 
-def qrun(*args: str):
-    """cli.main.main in this process (what the console script runs, error handling included)."""
-    class Script:
-        name = "qrun"
-
-        def main(self, args, prog_name=None, **_):
-            main(list(args))
-
-    return CliRunner().invoke(Script(), list(args))
-
-
 def corner_args(bits: int, group: int, desc_act: bool, sym: bool) -> list[str]:
     return ["--bits", str(bits), "--group-size", str(group), "--desc-act" if desc_act else "--no-desc-act",
             "--sym" if sym else "--no-sym"]
@@ -53,19 +39,17 @@ def corner_args(bits: int, group: int, desc_act: bool, sym: bool) -> list[str]:
 
 @pytest.mark.slow
 def test_every_offered_corner_quantizes_and_loads_back(db, qrun_home, tiny_qwen2, tmp_path, restore_umask):
-    from qrun.runner.worker import QueueWorker
-
     data = write_labeled(tmp_path / "dialogs.jsonl")
     submitted: dict[tuple, list[int]] = {}
     for corner in CORNERS:
         # Short calibration (8 samples of at most 64 tokens): the corners, not the quality, are tested.
-        result = qrun("submit", "--model", str(tiny_qwen2), *corner_args(*corner), "--calib", str(data),
+        result = invoke_main("submit", "--model", str(tiny_qwen2), *corner_args(*corner), "--calib", str(data),
                       "--calib-samples", "8", "--calib-max-len", "64", "--eval", str(data), "--json")
         assert result.exit_code == 0, (corner, result.output)
         submitted[corner] = json.loads(result.stdout)  # stderr says which sweep they joined
 
     started = time.perf_counter()
-    outcomes = dict(QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30).drain(burst=True))
+    outcomes = drain_here(db)
     took = time.perf_counter() - started
     print(f"\n{len(CORNERS)} corners (quantize + eval each) and the baseline eval drained in {took:.1f} s")
 

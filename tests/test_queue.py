@@ -4,12 +4,12 @@ cancel, dependencies, schema."""
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from qrun.db import queue
-from qrun.db.errors import BadInput, JobLost, SchemaTooNew
+from qrun.db.errors import BadInput, JobLost, SchemaTooNew, TransitionError
 from qrun.db.queue import JobSpec
-from qrun.db.schema import SCHEMA_VERSION, Job, Meta
+from qrun.db.schema import SCHEMA_VERSION, Event, Job, Meta
 from qrun.db.session import open_database
 from qrun.db.states import Kind, Status
 
@@ -112,7 +112,7 @@ def test_cancel_running_job_reaches_worker_at_next_progress(db):
 
 def test_cancel_needs_force_for_another_users_job(db):
     (job_id,) = queue.submit_jobs(db, [spec()], user="alice")
-    with pytest.raises(Exception, match="belongs to alice: add --force"):
+    with pytest.raises(TransitionError, match=f"job {job_id} belongs to alice: add --force"):
         queue.cancel_jobs(db, [job_id], user="bob")
     assert queue.get_job(db, job_id).status == "queued"
     queue.cancel_jobs(db, [job_id], user="bob", force=True)
@@ -158,9 +158,12 @@ def test_priority_must_fit_in_64_bits(db):
 
 
 def test_submit_is_all_or_nothing(db):
-    with pytest.raises(Exception):
-        queue.submit_jobs(db, [spec(), spec(after=7)])  # index 7 does not exist
+    # The first job is written (flushed) before the second's upstream, index 7, is found missing.
+    with pytest.raises(IndexError):
+        queue.submit_jobs(db, [spec(), spec(after=7)])
     assert queue.list_jobs(db) == []
+    with db.transaction() as s:
+        assert s.execute(select(func.count()).select_from(Event)).scalar() == 0  # nor its submit event
 
 
 def test_newer_schema_is_refused(db):

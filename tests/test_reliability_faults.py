@@ -15,7 +15,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,11 +23,9 @@ import pytest
 
 from qrun.db.queue import current_user
 from qrun.db.states import FINISHED as FINISHED_STATES
-from conftest import run_qrun, wait_for
+from helpers import QRUN, run_qrun, wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
-
-QRUN = str(Path(sys.executable).parent / "qrun")
 
 
 # ---------------------------------------------------------------- helpers
@@ -276,15 +273,6 @@ def test_a_full_disk_under_the_job_table_is_named_as_such(small_home_disk, tiny_
 # ---------------------------------------------------------------- out of memory
 
 
-@pytest.fixture(scope="module")
-def wide_qwen2(tmp_path_factory) -> Path:
-    """A 4096-wide MLP: its activations grow with the calibration batch, as a real model's do."""
-    from qrun.workers.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "wide-qwen2", arch="qwen2",
-                            hidden=128, intermediate=4096, layers=2)
-
-
 @pytest.fixture
 def long_calibration(tmp_path) -> Path:
     rng = random.Random(0)
@@ -296,9 +284,9 @@ def long_calibration(tmp_path) -> Path:
     return path
 
 
-def test_out_of_memory_fails_with_the_layer_and_a_hint(qrun_home, wide_qwen2, long_calibration, tmp_path):
-    common = ("--model", str(wide_qwen2), "--bits", "4", "--group-size", "32", "--calib", str(long_calibration),
-              "--max-attempts", "2")
+def test_out_of_memory_fails_with_the_layer_and_a_hint(qrun_home, wide_mlp_qwen2, long_calibration, tmp_path):
+    common = ("--model", str(wide_mlp_qwen2), "--bits", "4", "--group-size", "32", "--calib",
+              str(long_calibration), "--max-attempts", "2")
     (greedy,) = submit(*common, "--calib-samples", "32", "--calib-max-len", "1024", "--batch-size", "32")
     (modest,) = submit(*common, "--calib-samples", "4", "--calib-max-len", "256", "--batch-size", "1")
     # A real allocation failure: the worker caps its address space 512 MiB above what it maps

@@ -11,11 +11,11 @@ import multiprocessing as mp
 import os
 import sqlite3
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+
+from helpers import QRUN
 
 pytestmark = pytest.mark.reliability
 
@@ -112,11 +112,10 @@ def test_status_over_ten_thousand_jobs_stays_interactive(raced):
     guards against the layout blow-up this was written for (6.2 s in rich's table layout, RELIABILITY
     fix 3), with room for a busy CI box; the figure itself is bench/queue_throughput.py's."""
     home, _ = raced
-    exe = Path(sys.executable).parent / "qrun"
     timings = []
     for _ in range(3):
         began = time.perf_counter()
-        result = subprocess.run([str(exe), "status"], capture_output=True, text=True, timeout=60,
+        result = subprocess.run([QRUN, "status"], capture_output=True, text=True, timeout=60,
                                 env={**os.environ, "QRUN_HOME": str(home)})
         timings.append(time.perf_counter() - began)
         assert result.returncode == 0, result.stderr

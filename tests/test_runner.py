@@ -11,7 +11,7 @@ import pytest
 from qrun.db.errors import BadInput
 from qrun.runner.run import chosen_gpus, gptqmodel_cpu_workers, worker_env
 from qrun.runner.worker import QueueWorker
-from conftest import REPO, run_qrun
+from helpers import REPO, drain_here, run_qrun, write_labeled
 
 
 def test_gptqmodel_gets_its_default_of_the_workers_share_of_cores():
@@ -108,8 +108,6 @@ def test_a_worker_keeps_no_model_after_its_jobs(db, qrun_home, tiny_qwen2, tmp_p
     """On an H100 an 8-bit model's 1.8 GB stayed on the GPU through a worker's next eval jobs:
     GPTQModel's saved exceptions (their tracebacks) and its idle pool threads still referred to it.
     Quantize, eval of the result and baseline eval in one worker; then no weights may be left."""
-    from conftest import write_labeled
-
     data = write_labeled(tmp_path / "eval.jsonl")
     run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "8", "--group-size", "32", "--eval", str(data),
          "--calib-samples", "8", "--calib-max-len", "64", check=True)
@@ -133,10 +131,9 @@ def test_a_cpu_worker_drains_past_a_job_that_needs_several_gpus(db, tiny_qwen2):
     from qrun.db import queue
     from qrun.db.queue import JobSpec
     from qrun.db.states import Kind
-    from qrun.runner.worker import QueueWorker
 
     (big,) = queue.submit_jobs(db, [JobSpec(Kind.QUANTIZE, str(tiny_qwen2), {"bits": 4, "gpus": 2})])
-    assert QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30).drain(burst=True) == []
+    assert drain_here(db) == {}
     assert queue.get_job(db, big).status == "queued"
 
 
@@ -230,7 +227,8 @@ def test_a_gpu_workers_build_thread_rehearses_each_kernels_first_job():
         warming.wait(["gptq_cuda"])
         assert [(name, ok) for name, _, ok in warming.rehearsals] == [("gptq_cuda", True)], warming.rehearsals
         from qrun.workers.tiny import build_tiny_model, sample_texts
-        from qrun.workers.quantize import QuantizeParams, quantize_model
+        from qrun.workers.params import QuantizeParams
+        from qrun.workers.quantize import quantize_model
         work = Path(tempfile.mkdtemp())
         model = build_tiny_model(work / "model", hidden=128, intermediate=256, layers=2, seed=1)
         calib = work / "calib.jsonl"
@@ -255,7 +253,8 @@ def test_a_kernels_rehearsal_copies_the_model_of_the_job_that_waits_for_it(tmp_p
     import logging
 
     from qrun.workers.tiny import build_tiny_model, sample_texts
-    from qrun.workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.params import QuantizeParams
+    from qrun.workers.quantize import quantize_model
     from qrun.workers.warmup import JobShape, KernelBuilds, one_layer_copy, rehearse
 
     model = build_tiny_model(tmp_path / "model", hidden=128, intermediate=256, layers=3, seed=1)

@@ -16,18 +16,11 @@ import pytest
 from qrun.db import queue
 from qrun.db.queue import JobSpec
 from qrun.db.states import Kind
-from conftest import run_qrun
+from helpers import drain_here, run_qrun
 
 pytestmark = pytest.mark.reliability
 
 ME = pwd.getpwuid(os.getuid()).pw_name
-
-
-def run_worker_here(db) -> list[tuple[int, str]]:
-    """Drain the queue with the real worker class, in this process, without Ray."""
-    from qrun.runner.worker import QueueWorker
-
-    return QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30).drain(burst=True)
 
 
 def mode(path: Path) -> int:
@@ -52,7 +45,7 @@ def model_with_code(tmp_path, tiny_qwen2) -> tuple[Path, Path]:
 
 
 def test_trust_remote_code_is_off_by_default(qrun_home, tiny_qwen2, model_with_code):
-    from qrun.workers.quantize import QuantizeParams
+    from qrun.workers.params import QuantizeParams
 
     assert QuantizeParams(bits=4).trust_remote_code is False
     (job_id,) = json.loads(run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "4", "--json", check=True).stdout)
@@ -69,7 +62,7 @@ def test_worker_refuses_remote_code_that_slipped_into_the_table(db, model_with_c
     model, marker = model_with_code
     (job_id,) = queue.submit_jobs(db, [JobSpec(kind=Kind.QUANTIZE, model=str(model),
                                                params={"bits": 4, "group_size": 32})])
-    assert run_worker_here(db) == [(job_id, "failed")]
+    assert drain_here(db) == {job_id: "failed"}
     job = queue.get_job(db, job_id)
     assert "ships its own code" in job.error and "--trust-remote-code" in job.error
     assert job.attempts == 1  # bad input is not retried
@@ -97,7 +90,7 @@ def test_real_artifact_is_safetensors_only_and_shared_with_the_group(group_home,
         (job_id,) = queue.submit_jobs(database, [JobSpec(kind=Kind.QUANTIZE, model=str(tiny_qwen2),
                                                          params={"bits": 4, "group_size": 32,
                                                                  "calib_samples": 8})])
-        assert run_worker_here(database) == [(job_id, "succeeded")]
+        assert drain_here(database) == {job_id: "succeeded"}
         (artifact,) = queue.artifacts_of(database, [job_id])[job_id]
     finally:
         database.dispose()
@@ -120,7 +113,7 @@ def test_real_artifact_is_safetensors_only_and_shared_with_the_group(group_home,
 def test_predictions_of_a_real_eval_are_shared_with_the_group(group_home, tiny_qwen2, tmp_path, restore_umask):
     """Predictions were written 0600 (tempfile.mkstemp): a teammate's `qrun compare` lost its agreement
     columns. Now 0664 under the workers' umask 002, group-owned, like every other file there."""
-    from conftest import write_labeled
+    from helpers import write_labeled
     from qrun.db.session import open_database
 
     data = write_labeled(tmp_path / "dialogs.jsonl")
@@ -128,7 +121,7 @@ def test_predictions_of_a_real_eval_are_shared_with_the_group(group_home, tiny_q
     try:
         (job_id,) = queue.submit_jobs(database, [JobSpec(kind=Kind.EVAL, model=str(tiny_qwen2),
                                                          params={"data": str(data), "variant": "baseline"})])
-        assert run_worker_here(database) == [(job_id, "succeeded")]
+        assert drain_here(database) == {job_id: "succeeded"}
         (artifact,) = queue.artifacts_of(database, [job_id])[job_id]
     finally:
         database.dispose()

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from conftest import run_qrun
+from helpers import finish_job, run_qrun
 from qrun.db import queue
 from qrun.db.errors import BadInput
 from qrun.db.queue import ArtifactRecord, JobSpec
@@ -30,13 +30,11 @@ def test_a_worker_that_does_not_see_the_runners_home_refuses_to_start(db, qrun_h
 
 
 def _claimed_eval_of_an_artifact_written_elsewhere(db, path: str, node: str):
-    quantize, evaluate = queue.submit_jobs(db, [
-        JobSpec(kind=Kind.QUANTIZE, model="/models/m", params={"bits": 4}),
-        JobSpec(kind=Kind.EVAL, model="/models/m", after=0, params={"from_upstream": True, "variant": "w4g128"}),
-    ])
-    queue.claim_job(db, "elsewhere:1:cpu0", None)
-    queue.finish_job(db, quantize, "elsewhere:1:cpu0", {},
-                     [ArtifactRecord(kind="model", path=path, bytes=1, sha256="0" * 64, node=node)])
+    quantize = finish_job(db, JobSpec(kind=Kind.QUANTIZE, model="/models/m", params={"bits": 4}), {},
+                          [ArtifactRecord(kind="model", path=path, bytes=1, sha256="0" * 64, node=node)],
+                          worker="elsewhere:1:cpu0")
+    (evaluate,) = queue.submit_jobs(db, [JobSpec(kind=Kind.EVAL, model="/models/m", depends_on=quantize,
+                                                 params={"from_upstream": True, "variant": "w4g128"})])
     return queue.get_job(db, evaluate)
 
 
@@ -52,12 +50,10 @@ def test_an_eval_on_a_node_that_cannot_read_the_artifact_names_both_nodes(db, tm
 
 
 def test_compare_names_the_node_of_predictions_it_cannot_read(db, tmp_path):
-    baseline, = queue.submit_jobs(db, [JobSpec(kind=Kind.EVAL, model="/models/m",
-                                               params={"variant": "baseline", "data": "/d.jsonl", "mode": "score"})])
-    queue.claim_job(db, "elsewhere:1:cpu0", None)
-    queue.finish_job(db, baseline, "elsewhere:1:cpu0", {"f1": 0.9},
-                     [ArtifactRecord(kind="predictions", path=str(tmp_path / "gone.jsonl"), bytes=1,
-                                     sha256="0" * 64, node="node-a")])
+    finish_job(db, JobSpec(kind=Kind.EVAL, model="/models/m",
+                           params={"variant": "baseline", "data": "/d.jsonl", "mode": "score"}), {"f1": 0.9},
+               [ArtifactRecord(kind="predictions", path=str(tmp_path / "gone.jsonl"), bytes=1, sha256="0" * 64,
+                               node="node-a")], worker="elsewhere:1:cpu0")
     result = run_qrun("--db", db.url, "compare", "--format", "csv", check=True)
     assert (f"cannot read predictions {tmp_path / 'gone.jsonl'}: No such file or directory (written on node "
             f"node-a, read on {socket.gethostname()})") in result.stderr

@@ -8,13 +8,11 @@ import itertools
 import json
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import qrun
-from conftest import run_qrun, wait_for, write_labeled
+from helpers import QRUN, run_qrun, wait_for, write_labeled
 from qrun.db import queue
 from qrun.db.errors import BadInput, TransitionError
 from qrun.db.queue import JobSpec
@@ -221,8 +219,7 @@ def _finish_as_a_worker(db, outcomes: dict[int, bool]) -> None:
 @pytest.mark.parametrize("second_succeeds, code", [(True, 0), (False, 1)])
 def test_submit_wait_prints_each_finished_job_and_exits_1_when_one_failed(db, qrun_home, tiny_qwen2,
                                                                          second_succeeds, code):
-    exe = Path(sys.executable).parent / "qrun"
-    waiting = subprocess.Popen([str(exe), "submit", "--model", str(tiny_qwen2), "--bits", "4", "--bits", "8", "--wait"],
+    waiting = subprocess.Popen([QRUN, "submit", "--model", str(tiny_qwen2), "--bits", "4", "--bits", "8", "--wait"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(queue.list_jobs(db)) == 2, 60, "the submit to add its jobs")

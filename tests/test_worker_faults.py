@@ -18,6 +18,7 @@ import time
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from helpers import drain_here
 from qrun.db import queue
 from qrun.db.queue import JobSpec
 from qrun.db.states import Kind
@@ -41,11 +42,6 @@ def submit_two(db, model, **first_params) -> tuple[int, int]:
         JobSpec(kind=Kind.QUANTIZE, model=str(model), params=QUANTIZE | {"bits": 8}),
     ])
     return first, second
-
-
-def drain(db, worker: QueueWorker | None = None) -> dict[int, str]:
-    worker = worker or QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
-    return dict(worker.drain(burst=True))
 
 
 def fail_for_job(monkeypatch, target, name: str, job_id: int, error: Exception, times: int = 1) -> list[int]:
@@ -81,7 +77,7 @@ def test_a_locked_database_makes_the_worker_wait_not_stop(db, tiny_qwen2, monkey
     holder.execute("BEGIN EXCLUSIVE")
     threading.Timer(3.5, lambda: (holder.rollback(), holder.close())).start()
     started = time.monotonic()
-    outcomes = drain(db, worker)
+    outcomes = drain_here(db, worker)
     assert time.monotonic() - started > 3.5  # it really waited for the lock
     assert outcomes == {first: "succeeded", second: "succeeded"}
     notices = worker.take_notices()
@@ -93,7 +89,7 @@ def test_finishing_waits_out_a_database_outage_and_keeps_the_result(db, tiny_qwe
     first, second = submit_two(db, tiny_qwen2)
     calls = fail_for_job(monkeypatch, queue, "finish_job", first, database_is_locked(), times=2)
     worker = QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
-    assert drain(db, worker) == {first: "succeeded", second: "succeeded"}
+    assert drain_here(db, worker) == {first: "succeeded", second: "succeeded"}
     assert calls == [first, first]
     assert [a.kind for a in queue.artifacts_of(db, [first])[first]] == ["model"]
     assert sum(f"job {first}: database unavailable: database is locked" in n for n in worker.take_notices()) == 2
@@ -102,7 +98,7 @@ def test_finishing_waits_out_a_database_outage_and_keeps_the_result(db, tiny_qwe
 def test_failing_waits_out_a_database_outage_and_records_the_cause(db, tiny_qwen2, monkeypatch):
     first, second = submit_two(db, tiny_qwen2, calib_samples=0)  # the job's own fault
     calls = fail_for_job(monkeypatch, queue, "fail_job", first, database_is_locked())
-    assert drain(db) == {first: "failed", second: "succeeded"}
+    assert drain_here(db) == {first: "failed", second: "succeeded"}
     assert calls == [first]
     status, error = status_error(db, first)
     assert status == "failed" and "calibration" in error, error
@@ -111,7 +107,7 @@ def test_failing_waits_out_a_database_outage_and_records_the_cause(db, tiny_qwen
 def test_progress_goes_on_while_the_database_is_out_of_reach(db, tiny_qwen2, monkeypatch):
     first, second = submit_two(db, tiny_qwen2)
     calls = fail_for_job(monkeypatch, queue, "record_progress", first, database_is_locked(), times=3)
-    assert drain(db) == {first: "succeeded", second: "succeeded"}
+    assert drain_here(db) == {first: "succeeded", second: "succeeded"}
     assert calls == [first] * 3
 
 
@@ -122,7 +118,7 @@ def test_progress_goes_on_while_the_database_is_out_of_reach(db, tiny_qwen2, mon
 def test_a_bug_around_the_job_fails_that_job_with_its_cause(db, tiny_qwen2, monkeypatch, place):
     first, second = submit_two(db, tiny_qwen2)
     fail_for_job(monkeypatch, queue, place, first, ValueError(f"injected into {place}"))
-    assert drain(db) == {first: "failed", second: "succeeded"}
+    assert drain_here(db) == {first: "failed", second: "succeeded"}
     assert status_error(db, first) == ("failed", f"ValueError: injected into {place}")
 
 
@@ -130,7 +126,7 @@ def test_a_result_that_cannot_be_recorded_fails_the_job_and_removes_its_output(d
                                                                                 monkeypatch):
     first, second = submit_two(db, tiny_qwen2)
     fail_for_job(monkeypatch, queue, "finish_job", first, ValueError("metric name too long"))
-    assert drain(db) == {first: "failed", second: "succeeded"}
+    assert drain_here(db) == {first: "failed", second: "succeeded"}
     status, error = status_error(db, first)
     assert (status, error) == ("failed", "RuntimeError: recording the result failed: ValueError: metric name too long")
     (kept,) = [p.name for p in (qrun_home / "artifacts").iterdir()]
@@ -140,7 +136,7 @@ def test_a_result_that_cannot_be_recorded_fails_the_job_and_removes_its_output(d
 def test_a_log_path_that_is_a_directory_fails_the_job_not_the_worker(db, qrun_home, tiny_qwen2):
     first, second = submit_two(db, tiny_qwen2)
     (qrun_home / "logs" / f"job-{first}.log").mkdir(parents=True)  # real: open() raises IsADirectoryError
-    assert drain(db) == {first: "failed", second: "succeeded"}
+    assert drain_here(db) == {first: "failed", second: "succeeded"}
     status, error = status_error(db, first)
     assert status == "failed"
     assert error.startswith("IsADirectoryError:") and f"job-{first}.log" in error, error
@@ -151,7 +147,7 @@ def test_a_working_directory_that_cannot_be_made_fails_the_job_not_the_worker(db
     logs = qrun_home / "logs"
     logs.mkdir(parents=True)
     (logs / f"job-{first}.d").write_text("a file where the job's directory goes")
-    assert drain(db) == {first: "failed", second: "succeeded"}
+    assert drain_here(db) == {first: "failed", second: "succeeded"}
     status, error = status_error(db, first)
     assert status == "failed"
     assert error.startswith("FileExistsError:") and f"job-{first}.d" in error, error
@@ -164,7 +160,7 @@ def test_freeing_memory_that_fails_leaves_the_worker_running(db, tiny_qwen2, mon
         raise RuntimeError("a library changed its internals")
 
     monkeypatch.setattr(job_module, "drop_kept_tracebacks", broken)
-    assert drain(db) == {first: "succeeded", second: "succeeded"}
+    assert drain_here(db) == {first: "succeeded", second: "succeeded"}
 
 
 def test_a_failing_round_of_the_loop_is_retried(db, tiny_qwen2, monkeypatch):
@@ -181,6 +177,6 @@ def test_a_failing_round_of_the_loop_is_retried(db, tiny_qwen2, monkeypatch):
 
     monkeypatch.setattr(queue, "claim_job", claim_that_fails_once)
     worker = QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
-    assert drain(db, worker) == {first: "succeeded", second: "succeeded"}
+    assert drain_here(db, worker) == {first: "succeeded", second: "succeeded"}
     assert worker.take_notices()[0] == "cpu0: KeyError: 'claim bug'; trying again in 1 s"
 

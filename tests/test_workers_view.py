@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from conftest import run_qrun
+from helpers import run_qrun
 from qrun.db import queue
 from qrun.db.schema import Worker
 from qrun.db.states import Kind
@@ -54,7 +54,7 @@ def test_a_worker_waiting_for_its_next_jobs_kernels_stays_alive_and_says_what_it
     import sys
     import textwrap
 
-    from conftest import REPO
+    from helpers import REPO
 
     (job_id,) = queue.submit_jobs(any_db, [queue.JobSpec(kind=Kind.QUANTIZE, model="/models/m", params={"bits": 4})])
     probe = textwrap.dedent("""

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from qrun.workers.datasets import Sample, load_samples
 
+# Samples shorter than this many tokens are dropped, as GPTQModel drops them: with --calib-max-len
+# below it no sample is left and every job fails (workers.inputs refuses it at submit).
+MIN_CALIB_TOKENS = 10
+
 # Used when a job names no calibration file: generic mixed Chinese/English prose and dialog.
 # In-domain data (--calib, or the --eval file) is better; qrun logs a warning when it falls back.
 BUILTIN_CALIBRATION = [
@@ -50,7 +54,8 @@ def calibration_texts(path: str | None, n_samples: int) -> tuple[list[Sample], b
     return builtin[:n_samples], True
 
 
-def tokenize_calibration(samples: list[Sample], tokenizer, max_len: int, min_tokens: int = 10) -> list[dict]:
+def tokenize_calibration(samples: list[Sample], tokenizer, max_len: int,
+                         min_tokens: int = MIN_CALIB_TOKENS) -> list[dict]:
     """GPTQModel's calibration rows: input_ids and attention_mask, truncated to max_len tokens.
 
     Samples shorter than min_tokens are dropped (GPTQModel drops them too, silently).

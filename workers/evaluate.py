@@ -24,7 +24,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from qrun.db import queue
@@ -32,7 +32,9 @@ from qrun.db.errors import BadInput
 from qrun.db.session import artifacts_root
 from qrun.workers import artifacts
 from qrun.workers.datasets import Sample, answer_text, load_labeled, load_samples, parse_answer
+from qrun.workers.methods import Artifact, marlin_loads
 from qrun.workers.metrics import classification_metrics
+from qrun.workers.params import EVAL_MODES, EvalParams
 
 log = logging.getLogger("qrun.evaluate")
 
@@ -40,29 +42,12 @@ PPL_MAX_WINDOW = 512
 INVALID = "invalid"  # the prediction of an answer that names no class
 
 
-@dataclass
-class EvalParams:
-    data: str | None = None
-    mode: str = "score"
-    max_new_tokens: int = 32
-    ppl_data: str | None = None
-    batch_size: int = 8
-    variant: str = "baseline"
-    trust_remote_code: bool = False
-    from_upstream: bool = False
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "EvalParams":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known and v is not None})
-
-
 # ---------------------------------------------------------------- the model
 
 
 def resolve_model_dir(db, job) -> Path:
     """The directory to evaluate: the job's model, or the model its upstream quantize job published."""
-    if not (job.params or {}).get("from_upstream"):
+    if not EvalParams.from_dict(job.params).from_upstream:
         return Path(job.model)
     if job.depends_on is None:
         raise BadInput(f"eval job {job.id} evaluates its upstream job's model but has no upstream job")
@@ -102,15 +87,16 @@ def is_bitsandbytes_dir(model_dir: Path) -> bool:
     return str(quant.get("quant_method", "")).lower() == "bitsandbytes" and not is_gptq_dir(model_dir)
 
 
-def artifact_format(model_dir: Path) -> str:
-    """How an artifact is loaded: "gguf", "bitsandbytes", "gptqmodel" or "transformers" (plain weights)."""
+def artifact_format(model_dir: Path) -> Artifact:
+    """How an artifact is stored, and so loaded: a .gguf file, GPTQModel's checkpoint, bitsandbytes'
+    form, or plain weights (workers.methods.Artifact; its value: "gguf", "gptqmodel", ...)."""
     if gguf_file_of(model_dir):
-        return "gguf"
+        return Artifact.GGUF
     if is_gptq_dir(model_dir):
-        return "gptqmodel"
+        return Artifact.GPTQMODEL
     if is_bitsandbytes_dir(model_dir):
-        return "bitsandbytes"
-    return "transformers"
+        return Artifact.BITSANDBYTES
+    return Artifact.TRANSFORMERS
 
 
 def safetensors_bytes(model_dir: Path) -> int:
@@ -120,10 +106,6 @@ def safetensors_bytes(model_dir: Path) -> int:
 def weights_bytes(model_dir: Path) -> int:
     """The model's weights on disk: its safetensors files, or its .gguf file."""
     return safetensors_bytes(model_dir) + sum(p.stat().st_size for p in Path(model_dir).glob("*.gguf"))
-
-
-MARLIN_BITS = (4, 8)
-MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 
 
 def gptq_backend(model_dir: Path, device: str) -> str:
@@ -139,11 +121,7 @@ def gptq_backend(model_dir: Path, device: str) -> str:
         config = json.loads((Path(model_dir) / "quantize_config.json").read_text())
     except (OSError, ValueError):
         return "auto"
-    # Marlin reads GPTQ (gptq and rtn jobs) and AWQ weights; FP8 has its own kernel (GPTQModel's choice).
-    method = str(config.get("quant_method") or config.get("method") or "gptq").lower()
-    fits = (method in ("gptq", "awq") and config.get("bits") in MARLIN_BITS and config.get("group_size") in MARLIN_GROUP_SIZES
-            and config.get("sym", True))
-    return "marlin" if fits else "auto"
+    return "marlin" if marlin_loads(config) else "auto"
 
 
 def _load_gptq(model_dir: Path, device: str, trust_remote_code: bool):
@@ -187,7 +165,7 @@ def load_model(model_dir: Path, device: str, trust_remote_code: bool):
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     kind = artifact_format(model_dir)
-    if kind == "gptqmodel":
+    if kind is Artifact.GPTQMODEL:
         model = _load_gptq(model_dir, device, trust_remote_code).model
     else:
         from transformers import AutoModelForCausalLM
@@ -197,15 +175,15 @@ def load_model(model_dir: Path, device: str, trust_remote_code: bool):
         if on_gpu:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         extra: dict = {}
-        if kind == "gguf":
+        if kind is Artifact.GGUF:
             # transformers' GGUF loader: reads the llama.cpp file and dequantizes its blocks to `dtype`
             extra["gguf_file"] = gguf_file_of(model_dir)
-        elif kind == "bitsandbytes":
+        elif kind is Artifact.BITSANDBYTES:
             # the 4-bit weights load as bitsandbytes' Linear4bit (the config.json's quantization_config);
             # the other tensors in bf16, the compute dtype they were quantized for
             _require_bitsandbytes()
             dtype = torch.bfloat16
-        device_map = gpu_device_map(device) if on_gpu else ({"": "cpu"} if kind == "bitsandbytes" else None)
+        device_map = gpu_device_map(device) if on_gpu else ({"": "cpu"} if kind is Artifact.BITSANDBYTES else None)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                                                      device_map=device_map, **extra)
     model.eval()
@@ -509,7 +487,7 @@ def run_eval(ctx) -> tuple[dict[str, float | None], list[queue.ArtifactRecord]]:
 
     job = ctx.job
     params = EvalParams.from_dict(job.params or {})
-    if params.mode not in ("score", "generate"):
+    if params.mode not in EVAL_MODES:
         raise BadInput(f"eval job {job.id} has mode {params.mode!r}: use score or generate")
     if not params.data and not params.ppl_data:
         raise BadInput(f"eval job {job.id} has neither data nor ppl_data: resubmit with --eval or --eval-ppl")

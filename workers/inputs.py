@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrun.db.errors import BadInput
+from qrun.workers.calibration import MIN_CALIB_TOKENS
 from qrun.workers.datasets import json_type_name
 
 # Architectures qrun has run end to end (GPTQModel supports more; widen this list as they are tested).
@@ -31,12 +32,7 @@ WIDTH_FIELDS = {"hidden size": "hidden_size", "intermediate size": "intermediate
                 "MoE intermediate size": "moe_intermediate_size",
                 "shared-expert intermediate size": "shared_expert_intermediate_size"}
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library refuses larger headers too
-# Priorities are stored in a signed 64-bit column.
-PRIORITY_RANGE = (-(2**63), 2**63 - 1)
 MAX_ATTEMPTS_LIMIT = 100
-# Calibration samples shorter than this many tokens are dropped (workers/calibration.py, as GPTQModel
-# does): with --calib-max-len below it no sample is left and every job fails.
-MIN_CALIB_TOKENS = 10
 
 
 @dataclass(frozen=True)
@@ -251,29 +247,24 @@ def check_tokenizer_files(model_dir: Path, files: list[Path]) -> None:
 
 
 def quantized_variant(model_dir: str | Path) -> str:
-    """The variant label (workers.methods.label) of a quantized model directory, read from its files:
-    GPTQModel's quantize_config.json (gptq, awq, fp8; rtn is GPTQ's format with a weight-only record),
-    transformers' bitsandbytes config (bnb-nf4), a llama.cpp .gguf file (its file type); "baseline"
-    for an unquantized model."""
+    """The variant label (workers.params.QuantizeParams.label) of a quantized model directory, read from its
+    files: a llama.cpp .gguf file (its file type), GPTQModel's quantize_config.json (gptq, awq, fp8; rtn is
+    GPTQ's format with a weight-only record), transformers' quantization_config (bnb-nf4); "baseline" for
+    an unquantized model."""
     from qrun.workers import methods
+    from qrun.workers.params import BASELINE, QuantizeParams
 
     model_dir = Path(model_dir)
     gguf_files = sorted(model_dir.glob("*.gguf"))
     if gguf_files:
-        return f"gguf-{gguf_file_type(gguf_files[0])}"
+        return methods.with_artifact(methods.Artifact.GGUF).typed_name(gguf_file_type(gguf_files[0]))
     config = read_quantize_config(model_dir)
     if config is not None:
-        params = {key: config[key] for key in ("bits", "group_size", "desc_act", "sym") if key in config}
-        method = str(config.get("method") or config.get("quant_method") or methods.DEFAULT_METHOD).lower()
-        if method == "gptq" and (config.get("meta") or {}).get("weight_only") is not None:
-            method = "rtn"  # GPTQModel writes RTN in GPTQ's format and records its weight-only pass
-        if method in methods.METHODS and method != methods.DEFAULT_METHOD:
-            params["method"] = method
-        return methods.label(params)
-    hf = read_model_config(model_dir).get("quantization_config") or {}
-    if hf.get("quant_method") == "bitsandbytes" and hf.get("bnb_4bit_quant_type") == "nf4":
-        return "bnb-nf4"
-    return "baseline"
+        method = methods.checkpoint_method(config) or methods.METHODS[methods.DEFAULT_METHOD]
+        settings = {key: config[key] for key in ("bits", "group_size", "desc_act", "sym") if key in config}
+        return QuantizeParams.from_dict(settings | {"method": method.name}).label()
+    method = methods.hf_quantized_method(read_model_config(model_dir).get("quantization_config") or {})
+    return BASELINE if method is None else method.variant_name()
 
 
 def gguf_file_type(path: Path) -> str:
@@ -366,14 +357,6 @@ def check_calibration_settings(calib_samples: int, calib_max_len: int) -> None:
                        f"{MIN_CALIB_TOKENS} tokens are dropped, so none would be left; use 256 or more")
 
 
-def check_priority(priority: int) -> None:
-    """Priorities live in a signed 64-bit column: anything outside would fail inside the database."""
-    low, high = PRIORITY_RANGE
-    if not low <= priority <= high:
-        raise BadInput(f"--priority {priority} is out of range: use an integer from {low} to {high} "
-                       "(higher runs first)")
-
-
 def check_job_counts(**counts: int) -> None:
     """Each count (keyword: the option's name without dashes, underscores for dashes) must be positive."""
     for key, value in counts.items():
@@ -391,12 +374,8 @@ MAX_GPUS_PER_JOB = 64  # more GPUs than any one machine has: a typo
 def check_gpus_per_job(gpus: int) -> None:
     """A job holds 1..64 GPUs of one node (several: a model too big for one card)."""
     if not 1 <= gpus <= MAX_GPUS_PER_JOB:
-        raise BadInput(f"--gpus-per-job {gpus} must lie between 1 and {MAX_GPUS_PER_JOB} (GPUs of one node a job holds)")
-
-
-def gpus_param(gpus: int) -> dict:
-    """The job params' entry for its GPUs: none for one (so equal jobs of before stay equal)."""
-    return {"gpus": gpus} if gpus > 1 else {}
+        raise BadInput(f"--gpus-per-job {gpus} must lie between 1 and {MAX_GPUS_PER_JOB} "
+                       "(GPUs of one node a job holds)")
 
 
 def config_dtype(model_dir: str | Path) -> str | None:

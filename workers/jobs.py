@@ -24,11 +24,14 @@ from qrun.db import queue
 from qrun.db.errors import BadInput, JobLost
 from qrun.db.schema import Job
 from qrun.db.session import Database, artifacts_root, is_transient_db_error, logs_root
-from qrun.db.states import Kind, progress_unit
+from qrun.db.states import Kind, Status, progress_unit
 from qrun.workers import artifacts
 from qrun.workers.limits import MEMORY_CAP_ENV, job_memory_cap_mb, memory_cap
 
 log = logging.getLogger("qrun.worker")
+# An attempt's outcome beside the job states: the job moved on without this worker (cancelled, or its
+# lease expired and another worker took it), which recorded nothing.
+LOST = "lost"
 
 
 class StopRequested(Exception):
@@ -203,12 +206,12 @@ def _is_out_of_memory(exc: BaseException, capped: int | None = None) -> bool:
 
 def run_quantize(ctx: JobContext) -> tuple[dict, list[queue.ArtifactRecord]]:
     from qrun.workers.inputs import inspect_model
-    from qrun.workers.quantize import QuantizeParams, quantize_model
+    from qrun.workers.params import QuantizeParams
+    from qrun.workers.quantize import quantize_model
 
     job = ctx.job
     params = QuantizeParams.from_dict(job.params)
-    info = inspect_model(job.model, trust_remote_code=params.trust_remote_code,
-                         allow_pickle=job.params.get("allow_pickle", False))
+    info = inspect_model(job.model, trust_remote_code=params.trust_remote_code, allow_pickle=params.allow_pickle)
     root = artifacts_root()
     final = artifacts.inside(root, f"{artifacts.safe_name(Path(job.model).name)}-{params.label()}-job{job.id}")
     artifacts.clear_stale_staging(root, job.id)
@@ -314,16 +317,16 @@ def _run_and_record(ctx: JobContext) -> str:
                 metrics, records = run_kind(ctx)
         except JobLost as exc:
             _say(f"=== stopped: {exc}")
-            return "lost"
+            return LOST
         except StopRequested as exc:
             _say(f"=== released: {exc}")
-            return _record(ctx, lambda: queue.release_job(ctx.db, job.id, ctx.worker, str(exc)) or "queued")
+            return _record(ctx, lambda: queue.release_job(ctx.db, job.id, ctx.worker, str(exc)) or Status.QUEUED.value)
         except BaseException as exc:  # a job's failure must never take the worker down
             _say(traceback.format_exc())
             return _record_failure(ctx, exc)
         metrics["job_wall_s"] = time.perf_counter() - started
         outcome = _record_success(ctx, metrics, records)
-        if outcome == "succeeded":
+        if outcome == Status.SUCCEEDED.value:
             _say(f"=== succeeded in {time.perf_counter() - started:.1f}s")
         return outcome
 
@@ -369,7 +372,7 @@ def _record_failure(ctx: JobContext, exc: BaseException) -> str:
         return _record(ctx, lambda: queue.fail_job(ctx.db, ctx.job.id, ctx.worker, reason,
                                                    retryable=retryable).value)
     except JobLost:
-        return "lost"
+        return LOST
 
 
 def _record_success(ctx: JobContext, metrics: dict, records: list[queue.ArtifactRecord]) -> str:
@@ -377,11 +380,11 @@ def _record_success(ctx: JobContext, metrics: dict, records: list[queue.Artifact
     records = [replace(r, node=r.node or node) for r in records]
     try:
         return _record(ctx, lambda: queue.finish_job(ctx.db, ctx.job.id, ctx.worker, metrics, records)
-                       or "succeeded")
+                       or Status.SUCCEEDED.value)
     except JobLost as exc:  # cancelled in the last instant: the artifact is not ours to keep
         _say(f"=== finished but {exc}: removing output")
         _remove_outputs(records)
-        return "lost"
+        return LOST
     except Exception as exc:  # noqa: BLE001 -- the result could not be stored: fail the job, say why
         _remove_outputs(records)
         return _record_failure(ctx, RuntimeError(f"recording the result failed: {describe_error(exc)}"))

@@ -1,57 +1,164 @@
-"""The quantization methods a sweep can hold: what each takes, what it needs, what its variant is called.
+"""The quantization methods a sweep can hold, and everything that differs between them: the one place
+that knows a method by its name.
 
 Plain Python, no torch: `qrun submit` checks a sweep with this table before anything is queued, the
-queue routes jobs by what it says a method needs (a GPU, a compute capability), and the quantize job
-dispatches on the method's name (workers.quantize).
+queue routes jobs by what it says a method needs (a GPU, a compute capability), the quantize job
+builds what the table names (a GPTQModel config, or transformers' bitsandbytes loading), the eval
+job loads the artifact by its format, and a worker waits for the kernels a method's jobs use.
 
 A job's params carry the method as `method` (absent: GPTQ, as every job before methods existed) and,
-for GGUF, its quant type as `gguf_type`. A method that needs a GPU puts `needs_gpu: true` (and, where
-it needs newer GPUs, `min_compute_capability`) into the params: a CPU worker never claims such a job
-(db.queue.runnable_by). With GPTQModel 7.7 and bitsandbytes 0.50 every method here runs on a CPU too
-(slowly where a GPU kernel would help); the requirement stays for a method that cannot.
+for GGUF, its quant type as `gguf_type` (workers.params reads and writes them). A method that needs a
+GPU puts `needs_gpu: true` (and, where it needs newer GPUs, `min_compute_capability`) into the params:
+a CPU worker never claims such a job (db.queue.runnable_by). With GPTQModel 7.7 and bitsandbytes 0.50
+every method here runs on a CPU too (slowly where a GPU kernel would help); the requirement stays for
+a method that cannot.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from qrun.db.errors import BadInput
 
-DEFAULT_METHOD = "gptq"
+DEFAULT_METHOD = "gptq"  # the method of params that name none: stored without "method", labelled without prefix
+
+# The settings a method may take, beyond its bit width (workers.params.FIELD_SETTINGS: the params of each).
+GROUP_SIZE = "group_size"  # columns sharing one scale
+DESC_ACT = "desc_act"  # GPTQ's activation order
+SYM = "sym"  # symmetric or not, as an option of the sweep
+DAMP = "damp"  # GPTQ's Hessian dampening
+CALIBRATION = "calibration"  # reads calibration data (calib, calib_samples, calib_max_len, batch_size)
+QUANT_TYPE = "quant_type"  # named types of its own (GGUF's q4_k_m, ...) instead of bits and groups
+
+
+class Artifact(StrEnum):
+    """How a quantized model is stored, and so how an eval loads it (workers.evaluate.artifact_format)."""
+
+    GPTQMODEL = "gptqmodel"  # GPTQModel's checkpoint (quantize_config.json): GPTQModel.load
+    GGUF = "gguf"  # one llama.cpp .gguf file: transformers' GGUF loader
+    BITSANDBYTES = "bitsandbytes"  # transformers' checkpoint in bitsandbytes' form: from_pretrained
+    TRANSFORMERS = "transformers"  # plain weights (an unquantized model)
+
+
+# GGUF quant types qrun makes, with their bit width; the default type for each width of --bits.
+GGUF_TYPES = {"q4_0": 4, "q4_k_s": 4, "q4_k_m": 4, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6, "q8_0": 8}
+GGUF_DEFAULT_TYPE = {4: "q4_k_m", 5: "q5_k_m", 6: "q6_k", 8: "q8_0"}
+# The model classes whose GGUF file qrun writes, with their Hugging Face model_type and llama.cpp
+# architecture (llama.cpp's tensor names differ per architecture; Llama's q/k rows would also need permuting).
+GGUF_ARCHITECTURES = {"Qwen2ForCausalLM": ("qwen2", "QWEN2")}
+
+# The checkpoints GPTQModel's Marlin kernel loads: these widths and group sizes, symmetric.
+MARLIN_BITS = (4, 8)
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str  # as --method spells it
     bits: tuple[int, ...]  # the bit widths it quantizes to
-    grouped: bool  # takes --group-size (and --desc-act / --asym where GPTQ-like)
-    calibrated: bool  # reads calibration data
+    takes: frozenset[str]  # the settings it takes: GROUP_SIZE, DESC_ACT, SYM, DAMP, CALIBRATION, QUANT_TYPE
+    title: str = ""  # as a sentence names it: "GPTQ", "round-to-nearest"
     needs_gpu: bool = False  # a CPU worker never claims it
     min_compute_capability: float | None = None  # e.g. FP8's tensor cores: 8.9 (Ada, Hopper)
     about: str = ""
+    # How it is quantized: the GPTQModel config class built from the settings it takes, or None for
+    # transformers' BitsAndBytesConfig applied while loading (workers.quantize).
+    gptqmodel_config: str | None = None
+    engine_speedups: bool = False  # qrun's replacements for GPTQModel's GPTQ apply (workers.engine)
+    artifact: Artifact = Artifact.GPTQMODEL
+    # How its checkpoint names it: quant_method in GPTQModel's quantize_config.json, and whether that
+    # file records a weight-only pass (RTN is written in GPTQ's format, its pass recorded in meta.weight_only).
+    checkpoint_name: str | None = None
+    weight_only: bool = False
+    # transformers' quantization_config in config.json that marks its artifact (bitsandbytes' NF4).
+    hf_quantization: tuple[tuple[str, str], ...] = ()
+    kernels: tuple[str, ...] = ()  # GPU kernels its quantize jobs load (workers.warmup builds them first)
+    marlin: bool = False  # its checkpoints load with Marlin where their layout fits (marlin_loads)
+    quant_types: dict[str, int] = field(default_factory=dict, hash=False)  # its named types -> bit width
+    default_types: dict[int, str] = field(default_factory=dict, hash=False)  # the type of each width of --bits
+    # The model classes it can write (None: every class qrun quantizes), and its files as messages name them.
+    architectures: tuple[str, ...] | None = None
+    writes: str = ""
+
+    @property
+    def grouped(self) -> bool:
+        """Takes --group-size (and is labelled by bits and group: w4g128)."""
+        return GROUP_SIZE in self.takes
+
+    @property
+    def calibrated(self) -> bool:
+        """Reads calibration data."""
+        return CALIBRATION in self.takes
+
+    @property
+    def implicit(self) -> bool:
+        """The method of params that name none: its params carry no "method", its labels no prefix."""
+        return self.name == DEFAULT_METHOD
+
+    @property
+    def fixed_width(self) -> bool:
+        """One width and nothing to choose (fp8, bnb-nf4): one variant, whatever the sweep's --bits."""
+        return len(self.bits) == 1 and not self.grouped and not self.quant_types
+
+    def quant_type(self, bits: int, given: str | None) -> str | None:
+        """The quant type a job of this method writes: the one given, else the default of its width."""
+        if not self.quant_types:
+            return None
+        return given or self.default_types[bits]
+
+    def typed_name(self, quant_type: str) -> str:
+        """The label of a variant named by its quant type: gguf-q4_k_m."""
+        return f"{self.name}-{quant_type}"
+
+    def variant_name(self, bits: int | None = None, group_size: int | None = None, desc_act: bool = False,
+                     sym: bool = True, quant_type: str | None = None) -> str:
+        """A variant's short name, as in tables and artifact names: GPTQ keeps its historic w4g128;
+        other grouped methods prefix their name (awq-w4g128, rtn-w8g128); a method with quant types is
+        named by its type (gguf-q4_k_m), the others by themselves (fp8, bnb-nf4)."""
+        if self.quant_types:
+            return self.typed_name(self.quant_type(bits, quant_type))
+        if not self.grouped:
+            return self.name
+        text = f"w{bits}" + ("gall" if group_size == -1 else f"g{group_size}")
+        text += ("-act" if desc_act else "") + ("" if sym else "-asym")
+        return text if self.implicit else f"{self.name}-{text}"
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("gptq", (2, 3, 4, 8), grouped=True, calibrated=True,
-           about="GPTQ (GPTQModel): second-order, layer by layer, calibrated"),
-    Method("awq", (4,), grouped=True, calibrated=True,
-           about="AWQ (GPTQModel): activation-aware scales, calibrated; 4 bits"),
-    Method("rtn", (2, 3, 4, 8), grouped=True, calibrated=False,
-           about="round-to-nearest: no calibration, the floor that calibration must beat"),
+    Method("gptq", (2, 3, 4, 8), frozenset({GROUP_SIZE, DESC_ACT, SYM, DAMP, CALIBRATION}), title="GPTQ",
+           about="GPTQ (GPTQModel): second-order, layer by layer, calibrated",
+           gptqmodel_config="QuantizeConfig", engine_speedups=True, checkpoint_name="gptq", kernels=("gptq_cuda",),
+           marlin=True),
+    # GEMM format: what AutoAWQ, transformers and vLLM read.
+    Method("awq", (4,), frozenset({GROUP_SIZE, CALIBRATION}), title="AWQ",
+           about="AWQ (GPTQModel): activation-aware scales, calibrated; 4 bits",
+           gptqmodel_config="AWQConfig", checkpoint_name="awq", kernels=("awq",), marlin=True),
+    # GPTQ's format, so every GPTQ loader (and qrun's GPTQ eval path) reads it.
+    Method("rtn", (2, 3, 4, 8), frozenset({GROUP_SIZE, SYM}), title="round-to-nearest",
+           about="round-to-nearest: no calibration, the floor that calibration must beat",
+           gptqmodel_config="RTNConfig", checkpoint_name="gptq", weight_only=True, marlin=True),
     # FP8 with one scale per output row: GPTQModel dequantizes before each matmul, so it runs on any
     # device (its per-tensor variant would use Hopper's FP8 matmuls, at a cost in precision).
-    Method("fp8", (8,), grouped=False, calibrated=False,
-           about="FP8 e4m3 weights, a scale per row (GPTQModel); dequantized per matmul on any device"),
-    Method("gguf", (4, 5, 6, 8), grouped=False, calibrated=False,
-           about="GGUF (llama.cpp, Ollama): its own quant types, --gguf-type q4_k_m, q8_0, ..."),
+    Method("fp8", (8,), frozenset(), title="FP8",
+           about="FP8 e4m3 weights, a scale per row (GPTQModel); dequantized per matmul on any device",
+           gptqmodel_config="FP8Config", checkpoint_name="fp8"),
+    # GPTQModel's GGUF blocks, repacked into one llama.cpp file (GPTQModel's own checkpoint is not kept).
+    Method("gguf", (4, 5, 6, 8), frozenset({QUANT_TYPE}), title="GGUF",
+           about="GGUF (llama.cpp, Ollama): its own quant types, --gguf-type q4_k_m, q8_0, ...",
+           gptqmodel_config="GGUFConfig", artifact=Artifact.GGUF, quant_types=GGUF_TYPES,
+           default_types=GGUF_DEFAULT_TYPE, architectures=tuple(GGUF_ARCHITECTURES), writes="llama.cpp files"),
     # bitsandbytes has had CPU kernels since 0.46: NF4 quantizes and runs on a CPU worker too.
-    Method("bnb-nf4", (4,), grouped=False, calibrated=False,
-           about="bitsandbytes NF4 with double quantization (QLoRA's loading, seed 002)"),
+    Method("bnb-nf4", (4,), frozenset(), title="bitsandbytes NF4",
+           about="bitsandbytes NF4 with double quantization (QLoRA's loading, seed 002)",
+           artifact=Artifact.BITSANDBYTES,
+           hf_quantization=(("quant_method", "bitsandbytes"), ("bnb_4bit_quant_type", "nf4"))),
 )}
 
-# GGUF quant types qrun makes, with their bit width; the default type for each width of --bits.
-GGUF_TYPES = {"q4_0": 4, "q4_k_s": 4, "q4_k_m": 4, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6, "q8_0": 8}
-GGUF_DEFAULT_TYPE = {4: "q4_k_m", 5: "q5_k_m", 6: "q6_k", 8: "q8_0"}
+
+def title_of(name: str | None) -> str:
+    """How a sentence names the method called `name` ("round-to-nearest"); an unknown name as it is."""
+    return METHODS[name].title if name in METHODS else (name or "another method")
 
 
 def method_of(params: dict) -> Method:
@@ -67,6 +174,7 @@ def check_method(name: str) -> Method:
 
 
 def check_gguf_type(name: str) -> str:
+    """A --gguf-type as qrun spells it (q4_k_m), or BadInput listing the types there are."""
     key = str(name).strip().lower().replace("-", "_")
     if key not in GGUF_TYPES:
         raise BadInput(f"--gguf-type {name!r} is not one of {', '.join(GGUF_TYPES)}")
@@ -84,18 +192,43 @@ def requirements(method: Method) -> dict:
 
 
 def label(params: dict) -> str:
-    """A variant's short name, as in tables and artifact names: GPTQ keeps its historic w4g128;
-    other grouped methods prefix their name (awq-w4g128, rtn-w8g128); the others name their type
-    (fp8, gguf-q4_k_m, bnb-nf4)."""
-    method = method_of(params)
-    if method.name == "gguf":
-        return f"gguf-{params.get('gguf_type') or GGUF_DEFAULT_TYPE[params['bits']]}"
-    if not method.grouped:
-        return method.name
-    group = params.get("group_size", 128)
-    text = f"w{params['bits']}" + ("gall" if group == -1 else f"g{group}")
-    text += ("-act" if params.get("desc_act") else "") + ("" if params.get("sym", True) else "-asym")
-    return text if method.name == DEFAULT_METHOD else f"{method.name}-{text}"
+    """A variant's short name from a job's params (Method.variant_name): w4g128, awq-w4g128, gguf-q4_k_m, fp8."""
+    from qrun.workers.params import QuantizeParams  # the params' defaults, defined there
+
+    return QuantizeParams.from_dict(params).label()
+
+
+def with_artifact(artifact: Artifact) -> Method:
+    """The method whose artifacts are stored this way (GGUF: one method writes .gguf files)."""
+    return next(m for m in METHODS.values() if m.artifact is artifact)
+
+
+def checkpoint_method(config: dict) -> Method | None:
+    """The method that wrote a GPTQModel quantize_config.json (None: one qrun does not make), read as
+    GPTQModel reads it: `method`, else `quant_method`, else GPTQ; a weight-only pass in GPTQ's format is RTN."""
+    name = str(config.get("method") or config.get("quant_method") or DEFAULT_METHOD).lower()
+    weight_only = (config.get("meta") or {}).get("weight_only") is not None
+    named = [m for m in METHODS.values() if m.checkpoint_name == name]
+    return next((m for m in named if m.weight_only == weight_only), named[0] if named else None)
+
+
+def hf_quantized_method(quantization_config: dict) -> Method | None:
+    """The method whose artifact carries this transformers quantization_config (bnb-nf4), or None."""
+    return next((m for m in METHODS.values() if m.hf_quantization
+                 and all(quantization_config.get(key) == value for key, value in m.hf_quantization)), None)
+
+
+def marlin_loads(config: dict) -> bool:
+    """Whether GPTQModel's Marlin kernel loads the checkpoint of this quantize_config.json: GPTQ's and AWQ's
+    formats (gptq, rtn, awq jobs) at Marlin's widths and group sizes, symmetric. FP8 has its own kernel."""
+    method = checkpoint_method(config)
+    return bool(method is not None and method.marlin and config.get("bits") in MARLIN_BITS
+                and config.get("group_size") in MARLIN_GROUP_SIZES and config.get("sym", True))
+
+
+def rehearsal_method_for_marlin() -> Method:
+    """The cheapest method whose checkpoint Marlin loads: uncalibrated (RTN), to have something to load."""
+    return next(m for m in METHODS.values() if m.marlin and not m.calibrated)
 
 
 def points_of_method(method: Method, bits: tuple[int, ...], gguf_types: tuple[str, ...], alone: bool) -> list[dict]:
@@ -106,47 +239,45 @@ def points_of_method(method: Method, bits: tuple[int, ...], gguf_types: tuple[st
     width is left for it. Fixed-width methods (fp8, bnb-nf4) give one point, whatever the sweep's bits
     (alone, a --bits other than theirs is refused); GGUF takes its types from --gguf-type, else the
     default type of each width."""
-    if method.name == "gguf" and gguf_types:
-        return [{"method": "gguf", "bits": GGUF_TYPES[t], "gguf_type": t} for t in dict.fromkeys(gguf_types)]
+    typed = bool(method.quant_types)
+    if typed and gguf_types:
+        return [{"method": method.name, "bits": method.quant_types[t], "gguf_type": t}
+                for t in dict.fromkeys(gguf_types)]
     fitting = [b for b in dict.fromkeys(bits) if b in method.bits]
     unfit = [b for b in bits if b not in method.bits]
     widths = ", ".join(map(str, method.bits))
-    fixed = len(method.bits) == 1 and method.name not in ("gptq", "awq", "rtn")  # fp8, bnb-nf4: no choice
+    fixed = method.fixed_width
     if not bits and not fixed:
-        raise BadInput(f"--method {method.name} needs --bits ({widths})"
-                       + (" or --gguf-type" if method.name == "gguf" else ""))
+        raise BadInput(f"--method {method.name} needs --bits ({widths})" + (" or --gguf-type" if typed else ""))
     if (alone and unfit) or (not fitting and not fixed):
-        by = "" if method.name == DEFAULT_METHOD else f" by --method {method.name}"
+        by = "" if method.implicit else f" by --method {method.name}"
         raise BadInput(f"--bits {unfit[0]} is not supported{by}: use one of {widths}"
-                       + (", or give --gguf-type" if method.name == "gguf" else ""))
+                       + (", or give --gguf-type" if typed else ""))
     if fixed:
         return [{"method": method.name, "bits": method.bits[0]}]
-    if method.name == "gguf":
-        return [{"method": "gguf", "bits": b, "gguf_type": GGUF_DEFAULT_TYPE[b]} for b in fitting]
+    if typed:
+        return [{"method": method.name, "bits": b, "gguf_type": method.default_types[b]} for b in fitting]
     return [{"method": method.name, "bits": b} for b in fitting]
 
 
-
-# The model classes whose GGUF file qrun writes (llama.cpp's names differ per architecture; Llama's
-# q/k rows would also need permuting): workers.quantize.GGUF_ARCHS is the same list by model_type.
-GGUF_ARCHITECTURES = ("Qwen2ForCausalLM",)
-
-
-def check_architecture(params: dict, architecture: str) -> None:
+def check_architecture(method: Method, architecture: str) -> None:
     """BadInput when the method cannot write this model class (GGUF: Qwen2 only, for now)."""
-    if method_of(params).name == "gguf" and architecture not in GGUF_ARCHITECTURES:
-        raise BadInput(f"--method gguf writes llama.cpp files for {', '.join(GGUF_ARCHITECTURES)} models; "
+    if method.architectures is not None and architecture not in method.architectures:
+        raise BadInput(f"--method {method.name} writes {method.writes} for {', '.join(method.architectures)} models; "
                        f"this model is {architecture or 'of no named class'}")
 
 
-def check_widths(params: dict, widths) -> None:
-    """BadInput when a layer width does not fit the method's blocks. widths: (name, width) pairs.
-    GGUF packs each row in blocks: 256 weights for K-quants (q4_k_m, q6_k), 32 for q4_0/q8_0."""
-    if method_of(params).name != "gguf":
+def gguf_row_block(gguf_type: str) -> int:
+    """The weights GGUF packs in one block of a row: 256 for K-quants (q4_k_m, q6_k), 32 for q4_0/q8_0."""
+    return 256 if "_k" in gguf_type else 32
+
+
+def check_widths(method: Method, quant_type: str | None, widths) -> None:
+    """BadInput when a layer width does not fit the method's blocks. widths: (name, width) pairs."""
+    if not method.quant_types:
         return
-    gguf_type = params.get("gguf_type") or GGUF_DEFAULT_TYPE[params["bits"]]
-    block = 256 if "_k" in gguf_type else 32
+    block = gguf_row_block(quant_type)
     for name, width in widths:
         if width and width % block:
-            raise BadInput(f"--gguf-type {gguf_type} packs rows in blocks of {block}: the model's {name} {width} "
+            raise BadInput(f"--gguf-type {quant_type} packs rows in blocks of {block}: the model's {name} {width} "
                            f"is not a multiple" + ("; use q4_0 or q8_0" if block == 256 else ""))

@@ -19,58 +19,19 @@ import logging
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 from qrun.db.errors import BadInput
 from qrun.workers import methods
+from qrun.workers.calibration import MIN_CALIB_TOKENS, calibration_texts, tokenize_calibration
 from qrun.workers.engine import DEFAULT_ENGINE, Engine, gptq_speedups, gptqmodel_options, stage_times
-from qrun.workers.calibration import calibration_texts, tokenize_calibration
+from qrun.workers.params import QuantizeParams
 
 log = logging.getLogger("qrun.quantize")
 
 # progress(layers_done, layers_total, module_now) -- raises to stop the job between layers.
 Progress = Callable[[int, int, str | None], None]
-
-
-@dataclass
-class QuantizeParams:
-    bits: int
-    method: str | None = None  # workers.methods; None: GPTQ (every job from before methods existed)
-    gguf_type: str | None = None  # gguf only: q4_k_m, q8_0, ... (None: the default type of `bits`)
-    group_size: int = 128
-    desc_act: bool = False
-    sym: bool = True
-    damp_percent: float = 0.01
-    true_sequential: bool = True
-    static_groups: bool = False
-    calib: str | None = None
-    calib_samples: int = 128
-    calib_max_len: int = 1024
-    batch_size: int = 16  # bench: 82 s at 1 vs 41 s at 16 on an H100, same layer loss
-    trust_remote_code: bool = False
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "QuantizeParams":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def label(self) -> str:
-        """Short name of the variant, as in tables and artifact names: w4g128, w8g128-act-asym,
-        awq-w4g128, rtn-w8g128, fp8, gguf-q4_k_m, bnb-nf4 (workers.methods.label)."""
-        return methods.label(self.to_dict())
-
-    @property
-    def method_name(self) -> str:
-        return methods.method_of(self.to_dict()).name
-
-    @property
-    def gguf_type_or_default(self) -> str:
-        return methods.check_gguf_type(self.gguf_type or methods.GGUF_DEFAULT_TYPE[self.bits])
 
 
 class _LayerProgress:
@@ -124,7 +85,7 @@ def check_device(params: QuantizeParams, device: str) -> None:
     The queue routes such jobs to GPU workers only; this is the worker's own guard."""
     import torch
 
-    method = methods.method_of(params.to_dict())
+    method = params.spec
     if not method.needs_gpu and method.min_compute_capability is None:
         return
     if not device.startswith("cuda") or not torch.cuda.is_available():
@@ -133,9 +94,9 @@ def check_device(params: QuantizeParams, device: str) -> None:
     if method.min_compute_capability is not None:
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         if major + minor / 10 < method.min_compute_capability:
+            gpu = torch.cuda.get_device_name(torch.device(device))
             raise BadInput(f"--method {method.name} needs a GPU of compute capability "
-                           f"{method.min_compute_capability:g} or more; {torch.cuda.get_device_name(torch.device(device))} "
-                           f"has {major}.{minor}")
+                           f"{method.min_compute_capability:g} or more; {gpu} has {major}.{minor}")
 
 
 def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device: str, num_layers: int,
@@ -153,14 +114,13 @@ def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    name = params.method_name
-    if name == "bnb-nf4":
+    if params.spec.gptqmodel_config is None:
         metrics = _quantize_bnb_nf4(params, model_dir, out_dir, device, num_layers, progress)
     else:
         metrics = _quantize_gptqmodel(params, model_dir, out_dir, device, num_layers, progress, offload_dir, engine)
     metrics["wall_s"] = time.perf_counter() - started
     metrics["bits"] = params.bits
-    if methods.METHODS[name].grouped:
+    if params.spec.grouped:
         metrics["group_size"] = params.group_size
     if on_gpu:
         metrics["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -171,27 +131,33 @@ def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device
 
 
 def gptqmodel_config(params: QuantizeParams, engine_options: dict | None = None):
-    """GPTQModel's quantize config for the job's method (bnb-nf4 goes through transformers instead).
-    engine_options: where GPTQModel keeps finished modules and activations (workers.engine)."""
-    from gptqmodel import QuantizeConfig
-    from gptqmodel.quantization.config import AWQConfig, FP8Config, GGUFConfig, RTNConfig
+    """GPTQModel's quantize config for the job's method: the class the method table names, given the
+    settings the method takes (bnb-nf4 goes through transformers instead). engine_options: where
+    GPTQModel keeps finished modules and activations (workers.engine)."""
+    from gptqmodel.quantization import config as configs
 
-    where = engine_options or {}
-    name = params.method_name
-    if name == "gptq":
-        return QuantizeConfig(bits=params.bits, group_size=params.group_size, desc_act=params.desc_act,
-                              sym=params.sym, damp_percent=params.damp_percent,
-                              true_sequential=params.true_sequential, static_groups=params.static_groups,
-                              **act_group_aware_option(params), **where)
-    if name == "awq":  # GEMM format: what AutoAWQ, transformers and vLLM read
-        return AWQConfig(bits=params.bits, group_size=params.group_size, sym=params.sym, **where)
-    if name == "rtn":  # GPTQ format, so every GPTQ loader (and qrun's GPTQ eval path) reads it
-        return RTNConfig(bits=params.bits, group_size=params.group_size, sym=params.sym, **where)
-    if name == "fp8":  # e4m3 weights, one scale per output row: weight-only, no activation scales
-        return FP8Config(**where)
-    if name == "gguf":
-        return GGUFConfig(bits=params.gguf_type_or_default, **where)
-    raise ValueError(f"method {name!r} is not quantized through GPTQModel")
+    method = params.spec
+    if method.gptqmodel_config is None:
+        raise ValueError(f"method {method.name!r} is not quantized through GPTQModel")
+    return getattr(configs, method.gptqmodel_config)(**config_settings(params), **(engine_options or {}))
+
+
+def config_settings(params: QuantizeParams) -> dict:
+    """The keywords of a method's GPTQModel config: bits, group and symmetry where it has groups (gptq,
+    awq: GEMM format, rtn: GPTQ format); GPTQ's column order and dampening; a quant type's name in
+    place of bits (gguf); none for fp8 (e4m3 weights, one scale per output row, no activation scales)."""
+    takes = params.spec.takes
+    settings: dict = {}
+    if methods.GROUP_SIZE in takes:
+        settings |= {"bits": params.bits, "group_size": params.group_size, "sym": params.sym}
+    if methods.DESC_ACT in takes:
+        settings |= {"desc_act": params.desc_act, "true_sequential": params.true_sequential,
+                     "static_groups": params.static_groups, **act_group_aware_option(params)}
+    if methods.DAMP in takes:
+        settings["damp_percent"] = params.damp_percent
+    if methods.QUANT_TYPE in takes:
+        settings["bits"] = params.quant_type
+    return settings
 
 
 def _quantize_gptqmodel(params: QuantizeParams, model_dir: str, out_dir: Path, device: str, num_layers: int,
@@ -199,7 +165,7 @@ def _quantize_gptqmodel(params: QuantizeParams, model_dir: str, out_dir: Path, d
     from gptqmodel import GPTQModel
     from transformers import AutoTokenizer
 
-    method = methods.method_of(params.to_dict())
+    method = params.spec
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=params.trust_remote_code)
     if tokenizer.pad_token is None:  # GPTQModel pads batches; a missing pad token breaks batch_size > 1
         tokenizer.pad_token = tokenizer.eos_token
@@ -210,7 +176,8 @@ def _quantize_gptqmodel(params: QuantizeParams, model_dir: str, out_dir: Path, d
             log.warning("no calibration file given: using qrun's built-in generic text; in-domain data is better")
         calibration = tokenize_calibration(samples, tokenizer, params.calib_max_len)
         if not calibration:
-            raise ValueError(f"calibration data {params.calib or '(built-in)'} has no sample of 10 tokens or more")
+            raise ValueError(f"calibration data {params.calib or '(built-in)'} has no sample of "
+                             f"{MIN_CALIB_TOKENS} tokens or more")
     config = gptqmodel_config(params, gptqmodel_options(engine, model_dir, device, calibration, offload_dir))
     progress(0, num_layers, "loading model")
     load_start = time.perf_counter()
@@ -224,17 +191,17 @@ def _quantize_gptqmodel(params: QuantizeParams, model_dir: str, out_dir: Path, d
     if not method.calibrated:
         progress(0, num_layers, f"{method.name}: all layers")
     quant_start = time.perf_counter()
-    speedups = gptq_speedups(engine) if method.name == "gptq" else contextlib.nullcontext()
+    speedups = gptq_speedups(engine) if method.engine_speedups else contextlib.nullcontext()
     with speedups:
         model.quantize(calibration, batch_size=params.batch_size, tokenizer=tokenizer)
     quantize_s = time.perf_counter() - quant_start
     progress(num_layers, num_layers, "saving")
     save_start = time.perf_counter()
-    if method.name == "gguf":
+    if method.artifact is methods.Artifact.GGUF:
         checkpoint = out_dir / ".gptqmodel-gguf"  # GPTQModel's GGUF blocks, repacked into one .gguf file
         model.save(str(checkpoint))
         tokenizer.save_pretrained(str(checkpoint))
-        write_gguf_file(checkpoint, out_dir / GGUF_FILE, params.gguf_type_or_default, Path(model_dir).name)
+        write_gguf_file(checkpoint, out_dir / GGUF_FILE, params.quant_type, Path(model_dir).name)
         copy_hf_config(checkpoint, out_dir)
         losses = _layer_losses(checkpoint / "quant_log.csv", getattr(model, "quant_log", None))
         shutil.rmtree(checkpoint)
@@ -305,9 +272,9 @@ GGUF_TENSOR_TYPES = {
     "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
 }
 # Hugging Face model_type -> llama.cpp architecture (the tensor names and metadata keys transformers'
-# GGUF loader and llama.cpp expect). Others are refused: their tensors need converting (llama's q/k
-# rows are permuted in llama.cpp's layout).
-GGUF_ARCHS = {"qwen2": "QWEN2"}
+# GGUF loader and llama.cpp expect), of the classes workers.methods.GGUF_ARCHITECTURES lists. Others are
+# refused: their tensors need converting (llama's q/k rows are permuted in llama.cpp's layout).
+GGUF_ARCHS = dict(methods.GGUF_ARCHITECTURES.values())
 
 
 def copy_hf_config(checkpoint: Path, out_dir: Path) -> None:

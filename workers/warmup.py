@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from qrun.db.states import Kind
+from qrun.workers import methods
+from qrun.workers.params import EvalParams, QuantizeParams
+
 log = logging.getLogger(__name__)
 
 # What quantize and eval jobs load on each kind of device (GPTQModel 7.7). On a CPU: the packer every
@@ -121,8 +125,11 @@ def kernels_a_job_uses(kind: str, params: dict, model_dir: Path | str | None, de
     quantize job)."""
     if not device.startswith("cuda"):
         return tuple(CPU_KERNELS)
-    if kind == "quantize":
-        return {"gptq": ("gptq_cuda",), "awq": ("awq",)}.get(params.get("method") or "gptq", ())
+    if kind == Kind.QUANTIZE.value:
+        try:
+            return methods.method_of(params).kernels
+        except KeyError:  # a method this qrun does not know: its job says so itself
+            return ()
     if model_dir is None:
         return ()
     from qrun.workers.evaluate import gptq_backend  # "marlin" only for a GPTQModel checkpoint Marlin reads
@@ -237,13 +244,14 @@ class KernelBuilds:
 # (Qwen2; bf16, as GPTQModel loads most checkpoints). On one H100 (BENCHMARKS, "At the job's own
 # shape"), after the tiny rehearsal the first GPTQ load still took 1.22-1.40x the later ones; after
 # the job's one-layer copy 0.97-1.09x, for 0.3-1.5 s more of rehearsal per kernel.
-# kernel -> (job kind, method, dtype) of the tiny rehearsal; an eval rehearsal quantizes it with rtn
-# (GPTQ format, no calibration) to have something to load.
+# kernel -> (job kind, method, dtype) of the tiny rehearsal: a quantize kernel's method quantizes it; a
+# Marlin rehearsal quantizes it with the cheapest method Marlin loads (rtn: GPTQ's format, no
+# calibration) to have something to load.
 REHEARSALS = {
-    "gptq_cuda": ("quantize", "gptq", "bfloat16"),
-    "awq": ("quantize", "awq", "bfloat16"),
-    "marlin_bf16": ("eval", "rtn", "bfloat16"),
-    "marlin_fp16": ("eval", "rtn", "float16"),
+    **{kernel: (Kind.QUANTIZE.value, method.name, "bfloat16")
+       for method in methods.METHODS.values() for kernel in method.kernels},
+    "marlin_bf16": (Kind.EVAL.value, methods.rehearsal_method_for_marlin().name, "bfloat16"),
+    "marlin_fp16": (Kind.EVAL.value, methods.rehearsal_method_for_marlin().name, "float16"),
 }
 # Marlin reads 4-bit group-128 weights whose in-features are a multiple of 128 and out-features of 64.
 REHEARSAL_SHAPE = dict(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
@@ -324,9 +332,7 @@ def _rehearse_job(job: JobShape | None, device: str, work: Path) -> bool:
     model = Path(job.model_dir) if mode == "full" else one_layer_copy(Path(job.model_dir), work / "model")
     if model is None:
         return False
-    if job.kind == "quantize":
-        from qrun.workers.quantize import QuantizeParams
-
+    if job.kind == Kind.QUANTIZE.value:
         _quantize_rehearsal(QuantizeParams.from_dict(job.params), model, device, work)
     else:
         _eval_rehearsal(job.params, model, device)
@@ -345,7 +351,7 @@ def _quantize_rehearsal(params, model: Path, device: str, work: Path) -> Path:
 
 def _eval_rehearsal(params: dict, model: Path, device: str) -> None:
     """The job's load, then its longest and shortest batches of each kind (classification, perplexity)."""
-    from qrun.workers.evaluate import EvalParams, classify, load_model, perplexity, plan_eval
+    from qrun.workers.evaluate import classify, load_model, perplexity, plan_eval
 
     eval_params = EvalParams.from_dict(params)
     loaded, tokenizer = load_model(model, device, False)
@@ -366,17 +372,15 @@ def _ends(batches: list) -> list:
 
 
 def _rehearse_tiny(kind: str, method: str, dtype: str, device: str, work: Path) -> None:
-    from qrun.workers.quantize import QuantizeParams
     from qrun.workers.tiny import build_tiny_model, sample_texts
 
     model = build_tiny_model(work / "tiny", dtype=dtype, **REHEARSAL_SHAPE)
     calib = work / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sample_texts()[:16]),
                      encoding="utf-8")
-    params = QuantizeParams(bits=4, method=None if method == "gptq" else method, calib=str(calib),
-                            calib_samples=16, calib_max_len=64)
+    params = QuantizeParams(bits=4, method=method, calib=str(calib), calib_samples=16, calib_max_len=64)
     quantized = _quantize_rehearsal(params, model, device, work)
-    if kind == "eval":
+    if kind == Kind.EVAL.value:
         import torch
 
         from qrun.workers.evaluate import load_model

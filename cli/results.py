@@ -1,3 +1,0 @@
-"""`qrun compare` and `qrun demo` (evaluation issue)."""
-
-COMMANDS: list = []
