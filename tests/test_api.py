@@ -135,3 +135,23 @@ def test_version_and_the_package_name(qrun_home):
     result = run_qrun("--version", check=True)
     assert result.stdout.strip() == f"qrun {version('qrun-quant')}" == f"qrun {qrun.__version__}"
     assert Path(qrun.__file__).parent == REPO / "qrun"
+
+
+def test_the_readme_lists_every_api_function_with_its_parameters():
+    """The README's table of functions says what help(qrun) says: every public function, each with
+    the name of every parameter it takes."""
+    import inspect
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("| command | function | returns |"):text.index("`db=` takes a URL")]
+    rows = {line for line in table.splitlines() if line.startswith("|")}
+    functions = {name: getattr(qrun, name) for name in qrun.__all__ if inspect.isfunction(getattr(qrun, name))}
+    assert {"submit", "evaluate", "run", "status", "logs", "worker_status", "compare", "prune", "du",
+            "priority_caps", "set_priority_cap", "warmup", "run_demo"} <= set(functions)
+    for name, function in functions.items():
+        row = next((r for r in rows if f"`qrun.{name}(" in r), None)
+        assert row is not None, f"the README's API table lacks qrun.{name}"
+        listed = row[row.index(f"qrun.{name}("):]
+        for parameter in inspect.signature(function).parameters.values():
+            shown = f"**{parameter.name}" if parameter.kind is parameter.VAR_KEYWORD else parameter.name
+            assert shown in listed, f"the README's qrun.{name} lacks its parameter {parameter.name}"

@@ -28,7 +28,7 @@ from qrun.db.states import Kind, Status, progress_unit
 from qrun.workers import artifacts
 from qrun.workers.limits import MEMORY_CAP_ENV, job_memory_cap_mb, memory_cap
 
-log = logging.getLogger("qrun.worker")
+log = logging.getLogger("qrun.job")
 # An attempt's outcome beside the job states: the job moved on without this worker (cancelled, or its
 # lease expired and another worker took it), which recorded nothing.
 LOST = "lost"
@@ -320,7 +320,8 @@ def _run_and_record(ctx: JobContext) -> str:
             return LOST
         except StopRequested as exc:
             _say(f"=== released: {exc}")
-            return _record(ctx, lambda: queue.release_job(ctx.db, job.id, ctx.worker, str(exc)) or Status.QUEUED.value)
+            return _record(ctx, lambda: queue.release_job(ctx.db, job.id, ctx.worker, str(exc))
+                           or Status.QUEUED.value)
         except BaseException as exc:  # a job's failure must never take the worker down
             _say(traceback.format_exc())
             return _record_failure(ctx, exc)
