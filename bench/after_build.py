@@ -1,4 +1,4 @@
-"""Is a job right after a kernel build slower because of the build itself? (issue #15, item 1)
+"""Is a job right after a kernel build slower because of the build itself?
 
 On a fresh machine the first quantize and first GPTQ eval of a `qrun run` come right after GPTQModel
 compiled a kernel on every core (bench/first_job.py), and ran ~1.2-1.5x slower than the later ones,

@@ -1,11 +1,11 @@
-"""Does the first job on a fresh machine pay a one-time cost? (issue #15, item 1)
+"""Does the first job on a fresh machine pay a one-time cost?
 
 On a fresh GPU machine (GPTQModel's kernel cache empty) one `qrun run --until-empty` runs three equal
 4-bit quantize jobs (damp 0.01, 0.05, 0.1: the same work, another value) and a perplexity eval of each,
 plus the baseline's. The worker builds GPTQModel's kernels and rehearses each kernel's first job on a
 one-layer copy of the job's model before it claims the job that uses it (workers/warmup.py), so the
 first quantize and the first GPTQ eval should take as long as the later ones: the table prints the
-first's time, the later ones' median, their ratio, first / second (issue #15's own measure), the later
+first's time, the later ones' median, their ratio, first / second, the later
 ones' max / min (the machine's own noise) and, for the job's wall time, the CPU steal during each job
 (cores the hypervisor gave to other guests: where it varies from job to job, so do the jobs' times, and
 a first job that ran with less of it than the later ones looks faster than them). Then, in a fresh process,

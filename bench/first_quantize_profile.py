@@ -1,4 +1,4 @@
-"""What does a process's first quantize() pay that its second does not? (issue #15, item 1)
+"""What does a process's first quantize() pay that its second does not?
 
 In one fresh process, as a GPU worker does it: GPTQModel imported, the gptq_cuda kernel loaded and its
 first job rehearsed on a tiny model (workers.warmup.rehearse; --cold: not rehearsed), then qrun's own

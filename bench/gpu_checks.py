@@ -32,7 +32,7 @@ PROMPT = "发言人1: 您好，我是银行客服，您的账户存在风险"
 def record(name: str, status: str, detail: str = "") -> None:
     RESULTS.append({"check": name, "status": status, "detail": detail})
     print(f"{status:4}  {name}" + (f": {detail}" if detail else ""), flush=True)
-    # Kept as it goes: a device call that runs out of time still returns the checks made.
+    # Kept as it goes: a run cut short still returns the checks made.
     (out_dir() / "gpu_checks.json").write_text(json.dumps({"checks": RESULTS}, indent=2, ensure_ascii=False))
 
 

@@ -1,4 +1,4 @@
-"""What does a process's first GPTQ load pay that its second does not? (issue #15, item 1)
+"""What does a process's first GPTQ load pay that its second does not?
 
 In one fresh process, as a worker does it: GPTQModel imported and the checkpoint's Marlin kernel
 loaded (workers/warmup.py), the unquantized model loaded once (the baseline eval), then qrun's own

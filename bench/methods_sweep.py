@@ -10,7 +10,7 @@ same way. A variant that fails is recorded with its error and the sweep goes on.
 methods_sweep.json under $OUT after every variant (a call cut short still returns what it measured).
 
     python bench/methods_sweep.py                      # on the device: Qwen2-1.5B shape, 128 x 1024 tokens
-    python bench/methods_sweep.py --methods gguf bnb-nf4   # a subset (a device call has 10 minutes)
+    python bench/methods_sweep.py --methods gguf bnb-nf4   # a subset
     python bench/methods_sweep.py --tiny               # CPU smoke test: tiny shape, short calibration
 
 On the device, gguf and bnb-nf4 need the gguf and bitsandbytes wheels in .device/whl (the bundle has

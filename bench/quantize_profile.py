@@ -1,4 +1,4 @@
-"""Where quantize() spends its time on the GPU, and what each of qrun's GPTQModel settings buys (issue #15, item 2).
+"""Where quantize() spends its time on the GPU, and what each of qrun's GPTQModel settings buys.
 
 One process runs the probe job (Qwen2-1.5B shape, 4-bit g128, 128 x 1024 calibration tokens, batch 16)
 through qrun's own quantize function (workers.quantize.quantize_model) once per variant; a variant
@@ -10,7 +10,7 @@ every 100 ms), the mean layer loss (the same data, so it must stay within 1%) an
 the probe on a 4-layer model of the same width, for the variants named (default: the first and the
 last): the top kernels and operators by GPU time, and kernel and copy time against wall time.
 --py-spy [VARIANT...] samples every thread's Python stack during those variants (default: the
-first; py-spy's raw "collapsed" format). --awq then quantizes and evaluates AWQ 4-bit (issue #14's
+first; py-spy's raw "collapsed" format). --awq then quantizes and evaluates AWQ 4-bit (the methods'
 GPU row), with the bf16 baseline's perplexity beside it; its kernels are built in the background
 (nice 19) while the profile runs. --shape qwen2-7b: the same job on Qwen2-7B's shape.
 

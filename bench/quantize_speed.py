@@ -194,7 +194,7 @@ def main() -> None:
                     extra = (serve,) if path == "serve" else ()
                     rows.append(PATHS[path](model, calib, bits, args, work, log, *extra) | {"round": round_})
                     print(json.dumps(rows[-1]), flush=True)
-                    # Kept as it goes: a device call that runs out of time still returns what it measured.
+                    # Kept as it goes: a run cut short still returns what it measured.
                     partial.write_text(json.dumps({"args": vars(args), "runs": rows}, indent=2))
     summary = [row for bits in args.bits for row in summarise(rows, bits)]
     if args.sweep:

@@ -6,8 +6,8 @@ From the job table: makespan (first start to last finish, so Ray's start-up is n
 wall time is reported beside it), speed-up and efficiency against 1 GPU, and each GPU's timeline and busy
 share. Writes scaling.json under $OUT after every GPU count.
 
-    python bench/scaling.py --gpus 1 2                      # nvidia-h200-x2: 4 jobs (issue 5)
-    python bench/scaling.py --gpus 1 2 4 8 --jobs 8         # nvidia-h200-x8 (issue 6)
+    python bench/scaling.py --gpus 1 2                      # two GPUs: 4 jobs
+    python bench/scaling.py --gpus 1 2 4 8 --jobs 8         # eight GPUs
     python bench/scaling.py --shape tiny --cpu --gpus 1 2 --samples 16 --max-len 256   # CPU smoke test
 """
 

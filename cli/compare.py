@@ -15,7 +15,7 @@ import click
 
 from qrun.cli.common import print_json, stderr_line
 from qrun.cli.table import REQUIRED, Column, Output, display_width, output_settings, render, shorten, split_columns
-from qrun.comparison import BASELINE, METRICS, check_max_drop, groups, metric_name
+from qrun.comparison import CELL_NAMES, METRICS, check_max_drop, group_title, groups, metric_name, row_cells
 from qrun.plotting import check_plot_path, write_plot
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -24,40 +24,6 @@ FORMATS = ("table", "json", "csv", "markdown")
 # ---------------------------------------------------------------- formatting
 
 
-def _num(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and value.is_integer() and digits == 0:
-        return str(int(value))
-    return f"{value:.{digits}f}"
-
-
-def _with_delta(row: dict, name: str, digits: int = 3) -> str:
-    text = _num(row[name], digits)
-    delta = row[f"{name}_delta"]
-    if row["variant"] == BASELINE or delta is None:
-        return text
-    return f"{text} ({delta:+.{digits}f})"
-
-
-COLUMNS = (
-    ("variant", lambda r: r["variant"]),
-    ("bits", lambda r: _num(r["bits"], 0)),
-    ("method", lambda r: r.get("method") or "-"),
-    ("size MB", lambda r: _num(r["size_mb"], 2)),
-    ("size %", lambda r: _num(r["size_pct"], 1)),
-    ("quant s", lambda r: _num(r["quantize_s"], 1)),
-    ("precision", lambda r: _with_delta(r, "precision")),
-    ("recall", lambda r: _with_delta(r, "recall")),
-    ("F1", lambda r: _with_delta(r, "f1")),
-    ("accuracy", lambda r: _with_delta(r, "accuracy")),
-    ("invalid", lambda r: _with_delta(r, "invalid", 0)),
-    ("AUC", lambda r: _with_delta(r, "auc")),
-    ("perplexity", lambda r: _with_delta(r, "perplexity", 2)),
-    ("agree", lambda r: _num(r["agreement"] * 100 if r["agreement"] is not None else None, 1)),
-    ("fraud->not", lambda r: _num(r["flips_fraud_to_not"], 0)),
-    ("not->fraud", lambda r: _num(r["flips_not_to_fraud"], 0)),
-)
 # What stays on a narrow screen: the variant and its key numbers never go (too narrow even for those:
 # one block per variant); the others leave in order of priority.
 TABLE_COLUMNS = tuple(Column(name, keep=keep, right=name != "variant") for name, keep in (
@@ -66,21 +32,15 @@ TABLE_COLUMNS = tuple(Column(name, keep=keep, right=name != "variant") for name,
     ("AUC", 50), ("perplexity", 40), ("agree", 55), ("fraud->not", 10), ("not->fraud", 10)))
 
 
-def _title(group: list[dict]) -> str:
-    first = group[0]
-    what = f"data {first['data']} ({first['mode']})" if first["data"] else f"perplexity on {first['ppl_data']}"
-    return f"{first['model']} -- {what}"
-
-
 def _fitted_title(group: list[dict], width: int | None) -> str:
     """The group's title with whole paths where they fit, else with the model's and data's names."""
-    title = _title(group)
+    title = group_title(group)
     if width is None or display_width(title) <= width:
         return title
     first = group[0]
     short = {**first, "model": Path(first["model"]).name, "data": first["data"] and Path(first["data"]).name,
              "ppl_data": first["ppl_data"] and Path(first["ppl_data"]).name}
-    return shorten(_title([short]), width)
+    return shorten(group_title([short]), width)
 
 
 def table_lines(rows: list[dict], out: Output, columns: list[str] | None = None) -> list[str]:
@@ -90,7 +50,7 @@ def table_lines(rows: list[dict], out: Output, columns: list[str] | None = None)
         if lines:
             lines.append("")
         lines.append(_fitted_title(group, out.width))
-        cells = [[cell(row) for _, cell in COLUMNS] for row in group]
+        cells = [row_cells(row) for row in group]
         lines += render(TABLE_COLUMNS, cells, out, wide=True, names=columns)
         lines += _answer_lines(group, out.width)
     return lines
@@ -117,9 +77,9 @@ def print_markdown(rows: list[dict]) -> None:
     """The table's cells as one markdown table per group, under a heading."""
     lines: list[str] = []
     for group in groups(rows):
-        lines += [f"### {_title(group)}", "", "| " + " | ".join(name for name, _ in COLUMNS) + " |",
-                  "|" + "|".join("---" if name == "variant" else "---:" for name, _ in COLUMNS) + "|"]
-        lines += ["| " + " | ".join(cell(row) for _, cell in COLUMNS) + " |" for row in group]
+        lines += [f"### {group_title(group)}", "", "| " + " | ".join(CELL_NAMES) + " |",
+                  "|" + "|".join("---" if name == "variant" else "---:" for name in CELL_NAMES) + "|"]
+        lines += ["| " + " | ".join(row_cells(row)) + " |" for row in group]
         lines.append("")
         if group[0].get("max_drop_answer"):
             lines += [group[0]["max_drop_answer"], ""]

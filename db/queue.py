@@ -274,8 +274,9 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
     jobs that need no more (a CPU worker counts as one: it never takes a job that needs several), and
     only jobs its device can run (`runnable_by`: compute_capability None is a CPU worker, which never
     takes a job whose method needs a GPU); `only_multi_gpu` limits it to jobs that need more than one.
-    Expired leases are settled first, in the same transaction, so any running qrun keeps the table honest. Orphans of failed upstream
-    jobs are never ready; they are failed only when nothing is, as finding them scans the queue.
+    Expired leases are settled first, in the same transaction, so any running qrun keeps the table honest.
+    Orphans of failed upstream jobs are never ready; they are failed only when nothing is, as finding them scans
+    the queue.
 
     `passable` is given by a worker that the runner may lend to a job needing more GPUs than it
     holds: when the most urgent ready job is such a job and not among these ids (the runner has not

@@ -440,3 +440,56 @@ def mark_smallest(group: list[dict], metric: str, max_drop: float) -> None:
         row["smallest_within"] = row is pick
         row["max_drop_answer"] = sentence
 
+
+
+# ---------------------------------------------------------------- the rows as text
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value.is_integer() and digits == 0:
+        return str(int(value))
+    return f"{value:.{digits}f}"
+
+
+def _with_delta(row: dict, name: str, digits: int = 3) -> str:
+    text = _num(row[name], digits)
+    delta = row[f"{name}_delta"]
+    if row["variant"] == BASELINE or delta is None:
+        return text
+    return f"{text} ({delta:+.{digits}f})"
+
+
+# The text of each column of compare's table (and its markdown), in order.
+CELLS = (
+    ("variant", lambda r: r["variant"]),
+    ("bits", lambda r: _num(r["bits"], 0)),
+    ("method", lambda r: r.get("method") or "-"),
+    ("size MB", lambda r: _num(r["size_mb"], 2)),
+    ("size %", lambda r: _num(r["size_pct"], 1)),
+    ("quant s", lambda r: _num(r["quantize_s"], 1)),
+    ("precision", lambda r: _with_delta(r, "precision")),
+    ("recall", lambda r: _with_delta(r, "recall")),
+    ("F1", lambda r: _with_delta(r, "f1")),
+    ("accuracy", lambda r: _with_delta(r, "accuracy")),
+    ("invalid", lambda r: _with_delta(r, "invalid", 0)),
+    ("AUC", lambda r: _with_delta(r, "auc")),
+    ("perplexity", lambda r: _with_delta(r, "perplexity", 2)),
+    ("agree", lambda r: _num(r["agreement"] * 100 if r["agreement"] is not None else None, 1)),
+    ("fraud->not", lambda r: _num(r["flips_fraud_to_not"], 0)),
+    ("not->fraud", lambda r: _num(r["flips_not_to_fraud"], 0)),
+)
+CELL_NAMES = tuple(name for name, _ in CELLS)
+
+
+def row_cells(row: dict) -> list[str]:
+    """A row's text in each of CELL_NAMES: `0.905 (-0.007)` beside its baseline, `-` where unmeasured."""
+    return [cell(row) for _, cell in CELLS]
+
+
+def group_title(group: list[dict]) -> str:
+    """What a comparison group is: its source model and its data (or perplexity text)."""
+    first = group[0]
+    what = f"data {first['data']} ({first['mode']})" if first["data"] else f"perplexity on {first['ppl_data']}"
+    return f"{first['model']} -- {what}"
