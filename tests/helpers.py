@@ -72,14 +72,17 @@ def without_dac() -> list[str]:
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll predicate until it returns something truthy; fail naming what was awaited. A short
-    interval: most predicates read a file or a table row, and every poll saved is time saved."""
+    """Poll predicate until it returns something truthy; fail naming what was awaited. Between polls
+    it sleeps `interval` (short: most predicates read a file or a table row), or as long as the last
+    poll took where that is longer: a predicate that runs `qrun status` (a second of CPU) then takes
+    at most half a core from the jobs it waits for, on a box of two."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        started = time.monotonic()
         value = predicate()
         if value:
             return value
-        time.sleep(interval)
+        time.sleep(max(interval, time.monotonic() - started))
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
@@ -268,3 +271,18 @@ class LocalCluster:
             self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop",
                       timeout=60)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- processes that race on one table
+
+
+def racing_processes():
+    """A multiprocessing context for tests that race processes on one job table: forkserver. Its
+    children fork from one clean server process that has imported pytest and the db layer once (spawn
+    imports them again in every child, most of a second of CPU each), and they share none of this
+    process's threads or open connections (as fork's would)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pytest", "qrun.db.queue", "qrun.db.session"])
+    return ctx

@@ -1,12 +1,12 @@
 """Several processes claiming from one SQLite file, or one Postgres database: every job claimed exactly
 once, none lost."""
 
-import multiprocessing as mp
 import os
 from datetime import timedelta
 
 import pytest
 
+from helpers import racing_processes
 from qrun.db import queue
 from qrun.db.queue import JobSpec
 from qrun.db.schema import Job
@@ -33,7 +33,7 @@ def _claimer(url: str, name: str, barrier, out) -> None:
 
 def test_processes_claim_each_job_exactly_once(db):
     ids = queue.submit_jobs(db, [JobSpec(kind=Kind.QUANTIZE, model="/m", params={"n": i}) for i in range(120)])
-    ctx = mp.get_context("spawn")
+    ctx = racing_processes()
     barrier, out = ctx.Barrier(4), ctx.Queue()
     procs = [ctx.Process(target=_claimer, args=(db.url, f"p{i}", barrier, out)) for i in range(4)]
     for p in procs:
@@ -97,7 +97,7 @@ def _expired_and_orphan(db, attempts_left: bool) -> tuple[int, int, int]:
 
 @pytest.mark.reliability
 def test_racing_claimers_settle_each_expired_lease_and_orphan_once(db):
-    ctx = mp.get_context("spawn")
+    ctx = racing_processes()
     barrier, out = ctx.Barrier(RACERS + 1), ctx.Queue()
     procs = [ctx.Process(target=_racer, args=(db.url, barrier, RACE_ROUNDS, out)) for _ in range(RACERS)]
     for p in procs:
@@ -165,7 +165,7 @@ def test_processes_opening_a_new_database_at_once_all_succeed(new_database_urls)
     from qrun.db.schema import SCHEMA_VERSION, Base, Meta
     from qrun.db.session import open_database
 
-    ctx = mp.get_context("spawn")
+    ctx = racing_processes()
     barrier, out = ctx.Barrier(OPENERS), ctx.Queue()
     procs = [ctx.Process(target=_opener, args=(new_database_urls, barrier, out)) for _ in range(OPENERS)]
     for p in procs:

@@ -64,7 +64,7 @@ def test_merged_hooks_give_gptq_the_same_rows_and_the_same_checkpoint(tiny_qwen2
     # The same rows summed in another order: a few rounding decisions flip, and each flip changes the
     # inputs of the modules quantized after it (true sequential), whose scales then differ too. So the
     # checkpoints agree closely where the inputs are the same (the first modules, layer 0's q/k/v) and
-    # by quality elsewhere: the mean layer loss within issue #15's 1% (0.1-0.3% seen).
+    # by quality elsewhere: the mean layer loss within 1% (0.1-0.3% seen).
     assert before["loss_mean"] == pytest.approx(after["loss_mean"], rel=1e-2)
     a, b = tensors(tmp_path / "per-sample"), tensors(tmp_path / "merged")
     assert a.keys() == b.keys()

@@ -1,4 +1,4 @@
-"""The method as a sweep dimension (issue #14): `--method` crosses with the options that apply to each
+"""The method as a sweep dimension: `--method` crosses with the options that apply to each
 method, every method's own options are checked at submit (exit 2, one line naming it), and a job whose
 method needs a GPU is never claimed by a CPU worker: it waits, `qrun status` says what for, and a
 CPU-only `qrun run --until-empty` ends and says how many wait (every method runs on a CPU today, so

@@ -76,7 +76,7 @@ def test_every_offered_corner_quantizes_and_loads_back(db, qrun_home, tiny_qwen2
 def test_corners_gptqmodel_cannot_do_are_refused_at_submit(db, qrun_home, tiny_qwen2, args, names):
     """Before, each of these was accepted and its job failed inside GPTQModel (packing a group of 8 or 1:
     "TorchLinear only supports [-1, 16, ...] group_size"; 9 tokens: no calibration sample left)."""
-    result = qrun("submit", "--model", str(tiny_qwen2), *args)
+    result = invoke_main("submit", "--model", str(tiny_qwen2), *args)
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert all(name in lines[0] for name in names), lines[0]

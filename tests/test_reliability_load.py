@@ -7,7 +7,6 @@ Throughput is measured by bench/queue_throughput.py, not asserted here.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sqlite3
 import subprocess
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from helpers import QRUN
+from helpers import QRUN, racing_processes
 
 pytestmark = pytest.mark.reliability
 
@@ -66,7 +65,7 @@ def raced(tmp_path_factory):
     home = tmp_path_factory.mktemp("load") / "qrun-home"
     url = f"sqlite:///{home / 'qrun.db'}"
     open_database(url).dispose()
-    ctx = mp.get_context("spawn")
+    ctx = racing_processes()
     start, submitting_done, out = ctx.Barrier(SUBMITTERS + CLAIMERS), ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_submitter, args=(url, i, start, out)) for i in range(SUBMITTERS)]
     procs += [ctx.Process(target=_claimer, args=(url, i, start, submitting_done, out)) for i in range(CLAIMERS)]

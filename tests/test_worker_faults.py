@@ -1,4 +1,4 @@
-"""Errors outside a job's own code never stop a worker (issue: the runner never falls over).
+"""Errors outside a job's own code never stop a worker: the runner never falls over.
 
 A real worker (QueueWorker, in this process, no Ray) drains real quantize jobs on a tiny model.
 Each test breaks one place around the job -- claiming, recording progress, finishing, failing,
