@@ -7,9 +7,10 @@ The top level is the Python API (qrun/api.py), which the `qrun` command is a thi
     qrun.wait(sweep.ids)
     qrun.compare(sweep=sweep.sweep)
 
-Installed, the repository's role folders live under this one import package:
-`qrun.cli` (parsing and printing), `qrun.db` (the job table and its transitions),
-`qrun.runner` (Ray and scheduling), `qrun.workers` (what a job does), `qrun.demo`.
+Installed, the repository's role folders live under this one import package, each a subpackage of
+its name: cli/ (parsing and printing, the client of this library), db/ (the job table and its
+transitions), runner/ (Ray and scheduling), workers/ (what a job does), demo/. docs/ARCHITECTURE.md
+maps them.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -23,7 +24,7 @@ except PackageNotFoundError:  # running from a checkout that was never installed
 
 
 def _search_the_checkout() -> None:
-    """Installed, setuptools maps qrun.cli to cli/ and so on. Run from a checkout that was never
+    """Installed, setuptools maps each role folder (cli/, db/, ...) to its subpackage. Run from a checkout that was never
     installed (PYTHONPATH=the checkout, as on the GPU machine), the role folders are found the same
     way: the checkout's root joins this package's search path. An installed wheel has no checkout."""
     from pathlib import Path
