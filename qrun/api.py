@@ -275,12 +275,6 @@ def set_priority_cap(user: str, cap: int | None, *, db=None) -> bool:
 # ---------------------------------------------------------------- running (qrun run, qrun warmup, qrun demo)
 
 
-def _to_stderr(line: str) -> None:
-    import sys
-
-    print(line, file=sys.stderr, flush=True)
-
-
 def run(*, gpus: list[int] | str | None = None, cpu_workers: int | None = None, serve: bool = False,
         until_empty: bool = False, ray_address: str | None = None, lease_s: float = 60.0, db=None,
         say: Callable[[str], None] | None = None, on_tick: Callable | None = None):
@@ -293,7 +287,9 @@ def run(*, gpus: list[int] | str | None = None, cpu_workers: int | None = None, 
     workers, ran, failed (ids), restarts, interrupted, and the jobs still waiting for a GPU."""
     from qrun.runs import check_run_options, parse_gpus, run_with_log
 
-    say = say or _to_stderr
+    from qrun.comparison import stderr_line
+
+    say = say or stderr_line
     warning = check_run_options(gpus=gpus, cpu_workers=cpu_workers, until_empty=until_empty, serve=serve,
                                 ray_address=ray_address, lease_s=lease_s)  # before the table is opened
     if warning:
@@ -322,10 +318,11 @@ def run_demo(*, db=None, say: Callable[[str], None] | None = None, on_tick: Call
     comparison), sentence, closing (the lines after the table), ok, interrupted."""
     from contextlib import ExitStack
 
+    from qrun.comparison import stderr_line
     from qrun.demo_run import run_demo as demo
 
     with ExitStack() as opened:  # the table is opened once the model is there, and closed at the end
-        return demo(lambda: opened.enter_context(database(db)), say=say or _to_stderr, on_tick=on_tick)
+        return demo(lambda: opened.enter_context(database(db)), say=say or stderr_line, on_tick=on_tick)
 
 
 # ---------------------------------------------------------------- waiting and changing

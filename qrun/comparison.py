@@ -147,7 +147,7 @@ def _quantized_bits(job, upstream) -> tuple[int | None, int | None]:
 
 
 def stderr_line(line: str) -> None:
-    """The warnings' default destination: one line on standard error."""
+    """One line on standard error: the library's default for the lines it says (warnings, a run's progress)."""
     print(line, file=sys.stderr, flush=True)
 
 
