@@ -7,7 +7,7 @@ export GPTQMODEL_CPU_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test clean postgres
+.PHONY: install demo test clean postgres chromium
 
 $(BIN)/qrun: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,10 @@ install: $(BIN)/qrun
 demo: install
 	QRUN_HOME=$${QRUN_HOME:-$(CURDIR)/.qrun-demo} $(BIN)/qrun demo
 
-test: install
-	$(BIN)/python -m pytest -q
+# Four test files at a time: most of a test waits on a process, a server or a lease, so two cores
+# keep four busy; the slowest files start first (tests/conftest.py).
+test: install chromium
+	$(BIN)/python -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
 # The db layer's tests also run on PostgreSQL: they start a throwaway cluster with the server's own
 # programs (initdb, pg_ctl), which Debian's postgresql package puts under /usr/lib/postgresql/<v>/bin.
@@ -34,6 +36,15 @@ postgres:
 		echo "PostgreSQL server programs found"; \
 	else \
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
+	fi
+
+# The dashboard's tests drive a real browser: Debian's chromium, through Playwright's Python package
+# (Playwright's own browser download is not used). Installed only where it is missing.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		echo "Chromium found"; \
+	else \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	fi
 
 clean:

@@ -7,6 +7,7 @@ qrun.comparison); this module formats them as a table, markdown, CSV or JSON, an
 from __future__ import annotations
 
 import csv
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -15,7 +16,8 @@ import click
 
 from qrun.cli.common import print_json, stderr_line
 from qrun.cli.table import REQUIRED, Column, Output, display_width, output_settings, render, shorten, split_columns
-from qrun.comparison import CELL_NAMES, METRICS, check_max_drop, group_title, groups, metric_name, row_cells
+from qrun.comparison import (CELL_NAMES, METRICS, MISSING_HEADING, check_max_drop, evaluated_rows, group_title, groups,
+                             metric_name, missing_texts, row_cells, shown_cells)
 from qrun.plotting import check_plot_path, write_plot
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -28,8 +30,9 @@ FORMATS = ("table", "json", "csv", "markdown")
 # one block per variant); the others leave in order of priority.
 TABLE_COLUMNS = tuple(Column(name, keep=keep, right=name != "variant") for name, keep in (
     ("variant", REQUIRED), ("bits", REQUIRED), ("method", 65), ("size MB", 30), ("size %", 70), ("quant s", 20),
-    ("precision", REQUIRED), ("recall", REQUIRED), ("F1", REQUIRED), ("accuracy", 60), ("invalid", 15),
-    ("AUC", 50), ("perplexity", 40), ("agree", 55), ("fraud->not", 10), ("not->fraud", 10)))
+    ("precision", REQUIRED), ("recall", REQUIRED), ("F1", REQUIRED), ("macro F1", 58), ("lost most", 25),
+    ("accuracy", 60), ("invalid", 15), ("AUC", 50), ("perplexity", 40), ("match", 45), ("agree", 55),
+    ("fraud->not", 10), ("not->fraud", 10))) + (Column("changed", keep=12, right=True, shrink=16, cap=48),)
 
 
 def _fitted_title(group: list[dict], width: int | None) -> str:
@@ -44,16 +47,27 @@ def _fitted_title(group: list[dict], width: int | None) -> str:
 
 
 def table_lines(rows: list[dict], out: Output, columns: list[str] | None = None) -> list[str]:
-    """Each group's title, table and --max-drop sentence, fitted to out's width."""
+    """Each group's title, table, the variants missing from it and the --max-drop sentence, fitted to out's width."""
     lines: list[str] = []
     for group in groups(rows):
         if lines:
             lines.append("")
         lines.append(_fitted_title(group, out.width))
-        cells = [row_cells(row) for row in group]
-        lines += render(TABLE_COLUMNS, cells, out, wide=True, names=columns)
+        shown = CELL_NAMES if columns else shown_cells(group)  # named columns are shown, filled or not
+        cells = [row_cells(row, shown) for row in evaluated_rows(group)]
+        if cells:
+            lines += render([c for c in TABLE_COLUMNS if c.name in shown], cells, out, wide=True, names=columns)
+        lines += _missing_lines(group, out.width)
         lines += _answer_lines(group, out.width)
     return lines
+
+
+def _missing_lines(group: list[dict], width: int | None) -> list[str]:
+    """The variants without a succeeded eval and why, one line each, cut to the width."""
+    texts = missing_texts(group)
+    if not texts:
+        return []
+    return ["", MISSING_HEADING] + ["  " + (shorten(text, width - 2) if width else text) for text in texts]
 
 
 def _answer_lines(group: list[dict], width: int | None) -> list[str]:
@@ -77,10 +91,14 @@ def print_markdown(rows: list[dict]) -> None:
     """The table's cells as one markdown table per group, under a heading."""
     lines: list[str] = []
     for group in groups(rows):
-        lines += [f"### {group_title(group)}", "", "| " + " | ".join(CELL_NAMES) + " |",
-                  "|" + "|".join("---" if name == "variant" else "---:" for name in CELL_NAMES) + "|"]
-        lines += ["| " + " | ".join(row_cells(row)) + " |" for row in group]
+        shown = shown_cells(group)
+        lines += [f"### {group_title(group)}", "", "| " + " | ".join(shown) + " |",
+                  "|" + "|".join("---" if name == "variant" else "---:" for name in shown) + "|"]
+        lines += ["| " + " | ".join(row_cells(row, shown)) + " |" for row in evaluated_rows(group)]
         lines.append("")
+        if missing_texts(group):
+            lines += [MISSING_HEADING[0].upper() + MISSING_HEADING[1:], ""]
+            lines += [f"- {text}" for text in missing_texts(group)] + [""]
         if group[0].get("max_drop_answer"):
             lines += [group[0]["max_drop_answer"], ""]
     click.echo("\n".join(lines).rstrip("\n"))
@@ -92,7 +110,9 @@ def print_csv(rows: list[dict]) -> None:
         return
     writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    # per-class values (classes, class_f1, answers_changed) as JSON text
+    writer.writerows({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
+                      for k, v in row.items()} for row in rows)
 
 
 @click.command()
@@ -118,7 +138,8 @@ def compare(ctx, model, data, fmt, sweep, wide, columns, metric, max_drop, plot_
     """Compare the variants of each evaluated model with its unquantized baseline: method, size,
     quantization time, precision, recall, F1, accuracy, invalid answers, AUC and perplexity (with
     deltas from the baseline), and how many per-sample predictions changed. Baseline first, then the
-    variants from the largest on disk to the smallest."""
+    variants from the largest on disk to the smallest; under each table, the variants whose eval failed
+    or has not run, with the reason."""
     import qrun
 
     check_max_drop(max_drop)

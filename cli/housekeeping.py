@@ -1,5 +1,6 @@
 """Housekeeping of a shared queue: `qrun prune` (old finished jobs' files and rows), `qrun du` (space per
-user and per model) and `qrun cap-priority` (the highest --priority a user may submit with)."""
+user and per model), `qrun cap-priority` (the highest --priority a user may submit with), `qrun admin`
+(who may cap and prune for others) and `qrun audit` (what was done to others' work and to the rules)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,18 @@ def human_bytes(n: int) -> str:
 @click.option("--failed", "failed_only", is_flag=True, help="Only failed and cancelled jobs.")
 @click.option("--user", default=None, metavar="U", help="Only this user's jobs.")
 @click.option("--yes", is_flag=True, help="Remove them (without it: show what would go).")
+@click.option("--force", is_flag=True, help="Remove other users' jobs too (admins only).")
 @click.option("--json", "as_json", is_flag=True, help="What would go (or went) as JSON.")
 @click.pass_context
-def prune(ctx, older_than, failed_only, user, yes, as_json):
+def prune(ctx, older_than, failed_only, user, yes, force, as_json):
     """Remove old finished jobs: their artifacts, predictions, logs and rows (jobs, events, metrics,
     artifacts). Dry run unless --yes. Queued and running jobs are never touched, nor a job that a
-    kept job depends on (a quantize job whose eval stays)."""
+    kept job depends on (a quantize job whose eval stays). Other users' jobs only with --force, by an
+    admin; every removal is recorded (`qrun audit`)."""
     import qrun
 
-    result = qrun.prune(older_than, failed_only=failed_only, user=user, yes=yes, db=ctx.obj.get("db_url"))
+    result = qrun.prune(older_than, failed_only=failed_only, user=user, yes=yes, force=force,
+                        db=ctx.obj.get("db_url"))
     if as_json:
         print_json(result)
         return
@@ -56,8 +60,9 @@ def prune(ctx, older_than, failed_only, user, yes, as_json):
         click.echo(line)
     verb = "removed" if yes else "would remove"
     total = result["bytes"]
+    others = "" if force or not result["others"] else f" ({result['others']} of another user: add --force too)"
     stderr_line(f"{verb} {len(jobs)} job(s), freeing {human_bytes(total)} ({total} bytes)"
-                + ("" if yes else "; add --yes to remove them"))
+                + ("" if yes else f"; add --yes to remove them{others}"))
 
 
 def _day(when: datetime | None) -> str:
@@ -100,8 +105,8 @@ def du(ctx, as_json):
 @click.option("--clear", is_flag=True, help="Remove USER's cap.")
 @click.pass_context
 def cap_priority(ctx, user, cap, clear):
-    """Cap the --priority USER may submit with (USER CAP), remove it (USER --clear), or list caps (no
-    arguments). Only the owner of the SQLite database file may change caps; on Postgres, anyone."""
+    """Cap the --priority USER (a login name of this machine) may submit with (USER CAP), remove it
+    (USER --clear), or list caps (no arguments). Only qrun's admins (`qrun admin list`) change caps."""
     import qrun
 
     if user is not None and (cap is None) == (not clear):
@@ -117,4 +122,72 @@ def cap_priority(ctx, user, cap, clear):
         stderr_line(f"{user} may submit with --priority {cap} at most")
 
 
-COMMANDS = [prune, du, cap_priority]
+# ---------------------------------------------------------------- admin
+
+
+@click.group()
+def admin():
+    """qrun's admins: who may set priority caps and prune other users' jobs (at first the table's owner
+    and root). Only admins change the list; every change is recorded (`qrun audit`)."""
+
+
+@admin.command("list")
+@click.pass_context
+def admin_list(ctx):
+    """The admins' login names, one a line."""
+    import qrun
+
+    for name in qrun.admins(db=ctx.obj.get("db_url")):
+        click.echo(name)
+
+
+@admin.command("add")
+@click.argument("user")
+@click.pass_context
+def admin_add(ctx, user):
+    """Make USER (a login name of this machine) an admin."""
+    import qrun
+
+    added = qrun.add_admin(user, db=ctx.obj.get("db_url"))
+    stderr_line(f"{user} is an admin" + ("" if added else " already"))
+
+
+@admin.command("remove")
+@click.argument("user")
+@click.pass_context
+def admin_remove(ctx, user):
+    """Take USER off the admins (never the last one)."""
+    import qrun
+
+    removed = qrun.remove_admin(user, db=ctx.obj.get("db_url"))
+    stderr_line(f"{user} is no longer an admin" if removed else f"{user} was not an admin")
+
+
+# ---------------------------------------------------------------- audit
+
+
+@click.command()
+@click.option("--since", metavar="7d|ISO", help="Only what was done since then (a span like 7d, or an ISO time).")
+@click.option("--json", "as_json", is_flag=True, help="The entries as a JSON array.")
+@click.pass_context
+def audit(ctx, since, as_json):
+    """What was done to other people's work and to the queue's rules, oldest first: prunes, cap and
+    admin changes, cancels and retries of another user's jobs, and every --force."""
+    import qrun
+    from qrun.views import local_time
+
+    entries = qrun.audit(since=since, db=ctx.obj.get("db_url"))
+    if as_json:
+        print_json(entries)
+        return
+    if not entries:
+        stderr_line("nothing recorded" + (f" since {since}" if since else ""))
+        return
+    columns = [Column("AT", keep=90), Column("USER", keep=100), Column("ACTION", keep=100),
+               Column("TARGET", keep=80, shrink=12), Column("DETAIL", keep=40, shrink=12)]
+    rows = [[local_time(e["at"]), e["user"], e["action"], e["target"], e["detail"] or ""] for e in entries]
+    for line in render(columns, rows, output_settings()):
+        click.echo(line)
+
+
+COMMANDS = [prune, du, cap_priority, admin, audit]

@@ -10,7 +10,7 @@ import sys
 import click
 
 from qrun import api
-from qrun.cli.common import parse_job_ids
+from qrun.cli.common import parse_job_ids, stderr_line
 from qrun.joblogs import check_tail, lines_text
 
 
@@ -21,7 +21,8 @@ def _write(text: str) -> None:
 
 @click.command()
 @click.argument("job_id")
-@click.option("--tail", "tail_lines", type=int, default=None, help="Only the last N lines of the log.")
+@click.option("--tail", "tail_lines", type=int, default=None,
+              help="Only the last N lines of the log (with --follow: of the log so far, then all that follows).")
 @click.option("-f", "--follow", "follow_", is_flag=True,
               help="Keep printing as the job goes on; exit when it finishes (1 if it failed or was cancelled).")
 @click.option("--raw", is_flag=True, help="The log as written, progress-bar redraws and escape codes included.")
@@ -33,7 +34,7 @@ def logs(ctx, job_id, tail_lines, follow_, raw):
     check_tail(tail_lines)  # refused with --follow too, before the table is opened
     db = ctx.obj.get("db_url")
     if follow_:
-        for chunk in api.follow_logs(jid, raw=raw, db=db):
+        for chunk in api.follow_logs(jid, raw=raw, db=db, tail=tail_lines, warn=stderr_line):
             if isinstance(chunk, int):
                 ctx.exit(chunk)
             _write(chunk)

@@ -8,7 +8,8 @@ import traceback
 
 import click
 
-from qrun.cli import compare, control, demo, housekeeping, run, status, submit, warmup, workers
+from qrun.cli import (compare, control, dashboard, demo, doctor, export, housekeeping, run, status, submit, warmup,
+                      workers)
 from qrun import DISTRIBUTION
 from qrun.db.errors import QrunError
 
@@ -31,7 +32,7 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
     pin_qrun_home()  # a relative QRUN_HOME names one place for the whole run, workers included
 
 
-for module in (submit, status, control, run, workers, warmup, compare, housekeeping, demo):
+for module in (submit, status, control, run, workers, warmup, doctor, compare, housekeeping, export, demo, dashboard):
     for command in module.COMMANDS:
         cli.add_command(command)
 

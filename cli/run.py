@@ -83,16 +83,19 @@ class Display:
 @click.option("--ray-address", default=None, metavar="ADDR", help="Join this Ray cluster instead of starting one.")
 @click.option("--lease", "lease_s", type=float, default=60.0, show_default=True,
               help="Seconds a worker may go silent before its job returns to the queue.")
+@click.option("--grace", "grace_s", type=float, default=30.0, show_default=True,
+              help="Seconds a stop (Ctrl-C, SIGTERM) waits for workers to give their jobs back before killing them.")
 @click.pass_context
-def run(ctx, gpus, cpu_workers, until_empty, serve, ray_address, lease_s):
+def run(ctx, gpus, cpu_workers, until_empty, serve, ray_address, lease_s, grace_s):
     """Start workers that take jobs from the table until it is empty (or until Ctrl-C with --serve).
-    Ctrl-C once: finish the current layer and give running jobs back; twice: stop at once."""
+    Ctrl-C once (or SIGTERM): finish the current layer and give running jobs back, killing the workers
+    still busy after --grace seconds; twice: stop at once."""
     import qrun
 
     display = Display()
     outcome = qrun.run(gpus=gpus, cpu_workers=cpu_workers, serve=serve, until_empty=until_empty,
                        ray_address=ray_address, lease_s=lease_s, db=ctx.obj.get("db_url"), say=display.say,
-                       on_tick=display.tick)
+                       on_tick=display.tick, grace_s=grace_s)
     if outcome.interrupted:
         ctx.exit(130)
     if outcome.failed:

@@ -19,28 +19,31 @@ from qrun.cli.common import open_db, parse_job_ids, print_json
 from qrun.cli.logs import logs
 from qrun.cli.table import REQUIRED, Column, Output, output_settings, render, shorten, split_columns
 from qrun.db.states import Status
-from qrun.views import (ACTIVE, JobFilter, check_limit, job_cells, job_filter, local_time, preparing_now,
-                        select_jobs, utcnow, visible)
+from qrun.views import (ACTIVE, JobFilter, check_limit, eval_variants, job_cells, job_filter, local_time,
+                        nothing_matched, preparing_now, select_jobs, utcnow, visible)
 
 
 # ---------------------------------------------------------------- the table
 
 
-# The status table; job_cells gives a job's cells in this order.
+# The status table; job_cells gives a job's cells in this order. On a narrow screen the columns with the
+# lowest `keep` go first: KIND, GPU, ELAPSED and MODEL (PARAMS names the variant, `eval …` an eval), then
+# ERROR; ID, USER, PARAMS, STATUS and REASON/PROGRESS stay, cut if they must.
 COLUMNS = (
     Column("ID", keep=REQUIRED, right=True),
-    Column("USER", keep=50),
-    Column("MODEL", keep=60, shrink=12),
+    Column("USER", keep=90, shrink=8, whole=True),
+    Column("MODEL", keep=40, shrink=12),
     Column("KIND", keep=10),
     Column("PARAMS", keep=REQUIRED),
     Column("STATUS", keep=REQUIRED),
-    Column("PROGRESS", keep=80),
+    Column("REASON", keep=85, shrink=12, whole=True),
+    Column("PROGRESS", keep=80, shrink=12, whole=True),
     Column("GPU", keep=20),
-    Column("ELAPSED", keep=40, right=True),
+    Column("ELAPSED", keep=30, right=True),
     Column("SWEEP", keep=5, wide=True),
     Column("PRIO", keep=5, right=True, wide=True),
     Column("SUBMITTED", keep=5, wide=True),
-    Column("ERROR", keep=90, shrink=16, cap=100),
+    Column("ERROR", keep=60, shrink=16, cap=100),
 )
 STATUS_COLOR = {Status.RUNNING.value: "cyan", Status.SUCCEEDED.value: "green", Status.FAILED.value: "red",
                 Status.CANCELLED.value: "yellow"}
@@ -49,15 +52,25 @@ _STATUS_COLUMN = [c.name for c in COLUMNS].index("STATUS")
 
 def table_lines(jobs, out: Output, *, wide: bool = False, columns: list[str] | None = None,
                 now: datetime | None = None, header: bool = True,
-                preparing: dict[int, tuple[str, str]] | None = None) -> list[str]:
-    """The table's lines; `preparing`: preparing_now's answer, for the jobs being readied."""
+                preparing: dict[int, tuple[str, str]] | None = None, waiting: dict | None = None,
+                variants: dict[int, str] | None = None) -> list[str]:
+    """The table's lines; `preparing`: preparing_now's answer, for the jobs being readied; `waiting`:
+    qrun.waiting.waiting_now's, for the REASON of queued jobs; `variants`: eval_variants'."""
     now = now or utcnow()
 
     def style(row: int, column: int) -> str | None:
         return STATUS_COLOR.get(jobs[row].status) if column == _STATUS_COLUMN else None
 
-    return render(COLUMNS, [job_cells(j, now, preparing) for j in jobs], out, wide=wide, names=columns,
-                  style=style, header=header)
+    return render(COLUMNS, [job_cells(j, now, preparing, waiting, variants) for j in jobs], out, wide=wide,
+                  names=columns, style=style, header=header)
+
+
+def table_notes(db, jobs) -> dict:
+    """What the table reads beside the jobs: table_lines' preparing, waiting and variants."""
+    from qrun.waiting import waiting_now
+
+    preparing = preparing_now(db, jobs)
+    return {"preparing": preparing, "waiting": waiting_now(db, jobs, preparing), "variants": eval_variants(db, jobs)}
 
 
 def jobs_table(jobs, width: int | None = None, preparing: dict[int, tuple[str, str]] | None = None):
@@ -107,18 +120,21 @@ class ChangedRows:
         self.seen: dict[int, tuple] = {}
 
     @staticmethod
-    def state(job, preparing: dict) -> tuple:
-        return job.status, job.progress_done, job.progress_total, job.gpu, job.error, preparing.get(job.id)
+    def state(job, notes: dict) -> tuple:
+        """What counts as a change: not the place in line (it moves with every claim), but the reason."""
+        waiting = notes["waiting"].get(job.id)
+        return (job.status, job.progress_done, job.progress_total, job.gpu, job.error, notes["preparing"].get(job.id),
+                waiting.reason if waiting is not None else None)
 
-    def draw(self, jobs, wide, columns, preparing: dict) -> None:
-        changed = [j for j in jobs if self.seen.get(j.id) != self.state(j, preparing)]
+    def draw(self, jobs, wide, columns, notes: dict) -> None:
+        changed = [j for j in jobs if self.seen.get(j.id) != self.state(j, notes)]
         if not changed:
             return
         if self.seen:
             click.echo(f"-- {local_time(utcnow())}")
-        click.echo("\n".join(table_lines(changed, self.out, wide=wide, columns=columns, preparing=preparing)))
+        click.echo("\n".join(table_lines(changed, self.out, wide=wide, columns=columns, **notes)))
         sys.stdout.flush()
-        self.seen.update({j.id: self.state(j, preparing) for j in changed})
+        self.seen.update({j.id: self.state(j, notes) for j in changed})
 
 
 def watch_jobs(db, flt: JobFilter, out: Output, wide: bool, columns, interval_s: float = 2.0) -> None:
@@ -129,17 +145,17 @@ def watch_jobs(db, flt: JobFilter, out: Output, wide: bool, columns, interval_s:
     frame = TerminalFrame(sys.stdout) if in_place else ChangedRows(out)
     while True:
         jobs = select_jobs(db, flt)
-        preparing = preparing_now(db, jobs)
+        notes = table_notes(db, jobs)
         if in_place:
             height = shutil.get_terminal_size().lines - 2
             shown = visible(jobs, max(height - 1, 1))
-            lines = table_lines(shown, out, wide=wide, columns=columns, preparing=preparing)
+            lines = table_lines(shown, out, wide=wide, columns=columns, **notes)
             if len(shown) < len(jobs):
                 lines.append(shorten(f"… {len(jobs) - len(shown)} more (qrun status --all without --watch)",
                                      out.width or 80))
             frame.draw(lines)
         else:
-            frame.draw(jobs, wide, columns, preparing)
+            frame.draw(jobs, wide, columns, notes)
         if _finished(jobs):
             return
         time.sleep(interval_s)
@@ -167,7 +183,8 @@ def watch_jobs(db, flt: JobFilter, out: Output, wide: bool, columns, interval_s:
 def status(ctx, job_ids, show_all, users, mine, states, models, sweeps, since, limit, wide, columns, watch,
            as_json):
     """Show the queue: active jobs and those finished in the last hour, with their user, model,
-    parameters, status, progress (layer i/N, %, ETA), GPU, elapsed time and error."""
+    parameters, status, why a queued job waits and its place in line (#3), progress (layer i/N, %,
+    ETA), GPU, elapsed time and error."""
     check_limit(limit)  # bad input is reported in this order: --limit, job ids, --since, --columns
     ids = parse_job_ids(job_ids)
     filters = dict(users=users, mine=mine, states=states, models=models, sweeps=sweeps, since=since,
@@ -179,7 +196,7 @@ def status(ctx, job_ids, show_all, users, mine, states, models, sweeps, since, l
         out = Output(width=None, color=out.color)  # everything, whole: the terminal may scroll sideways
     if names:
         render(COLUMNS, [], out, names=names)  # an unknown column is bad input before the table is opened
-    db = open_db(ctx, create=watch)  # --watch may wait for the first submit to a new home
+    db = open_db(ctx, create=False)  # it only looks: a place without a qrun table is named, not made
     if as_json:
         print_json(api.status(ids, db=db, **filters))
         return
@@ -188,12 +205,9 @@ def status(ctx, job_ids, show_all, users, mine, states, models, sweeps, since, l
         return
     jobs = select_jobs(db, flt)
     if jobs:
-        click.echo("\n".join(table_lines(jobs, out, wide=wide, columns=names, preparing=preparing_now(db, jobs))))
-    elif flt.since is not None and not since and not flt.ids:
-        click.echo("No active jobs, and none finished in the last hour: `qrun status --all` shows every job.",
-                   err=True)
+        click.echo("\n".join(table_lines(jobs, out, wide=wide, columns=names, **table_notes(db, jobs))))
     else:
-        click.echo("No jobs match. Add some with `qrun submit --model DIR --bits 4`.", err=True)
+        click.echo(nothing_matched(db, flt), err=True)
 
 
 COMMANDS = [status, logs]

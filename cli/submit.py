@@ -32,9 +32,10 @@ def print_plan(submission) -> None:
     click.echo("\n".join(render(PLAN_COLUMNS, cells, output_settings())))
 
 
-def report_existing(submission, rerun_hint: bool = True) -> None:
-    """One line per job that already has a planned result, on stderr (stdout carries the new ids)."""
-    for job in submission.existing:
+def report_existing(existing: list, rerun_hint: bool = True) -> None:
+    """One line per job already in the table that stands for a planned one (qrun.sweeps.ExistingJob), on stderr
+    (stdout carries the ids)."""
+    for job in existing:
         what = "baseline eval" if job.label == BASELINE else f"{job.kind} {job.label}"
         stderr_line(f"{what} already in job {job.id} ({job.status})"
                     + (": pass --rerun to run it again" if rerun_hint else ""))
@@ -87,6 +88,9 @@ def finished_line(row: dict) -> str:
               help="Labeled dialogs: also evaluate each variant and the unquantized baseline.")
 @click.option("--eval-mode", type=click.Choice(EVAL_MODES), default=SubmitOptions.eval_mode, show_default=True,
               help="score: compare answer likelihoods (fast, deterministic); generate: greedy decoding.")
+@click.option("--answer-template", default=SubmitOptions.answer_template, metavar="TEXT",
+              help="The answer to each label of --eval FILE, {label} where the label goes (default: "
+                   "'{\"is_fraud\": {label}}' for true/false labels, the label itself for others; docs/TASKS.md).")
 @click.option("--eval-ppl", type=str, default=SubmitOptions.eval_ppl, metavar="FILE",
               help="Text for perplexity (with or without --eval).")
 @click.option("--max-new-tokens", type=int, default=SubmitOptions.max_new_tokens, show_default=True,
@@ -119,7 +123,7 @@ def submit(ctx, wait_, as_json, **options):
     import qrun
 
     result = qrun.submit(**options, db=ctx.obj.get("db_url"))
-    report_existing(result)
+    report_existing(result.existing)
     if result.dry_run:
         print_json(result.plan_rows()) if as_json else print_plan(result)
         if not result.planned:
@@ -141,7 +145,8 @@ def wait_for_jobs(ctx, ids: list[int]) -> int:
     """Wait for `ids`, printing each as it finishes; the exit code: 0 if all succeeded, else 1."""
     import qrun
 
-    rows = qrun.wait(ids, db=ctx.obj.get("db_url"), on_finish=lambda row: click.echo(finished_line(row)))
+    rows = qrun.wait(ids, db=ctx.obj.get("db_url"), on_finish=lambda row: click.echo(finished_line(row)),
+                     warn=stderr_line)
     return 0 if all(row["status"] == Status.SUCCEEDED.value for row in rows) else 1
 
 
@@ -151,6 +156,8 @@ def wait_for_jobs(ctx, ids: list[int]) -> int:
 @click.option("--ppl", type=str, default=None, metavar="FILE", help="Text for perplexity.")
 @click.option("--mode", type=click.Choice(EVAL_MODES), default=EvalParams.mode, show_default=True,
               help="Classification mode.")
+@click.option("--answer-template", default=EvalParams.answer_template, metavar="TEXT",
+              help="The answer to each label of --data FILE, {label} where the label goes (docs/TASKS.md).")
 @click.option("--max-new-tokens", type=int, default=EvalParams.max_new_tokens, show_default=True,
               help="Generate mode: answer length cap.")
 @click.option("--batch-size", type=int, default=EvalParams.batch_size, show_default=True,
@@ -159,13 +166,18 @@ def wait_for_jobs(ctx, ids: list[int]) -> int:
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (off by default).")
 @click.option("--gpus-per-job", type=int, default=EvalParams.gpus, show_default=True, metavar="N",
               help="GPUs of one node each job holds, its model spread over them (a model too big for one card).")
+@click.option("--rerun", is_flag=True,
+              help="Add the job even where an equal one is already queued, running or succeeded (else that one is used).")
 @click.option("--json", "as_json", is_flag=True, help="Print the job id as JSON.")
 @click.pass_context
 def eval_command(ctx, as_json, **options):
-    """Add an eval job for an existing model or artifact directory."""
+    """Add an eval job for an existing model or artifact directory. Where an equal eval (same model, data
+    and settings) is already queued, running or succeeded, its id is printed and said on stderr instead."""
     import qrun
 
     job_id = qrun.evaluate(**options, db=ctx.obj.get("db_url"))
+    if job_id.existing is not None:
+        report_existing([job_id.existing])
     print_json([job_id]) if as_json else click.echo(job_id)
 
 

@@ -32,6 +32,7 @@ class Column:
     shrink: int = 0  # may be cut down to this many cells (0: never cut, drop the column instead)
     cap: int = 0  # without a width limit, still cut at this many cells (0: never)
     wide: bool = False  # shown only with --wide or --columns
+    whole: bool = False  # cut only once every column that matters less is dropped (a sentence, a progress)
 
 
 @dataclass(frozen=True)
@@ -150,18 +151,39 @@ def fit(columns: Sequence[Column], rows: Sequence[Sequence[str]], shown: list[in
     def needed(idx):
         return sum(least(i) for i in idx) + len(GAP) * (len(idx) - 1)
 
+    def droppable(idx, below: int = REQUIRED):
+        return [i for i in idx if not chosen and columns[i].keep < below]
+
+    def without_least(idx, candidates):
+        return [i for i in idx if i != min(candidates, key=lambda i: (columns[i].keep, -i))]
+
+    def widths_of(idx):
+        widths = {i: least(i) for i in idx}
+        spare = width - needed(idx)
+        short = [i for i in idx if columns[i].whole and widths[i] < natural[i]]
+        while spare and short:  # room left goes to the `whole` columns first, in equal shares
+            for i in short[:spare]:
+                widths[i] += 1
+            spare -= len(short[:spare])
+            short = [i for i in short if widths[i] < natural[i]]
+        for i in sorted(idx, key=lambda i: -columns[i].keep):  # then to the cut columns that matter most
+            grow = min(spare, natural[i] - widths[i])
+            widths[i] += grow
+            spare -= grow
+        return widths
+
     while needed(shown) > width:
-        droppable = [i for i in shown if not chosen and columns[i].keep < REQUIRED]
-        if not droppable:
+        if not droppable(shown):
             return None
-        shown = [i for i in shown if i != min(droppable, key=lambda i: (columns[i].keep, -i))]
-    widths = {i: least(i) for i in shown}
-    spare = width - needed(shown)
-    for i in sorted(shown, key=lambda i: -columns[i].keep):  # room left goes to the cut columns that matter most
-        grow = min(spare, natural[i] - widths[i])
-        widths[i] += grow
-        spare -= grow
-    return Layout(shown, widths)
+        shown = without_least(shown, droppable(shown))
+    widths = widths_of(shown)
+    while True:  # a `whole` column still cut: the columns that matter less make room, least first
+        cut = [i for i in shown if columns[i].whole and widths[i] < natural[i]]
+        lesser = [i for i in droppable(shown, max((columns[i].keep for i in cut), default=0)) if not columns[i].whole]
+        if not lesser:
+            return Layout(shown, widths)
+        shown = without_least(shown, lesser)
+        widths = widths_of(shown)
 
 
 Style = Callable[[int, int], str | None]  # (row index, column index) -> a click color, or None

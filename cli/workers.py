@@ -20,6 +20,13 @@ def _ago(seconds: float) -> str:
     return f"{seconds // 3600}h ago"
 
 
+def _worker_cell(row: dict, rows: list[dict]) -> str:
+    """The worker's slot, and its process id where another row shows the same slot of the same node
+    (two runs on one machine each have a cpu0)."""
+    twins = sum(r["slot"] == row["slot"] and r["node"] == row["node"] for r in rows)
+    return row["slot"] if twins == 1 else f"{row['slot']} (pid {row['name'].split(':')[1]})"
+
+
 @click.command("workers")
 @click.option("--all", "show_all", is_flag=True, help="Every worker ever recorded (default: the last day's, "
               "less those that stopped over an hour ago).")
@@ -35,8 +42,8 @@ def workers(ctx, show_all, as_json):
     if not rows:
         click.echo("no workers have reported: start some with `qrun run`", err=True)
         return
-    table = [list(COLUMNS)] + [[r["slot"], r["node"], r["gpu"] and f"gpu {r['gpu']}" or r["device"], r["state"],
-                                _ago(r["last_seen_s"]), str(r["jobs_done"])] for r in rows]
+    table = [list(COLUMNS)] + [[_worker_cell(r, rows), r["node"], r["gpu"] and f"gpu {r['gpu']}" or r["device"],
+                                r["state"], _ago(r["last_seen_s"]), str(r["jobs_done"])] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
     for line in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())

@@ -13,10 +13,13 @@ row that changed anyway is skipped rather than reported as an error.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import re
 import secrets
+import threading
+import weakref
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -24,8 +27,9 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from qrun.db import audit
 from qrun.db.errors import BadInput, JobLost, JobNotFound, TransitionError
-from qrun.db.schema import INT64_MAX, INT64_MIN, Artifact, Event, Job, Metric, Worker
+from qrun.db.schema import INT64_MAX, INT64_MIN, Artifact, Event, Job, Metric, SweepJob, Worker
 from qrun.db.session import Database
 from qrun.db.states import FINISHED, Kind, Status, allowed_from, target_of
 
@@ -117,9 +121,12 @@ def check_priority(priority) -> int:
 
 
 def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None, *,
-                sweep: str | None = None, sweep_name: str | None = None) -> list[int]:
+                sweep: str | None = None, sweep_name: str | None = None, labels: Sequence[str | None] = (),
+                existing: Sequence[tuple[int, str | None]] = ()) -> list[int]:
     """Insert a batch of jobs in one transaction: all of them, or none. sweep: the id they share
-    (a fresh one when None); sweep_name: that sweep's optional name."""
+    (a fresh one when None); sweep_name: that sweep's optional name. labels: each spec's label in the
+    sweep; existing: (job id, label) of equal jobs already there that the sweep uses instead of adding
+    them again (possibly another user's): they join the sweep too, so its views show what was asked."""
     for spec in specs:
         check_priority(spec.priority)
     user = user or current_user()
@@ -139,7 +146,20 @@ def submit_jobs(db: Database, specs: Sequence[JobSpec], user: str | None = None,
             s.add(Event(job_id=job.id, transition="submit", from_status=None, to_status=Status.QUEUED.value,
                         at=now, detail=f"by {user}"))
             ids.append(job.id)
+        _add_members(s, sweep, list(zip(ids, list(labels) + [None] * len(ids))) + list(existing))
     return ids
+
+
+def _add_members(s: Session, sweep: str, members: list[tuple[int, str | None]]) -> None:
+    """Record the sweep's jobs with their labels; an existing job deleted meanwhile (pruned) is left out,
+    and one already a member (the name given again) keeps its first label."""
+    wanted = dict(members)
+    if not wanted:
+        return
+    there = set(s.execute(select(Job.id).where(Job.id.in_(list(wanted)))).scalars())
+    there -= set(s.execute(select(SweepJob.job_id).where(SweepJob.sweep == sweep,
+                                                         SweepJob.job_id.in_(list(there)))).scalars())
+    s.add_all(SweepJob(sweep=sweep, job_id=job_id, label=wanted[job_id]) for job_id in sorted(there))
 
 
 def equivalent_job(db: Database, kind: Kind, model: str, params: dict, upstream: int | None = None):
@@ -166,8 +186,23 @@ def new_sweep_id() -> str:
 
 
 def sweep_filter(sweep: str):
-    """The condition on jobs that `--sweep ID|NAME` means: the sweep's id, or its name."""
-    return or_(Job.sweep == sweep, Job.sweep_name == sweep)
+    """The condition on jobs that `--sweep ID|NAME` means: the jobs of the sweep of that id, or of the
+    sweeps of that name: those their submits added and the equal jobs they used instead (sweep_jobs)."""
+    named = select(Job.sweep).where(Job.sweep_name == sweep, Job.sweep.is_not(None))
+    return Job.id.in_(select(SweepJob.job_id).where(or_(SweepJob.sweep == sweep, SweepJob.sweep.in_(named))))
+
+
+def sweep_members(db: Database, sweeps: Iterable[str]) -> dict[int, str | None]:
+    """The jobs of these sweeps (ids or names): job id -> the label its sweep gave it (None if unknown)."""
+    found: dict[int, str | None] = {}
+    with db.transaction() as s:
+        for sweep in sweeps:
+            named = select(Job.sweep).where(Job.sweep_name == sweep, Job.sweep.is_not(None))
+            rows = s.execute(select(SweepJob.job_id, SweepJob.label)
+                             .where(or_(SweepJob.sweep == sweep, SweepJob.sweep.in_(named)))).all()
+            for job_id, label in rows:
+                found[job_id] = found.get(job_id) or label
+    return found
 
 
 def sweep_named(db: Database, name: str) -> str | None:
@@ -184,6 +219,19 @@ def jobs_of_sweep(db: Database, sweep: str) -> list[Job]:
     if not jobs:
         raise BadInput(f"--sweep {sweep!r} matches no job: give a sweep id or name from `qrun status --json`")
     return jobs
+
+
+def evals_of_variants(db: Database, models: Collection[str]) -> list:
+    """The eval jobs on these source models that evaluate a quantize job's output, each with that job's
+    params: rows (id, model, params, upstream_params). `qrun status` names their variants from them."""
+    if not models:
+        return []
+    upstream = aliased(Job)
+    query = (select(Job.id, Job.model, Job.params, upstream.params.label("upstream_params"))
+             .join(upstream, upstream.id == Job.depends_on)
+             .where(Job.kind == Kind.EVAL.value, upstream.kind == Kind.QUANTIZE.value, Job.model.in_(list(models))))
+    with db.transaction() as s:
+        return s.execute(query).all()
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -205,7 +253,12 @@ def runnable_by(gpus: int, compute_capability: float | None):
 
 
 def _ready():
-    """Queued jobs whose upstream job (if any) succeeded, most urgent first."""
+    """Queued jobs whose upstream job (if any) succeeded, most urgent first. Built once: a claim only
+    adds its own conditions to it (building the statement cost a quarter of a claim)."""
+    return _READY
+
+
+def _build_ready() -> Select:
     upstream = aliased(Job)
     upstream_succeeded = (select(upstream.id)
                           .where(upstream.id == Job.depends_on, upstream.status == Status.SUCCEEDED.value)
@@ -215,41 +268,187 @@ def _ready():
             .order_by(Job.priority.desc(), Job.id))  # ix_jobs_claim holds exactly this order: no sort
 
 
-def running_per_user(s: Session) -> dict[str, int]:
-    """How many jobs each user has running now (a short range of ix_jobs_claim: running jobs are few)."""
-    return dict(s.execute(select(Job.submitted_by, func.count()).where(Job.status == Status.RUNNING.value)
-                          .group_by(Job.submitted_by)).all())
+_READY = _build_ready()
 
 
-def _fair_pick(s: Session, ready: Select) -> int | None:
+# ---------------------------------------------------------------- fair share: each user's recent usage
+
+# A user's usage is the worker time of their recent runs: a running job counts its elapsed time, a run
+# that ended counts its length halved every USAGE_HALF_LIFE_S since it ended, each run at least
+# MIN_CHARGE_S (loading a model holds the worker too, and a stream of tiny jobs is not free). Usages
+# within USAGE_STEP_S of each other are equal: then the oldest job goes first.
+USAGE_HALF_LIFE_S = 3600.0
+USAGE_HORIZON_S = 8 * USAGE_HALF_LIFE_S  # a run that ended longer ago counts under 0.4 %: forgotten
+MIN_CHARGE_S = 60.0
+USAGE_STEP_S = 1.0
+# Postgres hands out event ids before commit, so a lower id may appear after a higher one was read:
+# each read goes back this many ids (and skips what it counted). SQLite commits writers one at a time.
+_LATE_EVENT_IDS = 1000
+_BACKFILL_EVENT_IDS = 5000  # the first read goes back through the horizon this many events at a time
+
+
+def run_charge(began: datetime | None, ended: datetime | None, now: datetime) -> float:
+    """Usage seconds of one run from `began` to `ended` (None: running now), as counted at `now`."""
+    if began is None:
+        return 0.0
+    end = ended or now
+    length = max((end - began).total_seconds(), MIN_CHARGE_S)
+    age = max((now - end).total_seconds(), 0.0)
+    return length * 0.5 ** (age / USAGE_HALF_LIFE_S)
+
+
+def usage_level(seconds: float) -> int:
+    """The usage as the claim compares it: whole steps."""
+    return round(seconds / USAGE_STEP_S)
+
+
+@dataclass
+class _Ledger:
+    """What one process has read of the job history (`events`) for the claims: the decayed usage of the
+    runs that ended (each ends with an event from `running`), per user, and who may have jobs queued
+    (every user who has is among them: each submit, retry and release is an event too). Each claim
+    reads only the events added since the last, so a claim costs the same with ten finished jobs or a
+    hundred thousand, and asks the queue only about users who may be in it."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    waiting: set[str] = field(default_factory=set)
+    at: datetime | None = None  # what `seconds` is decayed to; None: nothing read yet
+    through: int = 0  # the highest event id read
+    counted: set[int] = field(default_factory=set)  # ids read within _LATE_EVENT_IDS of `through`
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_LEDGERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Database -> _Ledger
+
+
+def _history_query(after: int, upto: int | None = None, runs_only: bool = False) -> Select:
+    """The events in (after, upto] that end a run or (unless runs_only) put a job in the queue: (id,
+    user, from_status, to_status, began: the run's claim, ended)."""
+    claim = aliased(Event)
+    began = (select(func.max(claim.at))
+             .where(claim.job_id == Event.job_id, claim.transition == "claim", claim.id < Event.id)
+             .scalar_subquery())
+    query = (select(Event.id, Job.submitted_by, Event.from_status, Event.to_status, began.label("began"),
+                    Event.at.label("ended"))
+             .join(Job, Job.id == Event.job_id)
+             .where(Event.id > after))
+    ended = Event.from_status == Status.RUNNING.value
+    query = query.where(ended if runs_only else or_(ended, Event.to_status == Status.QUEUED.value))
+    return query if upto is None else query.where(Event.id <= upto)
+
+
+def _note(ledger: _Ledger, rows, now: datetime, late_ids: int, horizon: datetime | None = None) -> None:
+    """Count the runs these events end (those that ended after `horizon`) and who they queue jobs for."""
+    for row in rows:
+        if row.id in ledger.counted:
+            continue
+        ledger.counted.add(row.id)
+        ledger.through = max(ledger.through, row.id)
+        if row.to_status == Status.QUEUED.value:  # submitted, retried or given back
+            ledger.waiting.add(row.submitted_by)
+        if row.from_status == Status.RUNNING.value and (horizon is None or row.ended >= horizon):
+            ledger.seconds[row.submitted_by] = (ledger.seconds.get(row.submitted_by, 0.0)
+                                                + run_charge(row.began, row.ended, now))
+    ledger.counted = {i for i in ledger.counted if i > ledger.through - late_ids}
+
+
+def _catch_up(s: Session, ledger: _Ledger, now: datetime, late_ids: int) -> None:
+    """Bring the ledger to `now`: decay what it holds, note the events added since it last read."""
+    if ledger.at is None:
+        _first_read(s, ledger, now, late_ids)
+    else:
+        factor = 0.5 ** (max((now - ledger.at).total_seconds(), 0.0) / USAGE_HALF_LIFE_S)
+        ledger.seconds = {u: v * factor for u, v in ledger.seconds.items() if v * factor >= USAGE_STEP_S / 100}
+        _note(ledger, s.execute(_history_query(ledger.through - late_ids)).all(), now, late_ids)
+    ledger.at = max(now, ledger.at or now)
+
+
+def _first_read(s: Session, ledger: _Ledger, now: datetime, late_ids: int) -> None:
+    """Who has jobs queued now, and the runs that ended within the horizon: the newest events first,
+    a range of ids at a time, until one range reaches before the horizon (the events that queued jobs
+    are left out there: the queue itself says who waits now)."""
+    newest = s.execute(select(func.max(Event.id))).scalar() or 0
+    ledger.waiting = set(s.execute(select(Job.submitted_by).where(Job.status == Status.QUEUED.value)
+                                   .distinct()).scalars())
+    horizon = now - timedelta(seconds=USAGE_HORIZON_S)
+    upto = newest
+    while upto > 0:
+        after = max(upto - _BACKFILL_EVENT_IDS, 0)
+        _note(ledger, s.execute(_history_query(after, upto, runs_only=True)).all(), now, late_ids, horizon)
+        oldest = s.execute(select(Event.at).where(Event.id > after).order_by(Event.id).limit(1)).scalar()
+        if oldest is None or oldest < horizon:
+            break
+        upto = after
+    ledger.through = max(ledger.through, newest)
+
+
+def _ledger(s: Session, db: Database, now: datetime) -> _Ledger:
+    """This process's ledger of `db`, caught up to now (the caller holds its lock)."""
+    ledger = _LEDGERS.setdefault(db, _Ledger())
+    _catch_up(s, ledger, now, 0 if db.is_sqlite else _LATE_EVENT_IDS)
+    return ledger
+
+
+def _usage(s: Session, db: Database, now: datetime) -> dict[str, float]:
+    """Each user's usage now (users without any are left out)."""
+    ledger = _LEDGERS.setdefault(db, _Ledger())
+    with ledger.lock:
+        usage = dict(_ledger(s, db, now).seconds)
+    for user, began in s.execute(select(Job.submitted_by, Job.started_at).where(Job.status == Status.RUNNING.value)):
+        usage[user] = usage.get(user, 0.0) + run_charge(began, None, now)
+    return usage
+
+
+def user_usage(db: Database, now: datetime | None = None) -> dict[str, float]:
+    """Each user's usage as the claim weighs it: worker seconds of recent runs, decayed (fair share)."""
+    with db.transaction() as s:
+        return _usage(s, db, now or utcnow())
+
+
+@dataclass
+class _Turns:
+    """What a claim weighs: each user's usage_level (none: 0), and the users who may have jobs queued."""
+
+    levels: dict[str, int]
+    ledger: _Ledger
+
+    def lighter_than(self, level: int) -> list[list[str]]:
+        """The users who may have jobs queued and used less than `level`, by usage, the least first."""
+        by_level: dict[int, list[str]] = {}
+        with self.ledger.lock:
+            waiting = list(self.ledger.waiting)
+        for user in waiting:
+            if (mine := self.levels.get(user, 0)) < level:
+                by_level.setdefault(mine, []).append(user)
+        return [sorted(by_level[n]) for n in sorted(by_level)]
+
+
+def _turns(s: Session, db: Database, now: datetime) -> _Turns:
+    usage = _usage(s, db, now)
+    return _Turns({u: n for u, seconds in usage.items() if (n := usage_level(seconds)) > 0},
+                  _LEDGERS[db])
+
+
+def _fair_pick(s: Session, ready: Select, turns: _Turns) -> int | None:
     """The job to claim among `ready` (in priority, id order): the claim policy (docs/ARCHITECTURE.md).
 
-    Highest priority first; among ready jobs of that priority, one of the submitter with the fewest
-    jobs running now; then the lowest id. So users take turns: one user's 40-job sweep does not hold
-    another's 2 jobs for hours. Each probe reads ix_jobs_claim in order and stops at its first match,
-    so a claim never sorts the queue: the first probe is the old claim; more follow only when its
-    job's submitter has jobs running, one per distinct running count below theirs (a few)."""
+    Highest priority first; among ready jobs of that priority, one of the submitter who used the
+    least worker time lately (fair share); then the lowest id. So a lone job of one user starts at
+    the next free worker, however long another's sweep. Each probe reads ix_jobs_claim in order and
+    stops at its first match, so a claim never sorts the queue: the first probe is the oldest ready
+    job; more follow only when its submitter used more than others who may have jobs queued, one per
+    distinct usage below theirs. Users found without any queued job are struck off the ledger's list."""
     top = s.execute(ready.add_columns(Job.priority, Job.submitted_by).limit(1)).first()
     if top is None:
         return None
-    running = running_per_user(s)
-    mine = running.get(top.submitted_by, 0)
-    if mine == 0:
-        return top.id
-    # One cheap look first (no readiness check): has anyone with fewer jobs running a job queued at
-    # this priority at all? Mostly not when one user fills the queue; then the first job it is.
-    fewer = select(Job.id).where(Job.status == Status.QUEUED.value, Job.priority == top.priority,
-                                 Job.submitted_by.notin_([u for u, n in running.items() if n >= mine]))
-    if s.execute(fewer.limit(1)).first() is None:
-        return top.id
-    for level in sorted({0, *running.values()}):
-        if level >= mine:
-            break
-        busier = [user for user, n in running.items() if n > level]  # top's submitter among them
-        found = s.execute(ready.where(Job.priority == top.priority, Job.submitted_by.notin_(busier))
-                          .limit(1)).scalar()
+    for users in turns.lighter_than(turns.levels.get(top.submitted_by, 0)):
+        found = s.execute(ready.where(Job.priority == top.priority, Job.submitted_by.in_(users)).limit(1)).scalar()
         if found is not None:
             return found
+        queued = set(s.execute(select(Job.submitted_by).where(Job.status == Status.QUEUED.value,
+                                                              Job.submitted_by.in_(users)).distinct()).scalars())
+        with turns.ledger.lock:
+            turns.ledger.waiting -= set(users) - queued
     return top.id
 
 
@@ -257,17 +456,50 @@ def most_urgent_ready_job(db: Database) -> tuple[int, int] | None:
     """(id, GPUs it needs) of the job the next free worker should take; None when none is ready.
     The runner makes room on one node when that job needs several GPUs (runner.run)."""
     with db.transaction() as s:
-        return _most_urgent(s)
+        return _most_urgent(s, _turns(s, db, utcnow()))
 
 
-def _most_urgent(s: Session) -> tuple[int, int] | None:
-    picked = _fair_pick(s, _ready())
+def _most_urgent(s: Session, turns: _Turns) -> tuple[int, int] | None:
+    picked = _fair_pick(s, _ready(), turns)
     return None if picked is None else (picked, s.execute(select(gpus_needed()).where(Job.id == picked)).scalar())
+
+
+def queued_line(db: Database, now: datetime | None = None) -> tuple[list, dict[str, float]]:
+    """What predicting the claims needs, read in one transaction: every queued job (id, submitted_by,
+    priority, depends_on, upstream_status, and of its params what it needs of a device: gpus,
+    needs_gpu, min_compute_capability) in (priority, id) order, and each user's usage."""
+    upstream = aliased(Job)
+    query = (select(Job.id, Job.submitted_by, Job.priority, Job.depends_on, upstream.status.label("upstream_status"),
+                    Job.params["gpus"].as_integer().label("gpus"),
+                    Job.params["needs_gpu"].as_boolean().label("needs_gpu"),
+                    Job.params["min_compute_capability"].as_float().label("min_compute_capability"))
+             .outerjoin(upstream, upstream.id == Job.depends_on)
+             .where(Job.status == Status.QUEUED.value).order_by(Job.priority.desc(), Job.id))
+    with db.transaction() as s:
+        return s.execute(query).all(), _usage(s, db, now or utcnow())
+
+
+def claim_order(queued: Sequence, usage: dict[str, float]) -> list[int]:
+    """The ids of the ready jobs among `queued` (queued_line's rows) in the order the claims would take
+    them: priority first; within one priority the users take turns, the one whose usage is least first
+    (equal usages: the one with the oldest job), each user's jobs oldest first. The first is
+    _fair_pick's pick; the turns after it are how the policy plays out over jobs of similar length."""
+    by_priority: dict[int, dict[str, list[int]]] = {}
+    for row in sorted(queued, key=lambda r: (-r.priority, r.id)):
+        if row.depends_on is None or row.upstream_status == Status.SUCCEEDED.value:
+            by_priority.setdefault(row.priority, {}).setdefault(row.submitted_by, []).append(row.id)
+    order: list[int] = []
+    for priority in sorted(by_priority, reverse=True):
+        users = by_priority[priority]
+        turns = sorted(users, key=lambda u: (usage_level(usage.get(u, 0.0)), users[u][0]))
+        for round_ in range(max(len(ids) for ids in users.values())):
+            order += [users[u][round_] for u in turns if round_ < len(users[u])]
+    return order
 
 
 def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAULT_LEASE_S, *,
               gpus: int = 1, only_multi_gpu: bool = False, passable: Collection[int] | None = None,
-              compute_capability: float | None = None) -> Job | None:
+              compute_capability: float | None = None, skip: Collection[int] = ()) -> Job | None:
     """Take the most urgent ready job for `worker`, in one atomic statement; None when none is ready.
 
     Ready: queued, and its upstream job (if any) succeeded. A worker holding `gpus` GPUs takes only
@@ -281,23 +513,25 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
     `passable` is given by a worker that the runner may lend to a job needing more GPUs than it
     holds: when the most urgent ready job is such a job and not among these ids (the runner has not
     decided yet where it runs), the worker takes nothing, so that no later job overtakes it meanwhile.
+    `skip`: jobs this worker left for others (its node cannot read their model).
     """
-    ready = _ready().where(runnable_by(gpus, compute_capability))
-    if only_multi_gpu:
-        ready = ready.where(gpus_needed() > 1)
+    ready = _claimable(gpus, compute_capability, only_multi_gpu)
+    if skip:
+        ready = ready.where(Job.id.notin_(list(skip)))
     if not db.is_sqlite:
         ready = ready.with_for_update(skip_locked=True, of=Job)
     now = utcnow()
     with db.transaction() as s:
         _reap_expired_leases(s, now)
+        turns = _turns(s, db, now)
         if passable is not None:
-            head = _most_urgent(s)
+            head = _most_urgent(s, turns)
             if head is not None and head[1] > gpus and head[0] not in passable:
                 return None  # it waits to be placed: no later job may take its place meanwhile
         # SQLite: the transaction holds the write lock from its start (BEGIN IMMEDIATE), so the pick
         # and the update below are one atomic step. Postgres: the pick locks its row (SKIP LOCKED:
         # concurrent claimers pass it by) until this transaction ends.
-        picked = _fair_pick(s, ready)
+        picked = _fair_pick(s, ready, turns)
         row = None if picked is None else s.execute(
             update(Job)
             .where(Job.id == picked, Job.status == Status.QUEUED.value)
@@ -312,6 +546,13 @@ def claim_job(db: Database, worker: str, gpu: str | None, lease_s: float = DEFAU
             return s.get(Job, row.id)
     fail_orphans(db)
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _claimable(gpus: int, compute_capability: float | None, only_multi_gpu: bool) -> Select:
+    """The ready jobs a worker of this kind can take (built once per kind of worker)."""
+    ready = _ready().where(runnable_by(gpus, compute_capability))
+    return ready.where(gpus_needed() > 1) if only_multi_gpu else ready
 
 
 def _held(worker: str, job_id: int):
@@ -459,7 +700,8 @@ def fail_orphans(db: Database) -> list[int]:
 
 
 def cancel_jobs(db: Database, job_ids: Sequence[int], user: str | None = None, force: bool = False) -> None:
-    """Cancel queued or running jobs. A running job's worker notices at its next layer."""
+    """Cancel queued or running jobs. A running job's worker notices at its next layer. Another user's
+    job only with force; that, and every forced cancel, goes to the audit log."""
     user = user or current_user()
     with db.transaction() as s:
         for job_id in job_ids:
@@ -469,12 +711,15 @@ def cancel_jobs(db: Database, job_ids: Sequence[int], user: str | None = None, f
 
 
 def _check_owner(s: Session, job_id: int, user: str, force: bool, verb: str) -> None:
-    """Only the job's submitter may change it, unless forced: a shared queue holds other people's work."""
+    """Only the job's submitter may change it, unless forced: a shared queue holds other people's work.
+    A change to another user's job, or any forced one, is audit-logged in the same transaction."""
     owner = s.execute(select(Job.submitted_by).where(Job.id == job_id)).scalar()
     if owner is None:
         raise JobNotFound(f"job {job_id} does not exist: see `qrun status` for job ids")
     if owner != user and not force:
         raise TransitionError(f"job {job_id} belongs to {owner}: add --force to {verb} another user's job")
+    if owner != user or force:
+        audit.record(s, user, verb, f"job {job_id}", f"of {owner}" + (", --force" if force else ""))
 
 
 def retry_jobs(db: Database, job_ids: Sequence[int], user: str | None = None, force: bool = False) -> None:
@@ -540,12 +785,15 @@ def finished_among(db: Database, job_ids: Iterable[int]) -> set[int]:
                                                   Job.status.in_([st.value for st in FINISHED]))).scalars())
 
 
-def pending_count(db: Database, cpu_worker: bool = False) -> int:
+def pending_count(db: Database, cpu_worker: bool = False, skip: Collection[int] = ()) -> int:
     """Jobs not yet finished: queued (runnable or waiting on upstream) or running. cpu_worker: only
-    those a CPU worker can run (its drain is over when nothing it could ever take is left)."""
+    those a CPU worker can run (its drain is over when nothing it could ever take is left); skip:
+    jobs not to count (a worker's own `claim_job(skip=...)`)."""
     query = select(func.count()).select_from(Job).where(Job.status.notin_([st.value for st in FINISHED]))
     if cpu_worker:
         query = query.where(runnable_by(1, None))
+    if skip:
+        query = query.where(Job.id.notin_(list(skip)))
     with db.transaction() as s:
         return s.execute(query).scalar()
 
@@ -569,6 +817,17 @@ def jobs_held_by(db: Database, worker: str) -> list[int]:
     with db.transaction() as s:
         return list(s.execute(select(Job.id).where(Job.worker == worker,
                                                    Job.status == Status.RUNNING.value)).scalars())
+
+
+def jobs_ended_by(db: Database, workers: Collection[str]) -> list[int]:
+    """The finished jobs that one of `workers` ended (a run's summary counts those of a worker that
+    died after them, whose own report of them died with it)."""
+    if not workers:
+        return []
+    with db.transaction() as s:
+        return list(s.execute(select(Job.id).where(Job.worker.in_(list(workers)),
+                                                   Job.status.in_([st.value for st in FINISHED]))
+                              .order_by(Job.id)).scalars())
 
 
 # ---------------------------------------------------------------- the workers' own rows (`qrun workers`)
@@ -636,20 +895,30 @@ def list_workers(db: Database, since: datetime | None = None) -> list[Worker]:
 CAP_KEY = "max_priority:"  # qrun_meta key prefix: max_priority:USER -> the highest --priority USER may set
 
 
-def set_priority_cap(db: Database, user: str, cap: int | None) -> bool:
-    """Cap the priority `user` may submit with (None: remove the cap); whether a cap was there before.
-    Who may call this is qrun.housekeeping.check_admin's question (the SQLite file's owner; anyone on Postgres)."""
-    from qrun.db.schema import Meta
-
-    key = CAP_KEY + user
+def check_user_name(user: str) -> str:
+    """BadInput unless `user` reads as a login name that a priority cap can be kept for."""
     if not user.strip() or not user.isprintable() or user != user.strip():
         raise BadInput(f"user name {user!r} is not a user name: give the login name, as `qrun status` shows it")
-    if len(key) > 64:
+    if len(CAP_KEY + user) > 64:
         raise BadInput(f"user name {user!r} is too long for a priority cap (at most {64 - len(CAP_KEY)} characters)")
+    return user
+
+
+def set_priority_cap(db: Database, user: str, cap: int | None, actor: str | None = None) -> bool:
+    """Cap the priority `user` may submit with (None: remove the cap); whether a cap was there before.
+    Audit-logged as done by `actor` (default: the caller). Who may call this is an admin
+    (qrun.housekeeping.set_cap checks)."""
+    from qrun.db.schema import Meta
+
+    key = CAP_KEY + check_user_name(user)
+    if cap is not None:
+        check_priority(cap)
     with db.transaction() as s:
         had_cap = s.execute(delete(Meta).where(Meta.key == key)).rowcount > 0
         if cap is not None:
-            s.add(Meta(key=key, value=str(check_priority(cap))))
+            s.add(Meta(key=key, value=str(cap)))
+        change = f"cap {cap}" if cap is not None else ("cap removed" if had_cap else "had no cap")
+        audit.record(s, actor or current_user(), "cap-priority", f"user {user}", change)
     return had_cap
 
 
@@ -729,9 +998,11 @@ def prune_candidates(db: Database, before: datetime, *, failed_only: bool = Fals
                            arts.get(r.id, [])) for r in rows.values()]
 
 
-def delete_finished_jobs(db: Database, job_ids: Sequence[int]) -> list[int]:
-    """Delete the rows (job, events, metrics, artifacts) of those jobs that are still finished and that
-    no job outside `job_ids` depends on, in one transaction; the ids deleted."""
+def delete_finished_jobs(db: Database, job_ids: Sequence[int], actor: str | None = None,
+                         forced: bool = False) -> list[int]:
+    """Delete the rows (job, events, metrics, artifacts, sweep memberships) of those jobs that are still
+    finished and that no job outside `job_ids` depends on, in one transaction; the ids deleted. The
+    prune is audit-logged in that transaction, as done by `actor` (default: the caller)."""
     wanted = set(job_ids)
     with db.transaction() as s:
         ids = set(s.execute(select(Job.id).where(Job.id.in_(list(wanted)),
@@ -745,14 +1016,29 @@ def delete_finished_jobs(db: Database, job_ids: Sequence[int]) -> list[int]:
         ordered = sorted(ids)
         for chunk in range(0, len(ordered), 500):
             part = ordered[chunk:chunk + 500]
-            for table in (Event, Metric, Artifact):
+            for table in (Event, Metric, Artifact, SweepJob):
                 s.execute(delete(table).where(table.job_id.in_(part)))
         # Downstream first (Postgres checks the depends_on key per statement anyway; one statement).
         for chunk in range(0, len(ordered), 500):
             s.execute(update(Job).where(Job.id.in_(ordered[chunk:chunk + 500])).values(depends_on=None))
+        owners = _owners(s, ordered)
         for chunk in range(0, len(ordered), 500):
             s.execute(delete(Job).where(Job.id.in_(ordered[chunk:chunk + 500])))
+        if ordered:
+            whose = ", ".join(f"{u} ({n})" for u, n in sorted(owners.items()))
+            detail = f"of {whose}" + (", --force" if forced else "")
+            audit.record(s, actor or current_user(), "prune", f"jobs {audit.id_ranges(ordered)}", detail)
     return ordered
+
+
+def _owners(s: Session, ids: list[int]) -> dict[str, int]:
+    """How many of these jobs each user submitted."""
+    counts: dict[str, int] = {}
+    for chunk in range(0, len(ids), 500):
+        for user, n in s.execute(select(Job.submitted_by, func.count()).where(Job.id.in_(ids[chunk:chunk + 500]))
+                                 .group_by(Job.submitted_by)):
+            counts[user] = counts.get(user, 0) + n
+    return counts
 
 
 def usage_rows(db: Database) -> list:

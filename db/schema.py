@@ -25,7 +25,8 @@ from qrun.db.states import Kind, Status
 # 2: 64-bit priority and artifact sizes, unbounded worker and progress texts (Postgres enforces both).
 # 3: each job's sweep (the submit that added it) and the sweep's optional name.
 # 4: what a worker without a job is doing (waiting for a kernel build before its next job).
-SCHEMA_VERSION = 4
+# 5: job ids never reused (SQLite AUTOINCREMENT), the audit log, the admins, sweep membership.
+SCHEMA_VERSION = 5
 
 # Postgres' INTEGER is 32-bit and enforces VARCHAR(n); SQLite stores up to 64 bits in any INTEGER and
 # ignores lengths. So sizes and free-form numbers are BigInteger, and texts whose length the user's
@@ -52,6 +53,9 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(f"status IN ({_sql_list(Status)})", name="job_status_known"),
         CheckConstraint(f"kind IN ({_sql_list(Kind)})", name="job_kind_known"),
+        # An id once given is never given again, even after `qrun prune` deleted the newest jobs: an old
+        # listing, log or audit row must never name a new job. (Postgres' sequences never reuse one.)
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -145,4 +149,43 @@ class Event(Base):
     from_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
     to_status: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(DateTime)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SweepJob(Base):
+    """A sweep's jobs: those its submit added, and the equal jobs it found already there and used
+    instead (possibly a teammate's), each with the label the sweep gave it (`w4g128·d0.01` in a damp
+    study). NULL labels for sweeps older than schema 5."""
+
+    __tablename__ = "sweep_jobs"
+
+    sweep: Mapped[str] = mapped_column(String(16), primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True, index=True)
+    label: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Admin(Base):
+    """Who may set priority caps, prune other users' jobs and change this list (`qrun admin`). A new
+    table starts with its owner and root."""
+
+    __tablename__ = "admins"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)  # a login name
+    added_by: Mapped[str] = mapped_column(Text)
+    added_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class AuditEntry(Base):
+    """What was done to other people's work or to the queue's rules (`qrun audit`): prunes, cap and
+    admin changes, cancels and retries of another user's jobs, every forced action. Nothing deletes
+    these rows; they name jobs by id, with no foreign key, so a pruned job's entry stays."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    user: Mapped[str] = mapped_column(Text)  # who did it (login name)
+    action: Mapped[str] = mapped_column(String(32))  # prune, cancel, retry, cap-priority, admin add, ...
+    target: Mapped[str] = mapped_column(Text)  # "jobs 3-5, 9", "user bob"
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -14,8 +14,10 @@ import shutil
 import sqlite3
 import stat
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import Connection, Engine
@@ -24,14 +26,17 @@ from sqlalchemy.exc import (
     DatabaseError,
     DBAPIError,
     DisconnectionError,
+    IntegrityError,
     InterfaceError,
     OperationalError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateTable
 
+from qrun.db import admins
 from qrun.db.errors import BadInput, SchemaTooNew
-from qrun.db.schema import SCHEMA_VERSION, Base, Meta, Worker
+from qrun.db.schema import SCHEMA_VERSION, Admin, AuditEntry, Base, Job, Meta, SweepJob, Worker
 
 BUSY_TIMEOUT_S = 60
 # How long a Postgres connection attempt may take before "unreachable" (libpq would wait forever
@@ -48,7 +53,24 @@ GROUP_UMASK = 0o002
 
 
 def qrun_home() -> Path:
-    return Path(os.environ.get("QRUN_HOME") or Path.home() / ".qrun")
+    """$QRUN_HOME, else ~/.qrun. Set but empty is refused: it would quietly mean ~/.qrun, which a user
+    who cleared it to point elsewhere (or a script whose variable expanded to nothing) did not mean."""
+    configured = os.environ.get("QRUN_HOME")
+    if configured is not None and not configured.strip():
+        raise BadInput("QRUN_HOME is set but empty: set it to a directory, or unset it to use ~/.qrun")
+    if configured:
+        return Path(configured)
+    return home_directory() / ".qrun"
+
+
+def home_directory() -> Path:
+    """$HOME, which must be a directory where it exists: ~/.qrun, Ray's ~/.ray and the kernel caches go
+    there (a file there made `qrun run` die with NotADirectoryError)."""
+    home = Path.home()
+    if home.exists() and not home.is_dir():
+        raise BadInput(f"HOME {home} is not a directory: set HOME to your home directory (qrun keeps ~/.qrun "
+                       "there, and `qrun run` Ray's ~/.ray)")
+    return home
 
 
 def pin_qrun_home() -> None:
@@ -151,6 +173,9 @@ def _check_sqlite_location(db_file: Path, source: str) -> None:
     if source == "QRUN_HOME":
         ensure_home(db_file.parent)
     else:
+        if not db_file.parent.is_dir():  # made by nobody, root included: a typo must not grow directories
+            raise BadInput(f"{source} {db_file}: its directory {db_file.parent} does not exist: create it, or point "
+                           f"{source} at a SQLite file in an existing directory, or at a postgresql:// URL")
         try:
             _make_group_dir(db_file.parent, adopt_existing=False)
         except OSError as exc:
@@ -216,6 +241,11 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def _sqlite_unopenable(db_file: Path, source: str, exc: DatabaseError) -> BadInput:
+    if is_corrupt_db_error(exc) and (source == "QRUN_HOME" or _has_sqlite_header(db_file)):
+        return corrupt_table(db_file, exc)  # a file qrun made, or one that was a database: damaged
+    if is_corrupt_db_error(exc):  # any other file named by --db or QRUN_DB: most likely not a table at all
+        return BadInput(f"{source} {db_file}: {_one_line(exc.orig)} (or a damaged one): point --db or QRUN_DB at a "
+                        "qrun job table, or restore it from a backup")
     if _disk_is_full(db_file.parent):  # SQLite says only "disk I/O error": it cannot make its -shm file
         return BadInput(f"database {db_file} cannot be opened: the disk it is on is full (no space left on "
                         "device): free some space there")
@@ -224,6 +254,63 @@ def _sqlite_unopenable(db_file: Path, source: str, exc: DatabaseError) -> BadInp
                         "directory you can write, or point --db or QRUN_DB at another database")
     return BadInput(f"{source} {db_file}: database cannot be opened ({exc.orig}): point --db or QRUN_DB at a "
                     "SQLite file you can write, or unset them to use $QRUN_HOME/qrun.db")
+
+
+# SQLite's words for a file whose header or pages are damaged: no retry, permission or space mends it.
+SQLITE_CORRUPT_MESSAGES = ("database disk image is malformed", "file is not a database")
+
+
+def is_corrupt_db_error(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what it was raised from) is SQLite saying the file is damaged."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        driver_error = exc.orig if isinstance(exc, DBAPIError) else exc
+        if isinstance(driver_error, sqlite3.DatabaseError) and any(
+                m in str(driver_error).lower() for m in SQLITE_CORRUPT_MESSAGES):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _has_sqlite_header(db_file: Path) -> bool:
+    try:
+        with db_file.open("rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+def corrupt_table(db_file: Path | str, exc: BaseException) -> BadInput:
+    """The one line for a damaged job table: what it is, and the way back (SQLite cannot repair it)."""
+    said = exc.orig if isinstance(exc, DBAPIError) else exc
+    return BadInput(f"database {db_file} is corrupt ({_one_line(said)}): restore it from a backup (`qrun doctor` "
+                    "runs SQLite's integrity check on a table), or point --db or QRUN_DB at another database")
+
+
+def check_integrity(url: str) -> list[str]:
+    """SQLite's `PRAGMA integrity_check` of the job table at `url`, read-only and without qrun's own
+    opening (which a damaged file fails): its findings, none for a sound file. A server database
+    checks its own pages: only a connection is tried there."""
+    db_file = _sqlite_file(url)
+    if db_file is None:
+        engine = _server_engine(url)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except DBAPIError as exc:
+            raise _unreachable(url, exc) from exc
+        finally:
+            engine.dispose()
+        return []
+    if not db_file.is_file():
+        raise BadInput(f"database {db_file}: no such file: check the path (--db, QRUN_DB or QRUN_HOME)")
+    try:
+        with sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S) as conn:
+            found = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+    except sqlite3.DatabaseError as exc:  # the header itself: no page could be read
+        return [str(exc)]
+    return [] if found == ["ok"] else found
 
 
 def _disk_is_full(directory: Path) -> bool:
@@ -247,7 +334,18 @@ def _sqlite_engine(url: str, db_file: Path, source: str) -> Engine:
     finally:
         os.umask(old_umask)
     share_with_group(db_file)
+    _open_existing_only(engine, db_file)
     return engine
+
+
+def _open_existing_only(engine: Engine, db_file: Path) -> None:
+    """Once the file is made, a new connection opens it only where it is: SQLite would make an empty
+    file in place of a table deleted under a running process (whose pooled connections go on serving
+    the deleted one), and the process would go on in a table of nothing."""
+    @event.listens_for(engine, "do_connect")
+    def _existing(dialect, conn_rec, cargs, cparams):
+        cargs[:] = [f"file:{quote(str(db_file.absolute()))}?mode=rw"]
+        cparams["uri"] = True
 
 
 def _missing_driver(url: str, exc: ImportError) -> BadInput:
@@ -333,6 +431,40 @@ def _migrate_2_to_3(session: Session) -> None:
     conn.execute(text("CREATE INDEX ix_jobs_sweep_name ON jobs (sweep_name)"))
 
 
+def _migrate_4_to_5(session: Session) -> None:
+    """Job ids never reused, and the tables of sharing: sweep membership (filled from each job's own
+    sweep), the admins (the table's owner and root) and the audit log.
+
+    SQLite reuses the largest rowid after it is deleted unless the table says AUTOINCREMENT, which only
+    CREATE TABLE can say: the jobs table is rebuilt (copied into the new form, dropped, the copy renamed,
+    its indexes made again) inside this transaction, with foreign keys off on this connection
+    (prepare_schema) so that dropping the old table does not count the other tables' rows as orphans;
+    `foreign_key_check` then proves every reference still holds. Postgres' sequences never reuse an id."""
+    conn = session.connection()
+    if conn.dialect.name == "sqlite":
+        _rebuild_sqlite_jobs(conn)
+    for model in (SweepJob, Admin, AuditEntry):
+        model.__table__.create(conn)
+    conn.execute(text("INSERT INTO sweep_jobs (sweep, job_id) SELECT sweep, id FROM jobs WHERE sweep IS NOT NULL"))
+    admins.seed(conn)
+
+
+def _rebuild_sqlite_jobs(conn: Connection) -> None:
+    indexes = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs' "
+                                   "AND sql IS NOT NULL").scalars().all()
+    ddl = str(CreateTable(Job.__table__).compile(dialect=conn.dialect))
+    conn.exec_driver_sql(ddl.replace("CREATE TABLE jobs ", "CREATE TABLE jobs_v5 ", 1))
+    columns = ", ".join(column.name for column in Job.__table__.columns)
+    conn.exec_driver_sql(f"INSERT INTO jobs_v5 ({columns}) SELECT {columns} FROM jobs")  # sets sqlite_sequence
+    conn.exec_driver_sql("DROP TABLE jobs")
+    conn.exec_driver_sql("ALTER TABLE jobs_v5 RENAME TO jobs")
+    for sql in indexes:
+        conn.exec_driver_sql(sql)
+    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if broken:
+        raise RuntimeError(f"rebuilding the jobs table left references that point nowhere: {broken[:3]}")
+
+
 def _migrate_3_to_4(session: Session) -> None:
     """What a worker without a job is doing (`qrun workers`): NULL for the rows already there. A
     version-1 database has it already: step 1 to 2 creates the workers table as the model is today."""
@@ -342,7 +474,7 @@ def _migrate_3_to_4(session: Session) -> None:
 
 
 # Steps from version N to N+1, applied in order to an older database, in one transaction.
-MIGRATIONS: dict[int, callable] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+MIGRATIONS: dict[int, callable] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5}
 
 
 def _stored_version(session: Session) -> int | None:
@@ -358,27 +490,51 @@ def _lock_schema(conn: Connection) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
 
 
-def prepare_schema(engine: Engine, url: str) -> None:
-    """Create the tables on a new database, migrate an older one, refuse a newer one.
+def prepare_schema(engine: Engine, url: str, create: bool = True, source: str | None = None) -> None:
+    """Create the tables on a new database (unless create is False: then BadInput, naming `source`),
+    migrate an older one, refuse a newer one.
 
     Everything happens in one transaction that first takes the schema lock, so processes that
     open a new database at the same moment create it once, and the others find it made."""
     try:
-        _prepare_schema_locked(engine, url)
+        _prepare_schema_locked(engine, url, create, source or url_source(url))
     except (OperationalError, InterfaceError) as exc:
         if engine.dialect.name == "sqlite":
             raise BadInput(f"database {url} cannot be opened: {_one_line(exc.orig)}") from exc
         raise _unreachable(url, exc) from exc
+    except DatabaseError as exc:  # a damaged page of its schema (a damaged header fails sooner, at connect)
+        if is_corrupt_db_error(exc):
+            raise corrupt_table(_sqlite_file(url) or url, exc) from exc
+        raise
 
 
-def _prepare_schema_locked(engine: Engine, url: str) -> None:
-    with Session(engine) as session, session.begin():
+@contextmanager
+def _sqlite_foreign_keys_off(conn: Connection):
+    """SQLite's foreign keys off on this connection while it is held (a migration rebuilds a table that
+    others refer to). The pragma is ignored inside a transaction, so it goes to the driver directly,
+    before SQLAlchemy begins one; the connection gets them back before it returns to the pool."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    driver = conn.connection.driver_connection
+    driver.execute("PRAGMA foreign_keys = OFF")
+    try:
+        yield
+    finally:
+        driver.execute("PRAGMA foreign_keys = ON")
+
+
+def _prepare_schema_locked(engine: Engine, url: str, create: bool, source: str) -> None:
+    with engine.connect() as conn, _sqlite_foreign_keys_off(conn), Session(bind=conn) as session, session.begin():
         _lock_schema(session.connection())
         has_meta = inspect(session.connection()).has_table(Meta.__tablename__)
         version = _stored_version(session) if has_meta else None
+        if version is None and not create:
+            raise BadInput(no_table(source, url, in_database=True))
         if version is None:
             Base.metadata.create_all(session.connection())
             session.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            admins.seed(session.connection())
             return
         if version > SCHEMA_VERSION:
             raise SchemaTooNew(
@@ -391,21 +547,38 @@ def _prepare_schema_locked(engine: Engine, url: str) -> None:
             session.merge(Meta(key="schema_version", value=str(version)))
 
 
+def no_table(source: str, url: str, in_database: bool) -> str:
+    """Why a command that only looks found nothing to look at, naming the setting that chose the place."""
+    makers = "`qrun submit` or `qrun run` creates one"
+    db_file = _sqlite_file(url)
+    if source == "QRUN_HOME":
+        home = db_file.parent if db_file is not None else qrun_home()
+        unset = "" if os.environ.get("QRUN_HOME") else " (QRUN_HOME unset: the default)"
+        return f"QRUN_HOME {home}{unset}: no qrun table there ({makers}): check QRUN_HOME, or give --db"
+    where = db_file if db_file is not None else masked_url(url)
+    if in_database:
+        return f"{source} {where}: no qrun table in that database ({makers}): check {source}"
+    return f"{source} {where}: no such database, so no qrun table there ({makers}): check the path"
+
+
 class Database:
     """An opened job table: `with db.transaction() as s:` runs one transaction.
 
-    create=False (commands that only look): a SQLite file named by --db or QRUN_DB that does not
-    exist is refused, not made, since a mistyped path would look like an empty queue. The default
-    one, $QRUN_HOME/qrun.db, is made on first use by any command."""
+    create=False (commands that only look): where there is no qrun table (no SQLite file, or a
+    database without qrun's tables) it is refused, not made, since a mistyped path or QRUN_HOME would
+    look like an empty queue and leave a table behind. `qrun submit` and `qrun run` create it."""
 
     def __init__(self, url: str | None = None, create: bool = True):
+        qrun_home()  # an empty QRUN_HOME, or a HOME that is a file, is refused whatever the database
         self.url = database_url(url)
+        source = url_source(url)
         db_file = _sqlite_file(self.url)
-        if not create and db_file is not None and not db_file.exists() and url_source(url) != "QRUN_HOME":
-            raise BadInput(f"{url_source(url)} {db_file}: no such database (the first `qrun submit` to it creates "
-                           "it): check the path")
-        self.engine = make_engine(self.url, url_source(url))
-        prepare_schema(self.engine, self.url)
+        if not create and db_file is not None and not db_file.exists():
+            raise BadInput(no_table(source, self.url, in_database=False))
+        if not create and db_file is not None and db_file.is_file() and db_file.stat().st_size == 0:
+            raise BadInput(no_table(source, self.url, in_database=True))  # (opening it would write a header)
+        self.engine = make_engine(self.url, source)
+        prepare_schema(self.engine, self.url, create, source)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -414,8 +587,13 @@ class Database:
 
     @contextmanager
     def transaction(self):
-        with self._sessions() as session, session.begin():
-            yield session
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except DatabaseError as exc:  # a damaged file says so in one line, wherever it is met
+            if is_corrupt_db_error(exc):
+                raise corrupt_table(_sqlite_file(self.url) or self.url, exc) from exc
+            raise
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -423,6 +601,26 @@ class Database:
 
 def open_database(url: str | None = None, create: bool = True) -> Database:
     return Database(url, create)
+
+
+TABLE_ID_KEY = "table_id"
+
+
+def table_id(db: Database) -> str:
+    """This job table's own id (a qrun_meta row, made the first time it is asked for): a runner keeps
+    it to tell its table from another one put at the same path or URL meanwhile."""
+    for _ in range(2):
+        try:
+            with db.transaction() as s:
+                row = s.get(Meta, TABLE_ID_KEY)
+                if row is not None:
+                    return row.value
+                made = uuid.uuid4().hex
+                s.add(Meta(key=TABLE_ID_KEY, value=made))
+            return made
+        except IntegrityError:  # another process made it at the same moment: read theirs
+            continue
+    raise RuntimeError(f"could not read or make the job table's {TABLE_ID_KEY}")
 
 
 # ---------------------------------------------------------------- transient errors

@@ -40,7 +40,8 @@ _search_the_checkout()
 # command (qrun/api.py); no module of this package may share a name with one of them, or importing the
 # module would replace the function on the package.
 API = ("submit", "evaluate", "run", "status", "wait", "cancel", "retry", "logs", "follow_logs", "worker_status",
-       "compare", "prune", "du", "priority_caps", "set_priority_cap", "warmup", "run_demo", "to_frame", "Submission",
+       "sweep_status", "compare", "prune", "du", "priority_caps", "set_priority_cap", "admins", "add_admin",
+       "remove_admin", "audit", "doctor", "export", "warmup", "run_demo", "to_frame", "Submission",
        "WaitTimeout")
 __all__ = [*API, "variant_label", "variant_key", "__version__"]
 

@@ -2,10 +2,12 @@
 in accuracy, size and time, next to the unquantized baseline.
 
 `comparison_rows` assembles the rows from the job table (and the predictions artifacts). Only
-succeeded eval jobs count; of several evals of the same variant on the same data in the same mode,
-the newest wins. Score and generate results are never mixed in one group: their numbers are not
+succeeded eval jobs give numbers; of several evals of the same variant on the same data in the same
+mode, the newest wins. Score and generate results are never mixed in one group: their numbers are not
 comparable. Within a group the baseline comes first, then the variants from the largest on disk to
-the smallest, of whatever method (gptq, awq, rtn, fp8, gguf, bnb-nf4).
+the smallest, of whatever method (gptq, awq, rtn, fp8, gguf, bnb-nf4); last, marked `evaluated: false`
+with the reason, the variants the group lacks: an eval that failed, was cancelled or has not run, and
+a quantize job of the group's sweeps with no eval on its data.
 
 `smallest_within` and `describe_smallest` answer the question a sweep is for -- which variant is the
 smallest that keeps F1 (or another metric) within a given drop of the baseline's -- as plain data and
@@ -19,6 +21,7 @@ import math
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from qrun.db.errors import BadInput
@@ -27,13 +30,17 @@ from qrun.variants import variant_key, variant_label
 from qrun.workers.methods import DEFAULT_METHOD
 from qrun.workers.params import BASELINE, QuantizeParams
 
-# Metrics shown with their delta from the baseline (variant minus baseline).
-COMPARED = ("precision", "recall", "f1", "accuracy", "invalid", "auc", "perplexity")
+# Metrics shown with their delta from the baseline (variant minus baseline). precision, recall, f1 and auc
+# are a two-class task's; macro_f1 and weighted_f1 any classification's; match a generation task's.
+COMPARED = ("precision", "recall", "f1", "accuracy", "invalid", "auc", "perplexity", "macro_f1", "weighted_f1", "match")
 DTYPE_BITS = {"float32": 32, "float64": 64, "bfloat16": 16, "float16": 16}
 # The qualities --metric takes (each row has them where its eval measured them); lower is better for these.
 METRICS = ("f1", "precision", "recall", "accuracy", "perplexity")
 LOWER_IS_BETTER = frozenset({"perplexity"})
-METRIC_NAMES = {"f1": "F1"}
+METRIC_NAMES = {"f1": "F1", "macro_f1": "macro F1"}
+# What the library's --max-drop also reads: where a group has no F1 (a task of more than two classes, a
+# generation task), `f1` reads these in turn (quality_of).
+QUALITIES = METRICS + ("macro_f1", "match")
 TOLERANCE = 1e-9  # 0.912 - 0.902 is 0.0100000000000000009: still within a drop of 0.01
 
 
@@ -59,8 +66,27 @@ def _quant_params(job, upstreams: dict) -> dict:
     return dict(upstream.params or {}) if upstream is not None and upstream.kind == Kind.QUANTIZE.value else {}
 
 
-def _in_sweep(job, sweep: str) -> bool:
-    return sweep in (getattr(job, "sweep", None), getattr(job, "sweep_name", None))
+def _in_sweep(job, sweep: set[int]) -> bool:
+    """Whether the job is one of a sweep's, given as the set of its job ids (queue.sweep_members: those its
+    submits added and the equal jobs they used instead, a teammate's too)."""
+    return job.id in sweep
+
+
+def _variant_of(quant: dict, params: dict):
+    """What tells variants apart: every quantization parameter (gguf q4_0 and q4_k_m are both 4 bits:
+    the quant type too), or for an eval without a quantize job its stored variant."""
+    return variant_key(quant) + (quant.get("gguf_type"),) if "bits" in quant else params.get("variant", BASELINE)
+
+
+def _eval_key(job, by_id: dict) -> tuple:
+    """(source model, data, mode, variant) of an eval job: evals with equal keys measure the same thing."""
+    params = job.params or {}
+    return job.model, params.get("data"), _mode(params), _variant_of(_quant_params(job, by_id), params)
+
+
+def _selected(job, model: str | None, data: str | None) -> bool:
+    """An eval job within the --model and --data filters."""
+    return (not model or _same_path(model, job.model)) and (not data or _same_path(data, (job.params or {}).get("data")))
 
 
 def latest_evals(db, model: str | None = None, data: str | None = None, sweep: str | None = None) -> list:
@@ -69,21 +95,16 @@ def latest_evals(db, model: str | None = None, data: str | None = None, sweep: s
     a sweep, the evals of its variants and the baselines they are compared with."""
     from qrun.db import queue
 
-    jobs = queue.list_jobs(db, plain=True)
+    members = set(queue.sweep_members(db, [sweep])) if sweep else None
+    return [] if members == set() else _latest_evals(queue.list_jobs(db, plain=True), model, data, members)
+
+
+def _latest_evals(jobs: list, model: str | None, data: str | None, sweep: set[int] | None) -> list:
     by_id = {j.id: j for j in jobs}
     newest: dict[tuple, object] = {}
     for job in jobs:  # ordered by id: a later job replaces an earlier one
-        params = job.params or {}
-        if job.kind != Kind.EVAL.value or job.status != Status.SUCCEEDED.value:
-            continue
-        if model and not _same_path(model, job.model):
-            continue
-        if data and not _same_path(data, params.get("data")):
-            continue
-        quant = _quant_params(job, by_id)
-        # gguf q4_0 and q4_k_m are both 4 bits: the quant type tells them apart
-        variant = variant_key(quant) + (quant.get("gguf_type"),) if "bits" in quant else params.get("variant", BASELINE)
-        newest[(job.model, params.get("data"), _mode(params), variant)] = job
+        if job.kind == Kind.EVAL.value and job.status == Status.SUCCEEDED.value and _selected(job, model, data):
+            newest[_eval_key(job, by_id)] = job
     chosen = list(newest.values())
     if sweep:
         swept = [j for j in chosen if _in_sweep(j, sweep) or _in_sweep(by_id.get(j.depends_on, j), sweep)]
@@ -92,6 +113,99 @@ def latest_evals(db, model: str | None = None, data: str | None = None, sweep: s
                      and (j.model, (j.params or {}).get("data"), _mode(j.params or {})) in keys]
         chosen = sorted({j.id: j for j in swept + baselines}.values(), key=lambda j: j.id)  # rows: not hashable
     return chosen
+
+
+# ---------------------------------------------------------------- the variants a group lacks
+
+
+def _first_line(error: str | None) -> str:
+    return (error or "").strip().splitlines()[0][:200] if (error or "").strip() else ""
+
+
+def _status_text(step: str, job) -> str:
+    """`eval failed: <its error's first line>`, `quantize cancelled`, `eval queued`, ..."""
+    line = _first_line(job.error) if job.status == Status.FAILED.value else ""
+    return f"{step} {job.status}" + (f": {line}" if line else "")
+
+
+def _eval_reason(job, upstream) -> str:
+    """Why an eval that did not succeed left its variant out: the quantize job's failure where that was
+    the cause (the eval then failed as "upstream job N failed"), else the eval's own state."""
+    if upstream is not None and upstream.status in (Status.FAILED.value, Status.CANCELLED.value):
+        return _status_text("quantize", upstream)
+    return _status_text("eval", job)
+
+
+def _quantize_reason(job) -> str:
+    """Why a quantize job of the group's sweeps has no row: it has no eval on the group's data."""
+    return "not evaluated" if job.status == Status.SUCCEEDED.value else f"not evaluated ({_status_text('quantize', job)})"
+
+
+@dataclass(frozen=True)
+class Unevaluated:
+    """A variant of a comparison group with no succeeded eval. eval_job: its newest eval, which failed,
+    was cancelled or has not run (None: it has no eval on the group's data); quantize_job: the job that
+    made the variant (None for a baseline or an artifact); like: an eval of the group (its data)."""
+
+    eval_job: object | None
+    quantize_job: object | None
+    reason: str
+    like: object
+
+
+def unevaluated(jobs: list, chosen: list, model: str | None = None, data: str | None = None,
+                sweep: set[int] | None = None) -> list[Unevaluated]:
+    """The variants that compare would show but cannot: per (source model, data, mode, variant) with no
+    succeeded eval among `chosen`, the newest eval that failed, was cancelled or has not run yet; and
+    each quantize job of a sweep that the group's evals belong to (with a sweep given: of that sweep)
+    that has no eval on the group's data at all."""
+    by_id = {j.id: j for j in jobs}
+    done = {_eval_key(j, by_id) for j in chosen}
+    pending: dict[tuple, object] = {}
+    for job in jobs:  # ordered by id: the newest attempt at a variant speaks for it
+        if job.kind != Kind.EVAL.value or job.status == Status.SUCCEEDED.value or not _selected(job, model, data):
+            continue
+        if sweep and not (_in_sweep(job, sweep) or _in_sweep(by_id.get(job.depends_on, job), sweep)):
+            continue
+        if _eval_key(job, by_id) not in done:
+            pending[_eval_key(job, by_id)] = job
+    out = [Unevaluated(job, by_id.get(job.depends_on), _eval_reason(job, by_id.get(job.depends_on)), job)
+           for job in pending.values()]
+    seen = done | set(pending)
+    for group, (sweeps, like) in _groups_of(chosen + list(pending.values()), by_id).items():
+        unseen: dict[tuple, object] = {}
+        for job in jobs:
+            in_scope = job.sweep in sweeps and (not sweep or _in_sweep(job, sweep))
+            if job.kind == Kind.QUANTIZE.value and job.model == group[0] and in_scope:
+                key = group + (_variant_of(job.params or {}, {}),)
+                if key not in seen:
+                    unseen[key] = job
+        out += [Unevaluated(None, job, _quantize_reason(job), like) for job in unseen.values()]
+    return out
+
+
+def _groups_of(evals: list, by_id: dict) -> dict[tuple, tuple[set[str], object]]:
+    """(source model, data, mode) -> the sweeps of its eval jobs and of their quantize jobs, and one of its evals."""
+    out: dict[tuple, tuple[set[str], object]] = {}
+    for job in evals:
+        sweeps, _ = out.setdefault(_eval_key(job, by_id)[:3], (set(), job))
+        for member in (job, by_id.get(job.depends_on)):
+            if member is not None and getattr(member, "sweep", None):
+                sweeps.add(member.sweep)
+    return out
+
+
+def _missing_row(missing: Unevaluated) -> dict:
+    """A row of compare's columns for a variant with no succeeded eval: its parameters, no numbers,
+    `evaluated` false, the state of its eval and the reason."""
+    from types import SimpleNamespace
+
+    job, upstream = missing.eval_job, missing.quantize_job
+    if job is None:  # the eval-side fields as an eval of this quantize job on the group's data would have them
+        job = SimpleNamespace(id=None, model=upstream.model, depends_on=upstream.id, status=None, sweep=upstream.sweep,
+                              params={**(missing.like.params or {}), "variant": ""})  # labelled by unique_labels
+    return _base_row(job, {}, upstream, {}) | {"evaluated": False, "eval_status": job.status,
+                                               "missing_reason": missing.reason}
 
 
 def unique_labels(rows: list[dict]) -> None:
@@ -182,17 +296,66 @@ def read_predictions_artifact(artifact, warn: Callable[[str], None] = stderr_lin
     return read_predictions(artifact.path, warn=lambda line: warn(line + elsewhere))
 
 
-def agreement(baseline: dict | None, variant: dict | None) -> dict[str, float | int | None]:
-    """Share of samples predicted identically, and how many flipped each way (invalid is neither class)."""
+def agreement(baseline: dict | None, variant: dict | None, positive=True, negative=False,
+              classes: bool = True) -> dict[str, float | int | dict | None]:
+    """Share of samples predicted identically; for a two-class task how many flipped each way, from the
+    positive class (the seeds' true: fraud) to the other and back (invalid is neither class; None for
+    other tasks: positive None); and, for a classification (classes), the answers changed per pair of
+    classes, `{"spam->ham": 2, "ham->invalid": 1}`, most first."""
     common = sorted(set(baseline or {}) & set(variant or {}))
     if not common:
-        return {"agreement": None, "flips_fraud_to_not": None, "flips_not_to_fraud": None}
+        return {"agreement": None, "flips_fraud_to_not": None, "flips_not_to_fraud": None, "answers_changed": None}
     pairs = [(baseline[i], variant[i]) for i in common]
+    two = positive is not None
     return {
         "agreement": sum(a == b for a, b in pairs) / len(pairs),
-        "flips_fraud_to_not": sum(a is True and b is False for a, b in pairs),
-        "flips_not_to_fraud": sum(a is False and b is True for a, b in pairs),
+        "flips_fraud_to_not": sum(_same(a, positive) and _same(b, negative) for a, b in pairs) if two else None,
+        "flips_not_to_fraud": sum(_same(a, negative) and _same(b, positive) for a, b in pairs) if two else None,
+        "answers_changed": _changes(pairs) if classes else None,
     }
+
+
+def _same(a, b) -> bool:
+    """One label: equal and of one type (true is not 1)."""
+    return type(a) is type(b) and a == b
+
+
+def _changes(pairs: list[tuple]) -> dict[str, int]:
+    """{"a->b": rows answered a by the baseline and b by the variant}, most first."""
+    from qrun.workers.tasks import label_text
+
+    def text(answer) -> str:
+        return label_text(answer) if isinstance(answer, (bool, int)) else str(answer)
+
+    counts: dict[str, int] = {}
+    for a, b in pairs:
+        if not _same(a, b):
+            key = f"{text(a)}->{text(b)}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _task_of(metrics: dict, params: dict) -> tuple[list[str] | None, str | None]:
+    """(the classes an eval recorded per-class metrics of, the positive class of a two-class task). An eval
+    that recorded none is of the seeds' task (true: fraud) unless it was a generation task (match)."""
+    from qrun.workers.metrics import class_scores
+    from qrun.workers.tasks import positive_of
+
+    classes = list(class_scores(metrics)) or None
+    if classes is not None:
+        return classes, positive_of(params.get("task"), classes)
+    seeds = "accuracy" in metrics and "match" not in metrics  # a classification from before tasks
+    return None, "true" if seeds else None
+
+
+def _lost_most(row: dict, base: dict) -> tuple[str | None, float | None]:
+    """The class whose F1 fell most from the baseline's, and by how much (None where none fell)."""
+    mine, theirs = row.get("class_f1") or {}, base.get("class_f1") or {}
+    drops = [(mine[c] - theirs[c], c) for c in mine if c in theirs and mine[c] < theirs[c]]
+    if not drops:
+        return None, None
+    delta, label = min(drops)
+    return label, delta
 
 
 def _count(value):
@@ -213,6 +376,7 @@ def _base_row(job, metrics: dict, upstream, upstream_metrics: dict) -> dict:
         if upstream is not None and upstream.kind == Kind.QUANTIZE.value:
             quant["method"] = quant.get("method") or DEFAULT_METHOD  # absent: a GPTQ job, as before methods
     size = metrics.get("model_size_bytes")
+    classes, positive = _task_of(metrics, params)
     row = {
         "model": job.model, "data": params.get("data"), "ppl_data": params.get("ppl_data"),
         "mode": _mode(params),
@@ -227,9 +391,29 @@ def _base_row(job, metrics: dict, upstream, upstream_metrics: dict) -> dict:
         row[name] = metrics.get(name)
         row[f"{name}_delta"] = None
     row |= {"agreement": None, "flips_fraud_to_not": None, "flips_not_to_fraud": None,
+            "classes": classes, "positive": positive, "class_f1": _class_f1(metrics),
+            "lost_most": None, "lost_most_f1_delta": None, "answers_changed": None,
             "eval_samples": metrics.get("eval_samples"), "samples_per_s": metrics.get("samples_per_s"),
-            "within_max_drop": None, "smallest_within": None, "max_drop_answer": None}
+            "within_max_drop": None, "smallest_within": None, "max_drop_answer": None,
+            "evaluated": True, "eval_status": job.status, "missing_reason": None}
     return row
+
+
+def _class_f1(metrics: dict) -> dict[str, float] | None:
+    from qrun.workers.metrics import class_scores
+
+    return {label: scores["f1"] for label, scores in class_scores(metrics).items() if "f1" in scores} or None
+
+
+def _compared_values(row: dict) -> tuple:
+    """agreement's positive and negative class values and whether answers are classes, for this row's task."""
+    from qrun.workers.tasks import label_value
+
+    classes, positive = row["classes"], row["positive"]
+    if positive is None:
+        return None, None, row["match"] is None
+    negative = next((c for c in classes if c != positive), None) if classes else "false"
+    return label_value(positive), label_value(negative), True
 
 
 def _against_baseline(rows: list[dict], predictions: dict[int, dict | None]) -> None:
@@ -243,7 +427,8 @@ def _against_baseline(rows: list[dict], predictions: dict[int, dict | None]) -> 
                 row[f"{name}_delta"] = row[name] - base[name]
         if row["size_bytes"] is not None and base["size_bytes"]:
             row["size_pct"] = 100.0 * row["size_bytes"] / base["size_bytes"]
-        row |= agreement(predictions[base["job_id"]], predictions[row["job_id"]])
+        row |= agreement(predictions[base["job_id"]], predictions[row["job_id"]], *_compared_values(row))
+        row["lost_most"], row["lost_most_f1_delta"] = _lost_most(row, base)
 
 
 def _order(row: dict) -> tuple:
@@ -256,12 +441,17 @@ def comparison_rows(db, model: str | None = None, data: str | None = None, sweep
                     metric: str = "f1", max_drop: float | None = None,
                     warn: Callable[[str], None] = stderr_line) -> list[dict]:
     """The comparison, as plain dicts: grouped by (source model, data, mode), baseline first, then the
-    variants by size on disk, largest first. With max_drop, each row also says whether its `metric`
-    is within max_drop of the baseline's, which row is the smallest that is, and the group's sentence.
-    warn(line): told of each predictions file that cannot be read (its agreement columns stay empty)."""
+    variants by size on disk, largest first, then the variants without a succeeded eval (evaluated
+    false, missing_reason saying why: `unevaluated`). With max_drop, each row also says whether its
+    `metric` is within max_drop of the baseline's, which row is the smallest that is, and the group's
+    sentence. warn(line): told of each predictions file that cannot be read (its agreement columns stay
+    empty). A sweep that matches no job is BadInput."""
     from qrun.db import queue
 
-    jobs = latest_evals(db, model, data, sweep)
+    if sweep:  # from here on the ids of its jobs; BadInput naming it when it has none
+        sweep = {j.id for j in queue.jobs_of_sweep(db, sweep)}
+    every_job = queue.list_jobs(db, plain=True)
+    jobs = _latest_evals(every_job, model, data, sweep)
     upstream_ids = sorted({j.depends_on for j in jobs if j.depends_on is not None})
     upstreams = {j.id: j for j in queue.list_jobs(db, upstream_ids)} if upstream_ids else {}
     metrics = queue.metrics_of(db, [j.id for j in jobs] + upstream_ids)
@@ -273,16 +463,25 @@ def comparison_rows(db, model: str | None = None, data: str | None = None, sweep
     for job in jobs:
         upstream = upstreams.get(job.depends_on)
         row = _base_row(job, metrics[job.id], upstream, metrics.get(job.depends_on, {}) if upstream else {})
-        by_group.setdefault((row["model"], row["data"] or "", row["mode"] or ""), []).append(row)
+        by_group.setdefault(_group_key(row), []).append(row)
+    for missing in unevaluated(every_job, jobs, model, data, sweep):
+        row = _missing_row(missing)
+        by_group.setdefault(_group_key(row), []).append(row)
     rows: list[dict] = []
     for key in sorted(by_group):
         unique_labels(by_group[key])
-        group = sorted(by_group[key], key=_order)
+        group = sorted((r for r in by_group[key] if r["evaluated"]), key=_order)
         _against_baseline(group, predictions)
+        group += sorted((r for r in by_group[key] if not r["evaluated"]),
+                        key=lambda r: (r["variant"] != BASELINE, r["quantize_job_id"] or 0, r["job_id"] or 0))
         if max_drop is not None:
-            mark_smallest(group, metric, max_drop)
+            mark_smallest(group, quality_of(group, metric), max_drop)
         rows.extend(group)
     return rows
+
+
+def _group_key(row: dict) -> tuple:
+    return row["model"], row["data"] or "", row["mode"] or ""
 
 
 # ---------------------------------------------------------------- the smallest variant within a drop
@@ -300,6 +499,14 @@ def groups(rows: list[dict]) -> list[list[dict]]:
     for row in rows:
         out.setdefault((row.get("model"), row.get("data"), row.get("mode")), []).append(row)
     return list(out.values())
+
+
+def quality_of(group: list[dict], metric: str) -> str:
+    """The metric --max-drop reads in a group: `metric`, except that f1 where no row has it is the macro
+    F1 of a task of more than two classes, or a generation task's match."""
+    if metric != "f1" or any(r.get("f1") is not None for r in group):
+        return metric
+    return next((other for other in ("macro_f1", "match") if any(r.get(other) is not None for r in group)), metric)
 
 
 def metric_name(metric: str) -> str:
@@ -357,8 +564,8 @@ def within_drop(row: dict, base: dict, metric: str, max_drop: float) -> bool:
 def chosen_rows(rows: list[dict], metric: str, max_drop: float) -> tuple[dict, dict | None, dict | None] | None:
     """(baseline row, the pick, the next smaller) of smallest_within, as the group's own rows (the plot
     marks them); None without a baseline."""
-    if metric not in METRICS:
-        raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    if metric not in QUALITIES:
+        raise ValueError(f"metric {metric!r} is not one of {', '.join(QUALITIES)}")
     rows = _one_group(rows)
     base = next((r for r in rows if r.get("variant") == BASELINE and r.get(metric) is not None), None)
     if base is None:
@@ -454,8 +661,8 @@ def _num(value, digits: int = 3) -> str:
 
 
 def _with_delta(row: dict, name: str, digits: int = 3) -> str:
-    text = _num(row[name], digits)
-    delta = row[f"{name}_delta"]
+    text = _num(row.get(name), digits)
+    delta = row.get(f"{name}_delta")
     if row["variant"] == BASELINE or delta is None:
         return text
     return f"{text} ({delta:+.{digits}f})"
@@ -472,20 +679,65 @@ CELLS = (
     ("precision", lambda r: _with_delta(r, "precision")),
     ("recall", lambda r: _with_delta(r, "recall")),
     ("F1", lambda r: _with_delta(r, "f1")),
+    ("macro F1", lambda r: _with_delta(r, "macro_f1")),
+    ("lost most", lambda r: _lost_text(r)),
     ("accuracy", lambda r: _with_delta(r, "accuracy")),
     ("invalid", lambda r: _with_delta(r, "invalid", 0)),
     ("AUC", lambda r: _with_delta(r, "auc")),
     ("perplexity", lambda r: _with_delta(r, "perplexity", 2)),
+    ("match", lambda r: _with_delta(r, "match")),
     ("agree", lambda r: _num(r["agreement"] * 100 if r["agreement"] is not None else None, 1)),
     ("fraud->not", lambda r: _num(r["flips_fraud_to_not"], 0)),
     ("not->fraud", lambda r: _num(r["flips_not_to_fraud"], 0)),
+    ("changed", lambda r: _changed_text(r)),
 )
 CELL_NAMES = tuple(name for name, _ in CELLS)
+# Columns a group's table shows only where one of its rows has a value there: a classification's macro F1
+# and the class that lost most, a generation task's match, the answers changed of more than two classes.
+OPTIONAL_CELLS = frozenset({"macro F1", "lost most", "match", "changed"})
 
 
-def row_cells(row: dict) -> list[str]:
-    """A row's text in each of CELL_NAMES: `0.905 (-0.007)` beside its baseline, `-` where unmeasured."""
-    return [cell(row) for _, cell in CELLS]
+def _lost_text(row: dict) -> str:
+    """`neutral -0.250`: the class whose F1 fell most from the baseline's."""
+    if row.get("lost_most") is None:
+        return "-"
+    return f"{row['lost_most']} {row['lost_most_f1_delta']:+.3f}"
+
+
+def _changed_text(row: dict) -> str:
+    """`spam->ham 2, ham->invalid 1`: the answers changed from the baseline's, per pair of classes; `-`
+    for a two-class task (fraud->not and not->fraud say it) and where nothing was compared."""
+    changed = row.get("answers_changed")
+    if changed is None or row.get("flips_fraud_to_not") is not None:
+        return "-"
+    return ", ".join(f"{pair} {n}" for pair, n in changed.items()) or "0"
+
+
+def row_cells(row: dict, names: tuple[str, ...] = CELL_NAMES) -> list[str]:
+    """A row's text in each of `names` (CELL_NAMES): `0.905 (-0.007)` beside its baseline, `-` where
+    unmeasured."""
+    return [cell(row) for name, cell in CELLS if name in names]
+
+
+def shown_cells(group: list[dict]) -> tuple[str, ...]:
+    """The cells a group's table shows: every one but the optional ones that none of its rows fills."""
+    rows = evaluated_rows(group)
+    return tuple(name for name, cell in CELLS
+                 if name not in OPTIONAL_CELLS or any(cell(row) != "-" for row in rows))
+
+
+MISSING_HEADING = "missing from this table:"
+
+
+def missing_texts(group: list[dict]) -> list[str]:
+    """One text per variant of the group without a succeeded eval, with the reason: `w4g128: eval failed:
+    <first line of its error>`, `gguf-q4_k_m: not evaluated` (listed under the group's table)."""
+    return [f"{row['variant']}: {row['missing_reason']}" for row in group if not row.get("evaluated", True)]
+
+
+def evaluated_rows(group: list[dict]) -> list[dict]:
+    """The rows of a group that have numbers: the table's rows."""
+    return [row for row in group if row.get("evaluated", True)]
 
 
 def group_title(group: list[dict]) -> str:

@@ -1,9 +1,11 @@
 """Housekeeping of a shared queue: which old finished jobs `qrun prune` removes (files and rows), the
-space `qrun du` counts per user and per model, and who may cap priorities (`qrun cap-priority`)."""
+space `qrun du` counts per user and per model, who may cap priorities and prune for others (qrun's
+admins, `qrun admin`), and the audit log of such acts (`qrun audit`)."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 from collections import defaultdict
 from datetime import datetime
@@ -70,18 +72,24 @@ def _job_files(candidate) -> list[Path]:
 
 
 def prune_jobs(db, before: datetime, *, failed_only: bool = False, user: str | None = None,
-               yes: bool = False) -> dict:
+               yes: bool = False, force: bool = False) -> dict:
     """The finished jobs that finished before `before` (naive UTC), with their files and bytes; with yes,
     their rows deleted, then their files. As `qrun prune --json` prints it: {removed, bytes, jobs: [{id,
-    kind, status, user, model, finished_at, bytes, paths}]}, only the jobs actually deleted when removed
-    (a job that changed meanwhile stays); a dry run's paths are those that are there."""
+    kind, status, user, model, finished_at, bytes, paths}], others}, only the jobs actually deleted when
+    removed (a job that changed meanwhile stays); a dry run's paths are those that are there; others:
+    how many of the jobs belong to other users. Removing another user's job needs force, and only an
+    admin may; every removal is audit-logged."""
     from qrun.db import queue
 
+    me = queue.current_user()
     candidates = queue.prune_candidates(db, before, failed_only=failed_only, user=user)
+    others = [c for c in candidates if c.submitted_by != me]
+    if yes and others:
+        _check_prune_of_others(db, others[0], force, me)
     files_of = {c.id: _job_files(c) for c in candidates}
     sized = [(c, files_of[c.id], sum(disk_bytes(f) for f in files_of[c.id])) for c in candidates]
     if yes and candidates:
-        deleted = set(queue.delete_finished_jobs(db, [c.id for c in candidates]))
+        deleted = set(queue.delete_finished_jobs(db, [c.id for c in candidates], actor=me, forced=force))
         sized = [row for row in sized if row[0].id in deleted]
         for _c, files, _b in sized:
             for f in files:
@@ -90,7 +98,19 @@ def prune_jobs(db, before: datetime, *, failed_only: bool = False, user: str | N
             "jobs": [{"id": c.id, "kind": c.kind, "status": c.status, "user": c.submitted_by, "model": c.model,
                       "finished_at": c.finished_at, "bytes": b,
                       "paths": [str(f) for f in files if yes or f.exists() or f.is_symlink()]}
-                     for c, files, b in sized]}
+                     for c, files, b in sized],
+            "others": sum(1 for c, _, _ in sized if c.submitted_by != me)}
+
+
+def _check_prune_of_others(db, first, force: bool, me: str) -> None:
+    """Another user's job goes only with --force (as cancel and retry ask), and only by an admin."""
+    from qrun.db.admins import check_admin as require
+    from qrun.db.errors import TransitionError
+
+    if not force:
+        raise TransitionError(f"job {first.id} belongs to {first.submitted_by}: add --force to prune another "
+                              "user's job")
+    require(db, me, "prune another user's jobs")
 
 
 # ---------------------------------------------------------------- du
@@ -119,15 +139,52 @@ def _usage_rows(table: dict[str, list[int]]) -> list[dict]:
             for k, v in sorted(table.items(), key=lambda kv: (-(kv[1][1] + kv[1][2]), kv[0]))]
 
 
-# ---------------------------------------------------------------- priority caps
+# ---------------------------------------------------------------- priority caps and admins
 
 
-def check_admin(db) -> None:
-    """Only the owner of the SQLite file may set caps; on Postgres anyone may (its roles are the check)."""
-    from qrun.db.session import _sqlite_file
+def check_admin(db, what: str = "set priority caps") -> None:
+    """BadInput unless the caller is one of qrun's admins (the list in the table: `qrun admin list`)."""
+    from qrun.db.admins import check_admin as require
+    from qrun.db.queue import current_user
 
-    if not db.is_sqlite:
-        return
-    path = _sqlite_file(db.url)
-    if path is not None and path.exists() and path.stat().st_uid != os.getuid():
-        raise BadInput(f"only the owner of {path} may set priority caps: ask them to run `qrun cap-priority`")
+    require(db, current_user(), what)
+
+
+def check_user_exists(user: str, option: str = "user") -> str:
+    """BadInput unless `user` is a login name on this machine: a cap or an admin for a mistyped name
+    would quietly bind nobody."""
+    try:
+        pwd.getpwnam(user)
+    except (KeyError, ValueError):  # ValueError: a name with a NUL
+        raise BadInput(f"{option} {user!r} does not exist on this machine: give a login name "
+                       "(`getent passwd NAME` finds it)") from None
+    return user
+
+
+def set_cap(db, user: str, cap: int | None) -> bool:
+    """An admin caps `user`'s priority (None: removes the cap); whether a cap was there. Audit-logged."""
+    from qrun.db import queue
+
+    check_admin(db)
+    return queue.set_priority_cap(db, user, cap, actor=queue.current_user())
+
+
+def change_admins(db, add: str | None = None, remove: str | None = None) -> bool:
+    """An admin adds or removes an admin; whether the list changed. Audit-logged."""
+    from qrun.db import admins
+    from qrun.db.queue import current_user
+
+    if add is not None:
+        return admins.add_admin(db, add, current_user())
+    return admins.remove_admin(db, remove, current_user())
+
+
+# ---------------------------------------------------------------- the audit log
+
+
+def audit_rows(db, since: datetime | None = None) -> list[dict]:
+    """`qrun audit --json`: one dict per entry (id, at, user, action, target, detail), oldest first."""
+    from qrun.db.audit import entries
+
+    return [{"id": e.id, "at": e.at, "user": e.user, "action": e.action, "target": e.target, "detail": e.detail}
+            for e in entries(db, since)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +117,18 @@ def check_tail(tail: int | None) -> None:
         raise BadInput(f"--tail {tail} must be positive")
 
 
+def last_lines(text: str | bytes, n: int | None) -> str | bytes:
+    """The last n lines of a log as written (lines end at newlines only: a bar's carriage returns stay
+    inside its line); all of it when n is None."""
+    newline = "\n" if isinstance(text, str) else b"\n"
+    cut = len(text) - 1 if text.endswith(newline) else len(text)
+    for _ in range(n or 0):
+        cut = text.rfind(newline, 0, cut)
+        if cut < 0:
+            return text
+    return text[cut + 1:] if n else text
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -168,7 +180,7 @@ def read_logs(db, job_id: int, tail: int | None = None, raw: bool = False) -> Jo
     if job.log_path and Path(job.log_path).exists():
         data = Path(job.log_path).read_bytes()
         if raw:
-            log = data
+            log = last_lines(data, tail)
         else:
             lines = collapse(data.decode("utf-8", errors="replace"))
             log = lines[-tail:] if tail else lines
@@ -180,19 +192,29 @@ def lines_text(lines: list[str]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def follow(db, job_id: int, raw: bool = False, poll_s: float = FOLLOW_POLL_S) -> Iterator[str | int]:
+def follow(db, job_id: int, raw: bool = False, poll_s: float = FOLLOW_POLL_S, tail: int | None = None,
+           warn: Callable[[str], None] | None = None) -> Iterator[str | int]:
     """The history and log as they grow, as text to write (lines collapsed as read_logs has them, or with
-    raw the log as written), until the job finishes; last, its exit_code (an int)."""
+    raw the log as written), until the job finishes; last, its exit_code (an int). tail: of the log
+    there when following begins, only the last `tail` lines (then everything new). warn(line): told
+    once, at once, while no `qrun run` serves the table (the job waits for one)."""
     from qrun.db import queue
+    from qrun.waiting import no_runner_line
 
-    reader, given = LogReader(raw), 0
+    reader, given, first = LogReader(raw), 0, True
     while True:
         job = queue.get_job(db, job_id)  # the state first: once finished, the log read after is complete
         events = queue.events_of(db, job_id)
         new = [event_line(ev) for ev in events[given:]]
         given = len(events)
         done = job.status in FINISHED
+        if warn is not None and not done and (line := no_runner_line(db)) is not None:
+            warn(line)
+            warn = None  # said once
         chunk = reader.read(job.log_path, final=done)
+        if first and tail:
+            chunk = last_lines(chunk, tail) if isinstance(chunk, str) else chunk[-tail:]
+        first = False
         texts = [lines_text(new), chunk if isinstance(chunk, str) else lines_text(chunk)]
         if done:
             texts.append(lines_text(error_lines(job, events)))

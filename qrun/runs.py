@@ -21,6 +21,7 @@ from qrun.db.states import FINISHED, Status
 
 MAX_CPU_WORKERS = 1024
 MAX_LEASE_S = 86400  # a day: a worker silent for longer is gone
+MAX_GRACE_S = 3600  # an hour: a stop that waits longer than that for workers is no stop
 ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 
 
@@ -92,7 +93,7 @@ def parse_gpus(value: str | list[int] | None) -> list[int] | None:
 
 
 def check_run_options(*, gpus=None, cpu_workers: int | None = None, until_empty: bool = False, serve: bool = False,
-                      ray_address: str | None = None, lease_s: float = 60.0) -> str | None:
+                      ray_address: str | None = None, lease_s: float = 60.0, grace_s: float = 30.0) -> str | None:
     """Refuse options that can never work (BadInput) before Ray starts or the table is opened; return
     the warning to give where more CPU workers than cores are asked for, else None."""
     from qrun.workers.limits import job_memory_cap_mb
@@ -104,6 +105,8 @@ def check_run_options(*, gpus=None, cpu_workers: int | None = None, until_empty:
         raise BadInput(f"--cpu-workers {cpu_workers} must be between 1 and {MAX_CPU_WORKERS}")
     if not 1 <= lease_s <= MAX_LEASE_S:  # also refuses nan and inf
         raise BadInput(f"--lease {lease_s} must be between 1 and {MAX_LEASE_S} seconds")
+    if not 0 <= grace_s <= MAX_GRACE_S:
+        raise BadInput(f"--grace {grace_s} must be between 0 and {MAX_GRACE_S} seconds")
     job_memory_cap_mb()  # a typo in QRUN_JOB_MEMORY_MB stops the run here, not every job it claims
     return _too_many_cpu_workers(cpu_workers, ray_address)
 
@@ -128,14 +131,15 @@ def run_log_path() -> Path:
 
 def run_with_log(db, gpus: list[int] | None = None, cpu_workers: int | None = None, burst: bool = True,
                  ray_address: str | None = None, lease_s: float | None = None, say: Callable[[str], None] = print,
-                 on_tick: Callable[[JobWatch], None] | None = None) -> RunOutcome:
+                 on_tick: Callable[[JobWatch], None] | None = None, grace_s: float | None = None) -> RunOutcome:
     """`qrun run`: drain() as "qrun", Ray's notices in a run log of their own (named on the first line).
     A run refused before Ray said anything leaves no empty log behind."""
     log_path = run_log_path()
     try:
         with log_path.open("a", encoding="utf-8") as notices:
             return drain(db, "qrun", gpus, cpu_workers, burst, ray_address, lease_s,
-                         note=f" (Ray's own notices: {log_path})", ray_notices=notices, say=say, on_tick=on_tick)
+                         note=f" (Ray's own notices: {log_path})", ray_notices=notices, say=say, on_tick=on_tick,
+                         grace_s=grace_s)
     except BadInput:  # refused before Ray said anything (a bad --ray-address, --gpus)
         if log_path.stat().st_size == 0:
             log_path.unlink()
@@ -145,40 +149,53 @@ def run_with_log(db, gpus: list[int] | None = None, cpu_workers: int | None = No
 def drain(db, who: str, gpus: list[int] | None = None, cpu_workers: int | None = None, burst: bool = True,
           ray_address: str | None = None, lease_s: float | None = None, note: str = "",
           ray_notices: TextIO | None = None, say: Callable[[str], None] = print,
-          on_tick: Callable[[JobWatch], None] | None = None) -> RunOutcome:
+          on_tick: Callable[[JobWatch], None] | None = None, grace_s: float | None = None) -> RunOutcome:
     """Start (or join) Ray, run workers until the queue is drained (or Ctrl-C with burst=False), stop
     the Ray it started, say one summary line (each line starts with `who`). ray_notices: a file for
     Ray's own notices. on_tick(watch): called as the workers start, about once a second while they
-    run, and once more after they stopped (watch.stopped), before the summary."""
+    run, and once more after they stopped (watch.stopped), before the summary. grace_s: how long a
+    stop (Ctrl-C, SIGTERM) waits for workers to give their jobs back before it kills them.
+    BadInput where the job table was deleted, replaced or damaged under the run (said in one line;
+    the workers said already what they could not record)."""
     from qrun.runner.run import ray_notices_to
+    from qrun.runner.worker import TableWatch
 
+    table = TableWatch(db)
     with ray_notices_to(ray_notices) if ray_notices is not None else nullcontext():
-        return _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note, say, on_tick)
+        return _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note, say, on_tick, grace_s, table)
 
 
-def _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note, say, on_tick) -> RunOutcome:
+def _drain(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note, say, on_tick, grace_s,
+           table) -> RunOutcome:
     from qrun.runner.run import start_ray, stop_ray
 
     owns_ray = start_ray(ray_address, gpus, cpu_workers or 1)
     try:
         workers, summary = _work_the_queue(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note, say,
-                                           on_tick)
+                                           on_tick, grace_s)
     finally:
         if owns_ray:
             stop_ray()
+    gone = table.problem()
+    if gone:
+        raise BadInput(f"{gone}; this run stopped taking jobs")
     return _what_ended(db, who, workers, summary, burst, say)
 
 
-def _work_the_queue(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note, say, on_tick):
+def _work_the_queue(db, who, gpus, cpu_workers, burst, ray_address, lease_s, note, say, on_tick, grace_s):
     """The workers' names and run_queue's summary, once the queue is drained (or the run stopped)."""
     from qrun.db import queue
     from qrun.db.session import qrun_home
-    from qrun.runner.run import alive_nodes, plan_slots, refuse_sqlite_on_a_cluster, run_queue
+    from qrun.runner.run import STOP_GRACE_S, alive_nodes, cpu_shortfalls, plan_slots, refuse_sqlite_on_a_cluster
+    from qrun.runner.run import run_queue
     from qrun.workers.artifacts import runner_marked
 
     refuse_sqlite_on_a_cluster(db, len(alive_nodes()))
     on_cluster = bool(ray_address)
     slots = plan_slots(gpus, cpu_workers, on_cluster)
+    if not any(s.use_gpu for s in slots):  # CPU workers: each holds a CPU of its node, which must have one
+        for line in cpu_shortfalls(cpu_workers):
+            say(f"{who}: {line}")
     say(f"{who}: {len(slots)} worker(s): {', '.join(s.name for s in slots)}{note}")
     watch = JobWatch(db, _first_pending(db), say)
     if on_tick:
@@ -187,7 +204,8 @@ def _work_the_queue(db, who, gpus, cpu_workers, burst, ray_address, lease_s, not
         with runner_marked(qrun_home()) as token:
             summary = run_queue(db, lambda: plan_slots(gpus, cpu_workers, on_cluster), burst=burst,
                                 lease_s=lease_s or queue.DEFAULT_LEASE_S,
-                                on_tick=(lambda: on_tick(watch)) if on_tick else None, say=say, home_token=token)
+                                on_tick=(lambda: on_tick(watch)) if on_tick else None, say=say, home_token=token,
+                                grace_s=STOP_GRACE_S if grace_s is None else grace_s)
     finally:
         watch.stopped = True
         if on_tick:
@@ -206,7 +224,7 @@ def _what_ended(db, who: str, workers: list[str], summary, burst: bool, say: Cal
     its worker died counts too."""
     from qrun.db import queue
 
-    touched = summary.jobs_touched()
+    touched = sorted(set(summary.jobs_touched()) | set(queue.jobs_ended_by(db, summary.workers)))
     ended = [j for j in queue.list_jobs(db, touched, plain=True) if Status(j.status) in FINISHED] if touched else []
     outcome = RunOutcome(workers, len(ended), [j.id for j in ended if j.status == Status.FAILED.value],
                          summary.restarts, summary.interrupted)

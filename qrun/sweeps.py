@@ -53,17 +53,24 @@ def check_sweep_name(name: str | None) -> str | None:
 
 
 def validate_eval_inputs(data: str | None, ppl: str | None, max_new_tokens: int, batch_size: int,
-                         batch_option: str = "eval_batch_size") -> None:
-    """Every eval input, checked by the library functions that the job itself reads them with.
-    batch_option: the batch size's option as this command spells it (underscores for dashes)."""
-    from qrun.workers.datasets import check_eval_file, check_perplexity_file
-    from qrun.workers.inputs import check_job_counts
+                         batch_option: str = "eval_batch_size", max_positions: int = 0,
+                         answer_template: str | None = None, mode: str = EvalParams.mode,
+                         mode_option: str = "--eval-mode") -> dict | None:
+    """Every eval input, checked by the library functions that the job itself reads them with; the task
+    file beside the data as the job's params store it (None where there is none: workers.tasks).
+    batch_option: the batch size's option as this command spells it (underscores for dashes).
+    max_positions: the model's context, which no eval sample may exceed by far (0: not stated)."""
+    from qrun.workers.datasets import check_eval_data, check_perplexity_file
+    from qrun.workers.inputs import check_job_counts, check_sample_lengths
 
+    task = None
     if data:
-        check_eval_file(data)
+        task = check_eval_data(data, answer_template, mode, mode_option)
+        check_sample_lengths(data, "eval file", max_positions)
     if ppl:
         check_perplexity_file(ppl)
     check_job_counts(max_new_tokens=max_new_tokens, **{batch_option: batch_size})
+    return task
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,7 @@ class SubmitOptions:
     batch_size: int = QuantizeParams.batch_size
     eval: str | None = None
     eval_mode: str = EvalParams.mode
+    answer_template: str | None = EvalParams.answer_template  # the answer to each label (workers.tasks)
     eval_ppl: str | None = None
     max_new_tokens: int = EvalParams.max_new_tokens
     eval_batch_size: int = EvalParams.batch_size
@@ -122,7 +130,7 @@ def check_submission(options: SubmitOptions | str, **keywords) -> SweepRequest:
     (workers.methods): AWQ only 4 bits, GGUF its quant types, damp only GPTQ."""
     from qrun.workers.datasets import check_calibration_file
     from qrun.workers.inputs import (check_calibration_settings, check_gpus_per_job, check_job_counts,
-                                     check_quantizable, inspect_model)
+                                     check_quantizable, check_sample_lengths, inspect_model)
 
     o = options if isinstance(options, SubmitOptions) else SubmitOptions(options, **keywords)
     chosen = [methods.check_method(m) for m in dict.fromkeys(as_names(o.method, "--method"))]
@@ -133,10 +141,12 @@ def check_submission(options: SubmitOptions | str, **keywords) -> SweepRequest:
     explicit_group = o.group_size not in (None, (), [])
     group_sizes = as_values(o.group_size, "--group-size", int) if explicit_group else (QuantizeParams.group_size,)
     damps = as_values(o.damp, "--damp", float)
-    _check_options_apply(chosen, explicit_group, o.desc_act, o.sym, o.calib, damps)
+    _check_options_apply(chosen, o)
     check_eval_mode(o.eval_mode, "--eval-mode")
     if o.eval_mode != EvalParams.mode and o.eval is None:
         raise BadInput(f"--eval-mode {o.eval_mode} applies to the eval jobs of --eval FILE: add --eval")
+    if o.answer_template is not None and o.eval is None:
+        raise BadInput("--answer-template applies to the eval jobs of --eval FILE: add --eval")
     info = inspect_model(o.model, trust_remote_code=o.trust_remote_code, allow_pickle=o.allow_pickle)
     check_quantizable(info)
     check_calibration_settings(o.calib_samples, o.calib_max_len)
@@ -148,7 +158,9 @@ def check_submission(options: SubmitOptions | str, **keywords) -> SweepRequest:
     eval_ppl = check_file(o.eval_ppl, "perplexity file")
     if calib:
         check_calibration_file(calib, min_samples=min(o.calib_samples, 4))
-    validate_eval_inputs(eval_data, eval_ppl, o.max_new_tokens, o.eval_batch_size)
+        check_sample_lengths(calib, "calibration file", info.max_positions)
+    task = validate_eval_inputs(eval_data, eval_ppl, o.max_new_tokens, o.eval_batch_size,
+                                max_positions=info.max_positions, answer_template=o.answer_template, mode=o.eval_mode)
     settings = dict(desc_act=o.desc_act, sym=o.sym, calib=calib or eval_data, calib_samples=o.calib_samples,
                     calib_max_len=o.calib_max_len, batch_size=o.batch_size, trust_remote_code=o.trust_remote_code,
                     allow_pickle=o.allow_pickle, gpus=o.gpus_per_job)
@@ -160,7 +172,7 @@ def check_submission(options: SubmitOptions | str, **keywords) -> SweepRequest:
     if eval_data or eval_ppl:
         evaluation = EvalParams(data=eval_data, mode=o.eval_mode, max_new_tokens=o.max_new_tokens, ppl_data=eval_ppl,
                                 batch_size=o.eval_batch_size, trust_remote_code=o.trust_remote_code,
-                                gpus=o.gpus_per_job)
+                                gpus=o.gpus_per_job, answer_template=o.answer_template, task=task)
     unique = list({_key(p.to_dict()): p for p in points}.values())
     return SweepRequest(info.path, unique, evaluation, o.priority, o.max_attempts, o.gpus_per_job,
                         check_sweep_name(o.name))
@@ -180,23 +192,39 @@ def check_eval_mode(mode: str, option: str) -> None:
         raise BadInput(f"{option} {mode!r} is not one of {', '.join(EVAL_MODES)}")
 
 
-def _check_options_apply(chosen: list, explicit_group: bool, desc_act: bool, sym: bool, calib, damps) -> None:
-    """An option that no method of the sweep takes is refused, not silently ignored."""
-    names = ", ".join(m.name for m in chosen)
+# The submit options that set a quantize job's field (workers.params.FIELD_SETTINGS says which method
+# setting each belongs to), as the command spells them when given: sym is given as --no-sym.
+METHOD_OPTIONS = {"group_size": ("--group-size", "group_size"), "desc_act": ("--desc-act", "desc_act"),
+                  "sym": ("--no-sym", "sym"), "damp": ("--damp", "damp_percent"), "calib": ("--calib", "calib"),
+                  "calib_samples": ("--calib-samples", "calib_samples"),
+                  "calib_max_len": ("--calib-max-len", "calib_max_len"), "batch_size": ("--batch-size", "batch_size")}
+# Why a method setting is not taken, as the refusal says it.
+NOT_TAKEN = {
+    methods.GROUP_SIZE: "{option} does not apply to --method {names} (they have their own block layout)",
+    methods.DESC_ACT: "{option} is GPTQ's activation order: it does not apply to --method {names}",
+    methods.SYM: "{option} does not apply to --method {names}",
+    methods.DAMP: "{option} is GPTQ's Hessian dampening: it does not apply to --method {names}",
+    methods.CALIBRATION: "{option} does not apply to --method {names}: they use no calibration data",
+}
 
-    def none_takes(setting: str) -> bool:
-        return not any(setting in m.takes for m in chosen)
 
-    if explicit_group and none_takes(methods.GROUP_SIZE):
-        raise BadInput(f"--group-size does not apply to --method {names} (they have their own block layout)")
-    if desc_act and none_takes(methods.DESC_ACT):
-        raise BadInput(f"--desc-act is GPTQ's activation order: it does not apply to --method {names}")
-    if not sym and none_takes(methods.SYM):
-        raise BadInput(f"--no-sym does not apply to --method {names}")
-    if calib and none_takes(methods.CALIBRATION):
-        raise BadInput(f"--calib does not apply to --method {names}: they use no calibration data")
-    if tuple(damps) != (QuantizeParams.damp_percent,) and none_takes(methods.DAMP):
-        raise BadInput(f"--damp is GPTQ's Hessian dampening: it does not apply to --method {names}")
+def _given(options: SubmitOptions, name: str) -> bool:
+    """Whether a submit option was given a value other than its default (one value or a list of them)."""
+    value = getattr(options, name)
+    default = SubmitOptions.__dataclass_fields__[name].default
+    values = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (value,)
+    return values not in ((), (None,), (default,))
+
+
+def _check_options_apply(chosen: list, options: SubmitOptions) -> None:
+    """An option that no method of the sweep takes (workers.methods: each method's `takes`) is refused,
+    not silently ignored: one rule for every option that sets a method's field."""
+    from qrun.workers.params import FIELD_SETTINGS
+
+    for name, (option, field_name) in METHOD_OPTIONS.items():
+        setting = FIELD_SETTINGS[field_name]
+        if _given(options, name) and not any(setting in m.takes for m in chosen):
+            raise BadInput(NOT_TAKEN[setting].format(option=option, names=", ".join(m.name for m in chosen)))
 
 
 def _method_points(info, method: methods.Method, point: dict, group_sizes, damps,
@@ -230,7 +258,8 @@ def _key(params: dict) -> str:
 def check_evaluation(model: str, *, data: str | None = None, ppl: str | None = None, mode: str = EvalParams.mode,
                      max_new_tokens: int = EvalParams.max_new_tokens, batch_size: int = EvalParams.batch_size,
                      priority: int = JobSpec.priority, trust_remote_code: bool = EvalParams.trust_remote_code,
-                     gpus_per_job: int = EvalParams.gpus) -> JobSpec:
+                     gpus_per_job: int = EvalParams.gpus,
+                     answer_template: str | None = EvalParams.answer_template) -> JobSpec:
     """Every input of an eval of an existing model or artifact directory checked, and its job: the
     variant is read from the directory's own files (workers.inputs.quantized_variant). BadInput naming
     the first bad input; nothing is opened or written."""
@@ -239,14 +268,19 @@ def check_evaluation(model: str, *, data: str | None = None, ppl: str | None = N
     if not data and not ppl:
         raise BadInput("qrun eval needs --data FILE (classification) or --ppl FILE (perplexity), or both")
     check_eval_mode(mode, "--mode")
+    if answer_template is not None and not data:
+        raise BadInput("--answer-template applies to the classification of --data FILE: add --data")
     info = inspect_model(model, trust_remote_code=trust_remote_code, allow_pickle=None, allow_gguf=True)
     data = check_file(data, "eval file")
     ppl = check_file(ppl, "perplexity file")
-    validate_eval_inputs(data, ppl, max_new_tokens, batch_size, batch_option="batch_size")
+    task = validate_eval_inputs(data, ppl, max_new_tokens, batch_size, batch_option="batch_size",
+                                max_positions=info.max_positions, answer_template=answer_template, mode=mode,
+                                mode_option="--mode")
     check_priority(priority)
     check_gpus_per_job(gpus_per_job)
     params = EvalParams(data=data, mode=mode, max_new_tokens=max_new_tokens, ppl_data=ppl, batch_size=batch_size,
-                        variant=quantized_variant(info.path), trust_remote_code=trust_remote_code, gpus=gpus_per_job)
+                        variant=quantized_variant(info.path), trust_remote_code=trust_remote_code, gpus=gpus_per_job,
+                        answer_template=answer_template, task=task)
     return JobSpec(kind=Kind.EVAL, model=info.path, params=params.to_dict(), priority=priority)
 
 
@@ -342,3 +376,28 @@ def plan_jobs(db, request: SweepRequest, rerun: bool = False) -> Plan:
         elif _reuse(db, plan, rerun, Kind.EVAL, model, after, label, upstream=existing) is None:
             plan.add(JobSpec(kind=Kind.EVAL, params=after, depends_on=existing, **common), label)
     return plan
+
+
+class JobId(int):
+    """A job's id as `qrun eval` gives it: the new job's, or that of an equal job already in the table
+    (`existing` then names it: an ExistingJob; None for a new job)."""
+
+    existing: ExistingJob | None = None
+
+    @classmethod
+    def of(cls, job_id: int, existing: ExistingJob | None = None) -> JobId:
+        out = cls(job_id)
+        out.existing = existing
+        return out
+
+
+def add_evaluation(db, spec: JobSpec, rerun: bool = False) -> JobId:
+    """Add the eval job of `qrun eval` (check_evaluation's spec), unless an equal job (same model, data,
+    params) is queued, running or succeeded: then that job's id, its `existing` set (rerun: add anyway)."""
+    from qrun.db import queue
+
+    plan = Plan()
+    found = _reuse(db, plan, rerun, Kind.EVAL, spec.model, spec.params, EvalParams.from_dict(spec.params).label())
+    if found is not None:
+        return JobId.of(found, plan.existing[0])
+    return JobId.of(queue.submit_jobs(db, [spec])[0])

@@ -1,8 +1,10 @@
-"""What the queue looks like to a person or a script: the texts of a job (its parameters, progress,
-ETA), the rows of `qrun status --json` and `qrun workers --json`, and which jobs a view selects.
+"""What the queue looks like to a person or a script: the texts of a job (its parameters, an eval's
+variant as compare names it, why it waits, progress, ETA), the rows of `qrun status --json` and `qrun
+workers --json`, which jobs a view selects, and what to say when it selects none.
 
 The CLI lays these texts out in tables (cli/table.py); `qrun.status()` and `qrun.worker_status()`
-return the rows. Times of the job table are naive UTC; `local_time` shows them to people.
+return the rows. Times of the job table are naive UTC; `local_time` shows them to people, `iso_utc`
+to scripts. Why a queued job waits is qrun/waiting.py's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ COUNT_METRICS = frozenset({"bits", "group_size", "calib_samples", "calib_tokens"
 # A worker reports at least every 10 s (runner.worker.WORKER_REPORT_S); three missed reports and
 # it is taken for lost (its process or node died without a word).
 LOST_AFTER_S = 30.0
+MIN_UNITS_FOR_ETA = 2  # layers (or batches) done before an ETA is shown: the first one includes the load
 
 
 # ---------------------------------------------------------------- times
@@ -105,23 +108,23 @@ def progress_text(job) -> str:
 
 
 def eta_s(job, now: datetime | None = None) -> float | None:
-    """Seconds left at the rate measured so far (elapsed since start / units done); None before the first."""
+    """Seconds left at the rate measured so far (elapsed since start / units done). None until a rate can
+    be measured: the first unit's time is mostly loading the model, so not before MIN_UNITS_FOR_ETA are
+    done; nor once all are (what is left, saving, has no rate), nor for a job that is not running."""
     elapsed = elapsed_s(job, now)
-    if job.status != Status.RUNNING.value or not job.progress_done or not job.progress_total or elapsed is None:
+    if (job.status != Status.RUNNING.value or elapsed is None or not job.progress_total
+            or not MIN_UNITS_FOR_ETA <= job.progress_done < job.progress_total):
         return None
-    return max(job.progress_total - job.progress_done, 0) * elapsed / job.progress_done
+    return (job.progress_total - job.progress_done) * elapsed / job.progress_done
 
 
 def progress_cell(job, now: datetime | None = None, preparing: tuple[str, str] | None = None) -> str:
-    """`layer 12/28 · 43% · ETA 0:31` while running; `layer 28/28` once finished; `after 12` while waiting;
-    `preparing on gpu0: GPTQModel kernel gptq_cuda` while a worker readies it (see preparing_now)."""
+    """`layer 12/28 · 43% · ETA 0:31` while running; `layer 28/28` once finished; nothing while queued
+    (the REASON column says why: reason_cell); `preparing on gpu0: GPTQModel kernel gptq_cuda` while a
+    worker readies it (see preparing_now)."""
     if preparing is not None:
         return f"preparing on {preparing[0]}: {preparing[1]}"
-    if job.status == Status.QUEUED.value:
-        waits = [f"after {job.depends_on}"] if job.depends_on else []
-        needs = needs_text(job.params or {})
-        return " · ".join(waits + [needs] if needs else waits)
-    if not job.progress_total:
+    if job.status == Status.QUEUED.value or not job.progress_total:
         return ""
     text = f"{progress_unit(job.kind)} {job.progress_done}/{job.progress_total}"
     if job.status != Status.RUNNING.value:
@@ -155,6 +158,65 @@ def needs_text(params: dict) -> str:
     return ""
 
 
+def reason_cell(job, waiting=None, preparing: tuple[str, str] | None = None) -> str:
+    """Why a queued job waits: `#3 · other users' turn` (waiting: qrun.waiting.waiting_now's entry). Without
+    it (a view that does not read the line), what the job itself says: `after 12 · needs 2 GPUs of one
+    node`, or what a worker readies for it. Nothing for a job that is not queued."""
+    if job.status != Status.QUEUED.value:
+        return ""
+    if waiting is not None:
+        return waiting.text()
+    if preparing is not None:
+        return f"preparing on {preparing[0]}: {preparing[1]}"
+    waits = [f"after job {job.depends_on}"] if job.depends_on else []
+    needs = needs_text(job.params or {})
+    return " · ".join(waits + [needs] if needs else waits)
+
+
+def params_cell(job, variants: dict[int, str] | None = None) -> str:
+    """The PARAMS column: short_params for a quantize job; for an eval, `eval ` and the variant it
+    evaluates as `qrun compare` names it (eval_variants: `eval w4g128·d0.05 score`), so that an eval
+    reads apart from its quantize job and from the evals of its sweep's other variants."""
+    if job.kind != Kind.EVAL.value:
+        return short_params(job)
+    from dataclasses import replace
+
+    from qrun.workers.params import EvalParams
+
+    params = EvalParams.from_dict(job.params or {})
+    return "eval " + replace(params, variant=(variants or {}).get(job.id) or params.variant).status_label().strip()
+
+
+def _eval_group(model: str, params: dict) -> tuple:
+    """The comparison an eval belongs to, as `qrun compare` groups them: source model, data, mode."""
+    return model, params.get("data"), params.get("mode", "score") if params.get("data") else None
+
+
+def eval_variants(db, jobs) -> dict[int, str]:
+    """The variant each eval job of `jobs` that follows a quantize job evaluates, named as `qrun compare`
+    names it: the quantize job's label among the variants of the same method that the evals of its
+    comparison (source model, data, mode) evaluate (`w4g128·d0.05` beside `w4g128·d0.01`)."""
+    from qrun.db import queue
+    from qrun.variants import variant_label
+
+    evals = [j for j in jobs if j.kind == Kind.EVAL.value and j.depends_on]
+    if not evals:
+        return {}
+    rows = queue.evals_of_variants(db, {j.model for j in evals})
+    variants: dict[tuple, list[dict]] = {}
+    for row in rows:
+        variants.setdefault(_eval_group(row.model, row.params or {}), []).append(row.upstream_params or {})
+    upstream_of = {row.id: row.upstream_params or {} for row in rows}
+    found = {}
+    for job in evals:
+        if job.id in upstream_of:
+            mine = upstream_of[job.id]
+            among = [p for p in variants[_eval_group(job.model, job.params or {})]
+                     if p.get("method") == mine.get("method")]
+            found[job.id] = variant_label(mine, among)
+    return found
+
+
 def first_line(text: str | None) -> str:
     """The first line of a (multi-line) error, for a one-line cell."""
     return text.strip().splitlines()[0] if text and text.strip() else ""
@@ -165,11 +227,16 @@ def _sweep_of(job) -> str:
     return getattr(job, "sweep_name", None) or getattr(job, "sweep", None) or ""
 
 
-def job_cells(job, now: datetime | None = None, preparing: dict[int, tuple[str, str]] | None = None) -> list[str]:
+def job_cells(job, now: datetime | None = None, preparing: dict[int, tuple[str, str]] | None = None,
+              waiting: dict | None = None, variants: dict[int, str] | None = None) -> list[str]:
     """One job's row of the status table, as plain text, in the order of its columns: ID USER MODEL KIND
-    PARAMS STATUS PROGRESS GPU ELAPSED SWEEP PRIO SUBMITTED ERROR. `preparing`: preparing_now's answer."""
-    return [str(job.id), job.submitted_by or "", model_name(job), job.kind, short_params(job), job.status,
-            progress_cell(job, now, (preparing or {}).get(job.id)), job.gpu or ("cpu" if job.worker else ""),
+    PARAMS STATUS REASON PROGRESS GPU ELAPSED SWEEP PRIO SUBMITTED ERROR. `preparing`: preparing_now's
+    answer; `waiting`: qrun.waiting.waiting_now's; `variants`: eval_variants'."""
+    readied = (preparing or {}).get(job.id)
+    queued = job.status == Status.QUEUED.value
+    return [str(job.id), job.submitted_by or "", model_name(job), job.kind, params_cell(job, variants), job.status,
+            reason_cell(job, (waiting or {}).get(job.id), readied),
+            progress_cell(job, now, None if queued else readied), job.gpu or ("cpu" if job.worker else ""),
             _fmt_elapsed(elapsed_s(job, now)),
             _sweep_of(job), str(job.priority), _local_stamp(job.created_at), first_line(job.error)]
 
@@ -183,13 +250,21 @@ def _number(name: str, value: float):
     return value if math.isfinite(value) else None  # JSON has no Infinity (perplexity can overflow)
 
 
+def iso_utc(utc: datetime | None) -> str | None:
+    """A time of the job table as JSON gives it: ISO 8601 in UTC with the Z designator."""
+    return None if utc is None else utc.isoformat() + "Z"
+
+
 def job_row(job, metrics: dict | None = None, artifacts: list | None = None,
-            preparing: tuple[str, str] | None = None) -> dict:
-    """One job for `status --json`. Keys are stable: new ones are only ever added (README lists them).
-    `preparing`: preparing_now's entry for this job, if any."""
+            preparing: tuple[str, str] | None = None, waiting=None, variant: str | None = None) -> dict:
+    """One job for `status --json`, as JSON gives it (times as ISO strings): `qrun.status()` returns
+    these very dicts. Keys are stable: new ones are only ever added (docs/OUTPUT.md lists them).
+    `preparing`: preparing_now's entry for this job; `waiting`: qrun.waiting.waiting_now's; `variant`:
+    eval_variants'; each if any."""
     return {
         "id": job.id, "kind": job.kind, "status": job.status, "model": job.model, "model_name": model_name(job),
-        "params": job.params, "label": short_params(job), "sweep": getattr(job, "sweep", None),
+        "params": job.params, "label": params_cell(job, {job.id: variant} if variant else None),
+        "sweep": getattr(job, "sweep", None),
         "sweep_name": getattr(job, "sweep_name", None),
         "depends_on": job.depends_on, "priority": job.priority, "attempts": job.attempts,
         "max_attempts": job.max_attempts, "worker": job.worker, "gpu": job.gpu,
@@ -198,22 +273,30 @@ def job_row(job, metrics: dict | None = None, artifacts: list | None = None,
                      "percent": 100 * job.progress_done // job.progress_total if job.progress_total else None,
                      "eta_s": eta_s(job)},
         "preparing": {"worker": preparing[0], "doing": preparing[1]} if preparing is not None else None,
-        "submitted_by": job.submitted_by, "created_at": job.created_at, "started_at": job.started_at,
-        "finished_at": job.finished_at, "elapsed_s": elapsed_s(job), "error": job.error,
+        "reason": waiting.reason if waiting is not None else None,
+        "position": waiting.position if waiting is not None else None,
+        "submitted_by": job.submitted_by, "created_at": iso_utc(job.created_at),
+        "started_at": iso_utc(job.started_at), "finished_at": iso_utc(job.finished_at),
+        "elapsed_s": elapsed_s(job), "error": job.error,
         "log": job.log_path, "metrics": {k: _number(k, v) for k, v in (metrics or {}).items()},
         "artifacts": [{"kind": a.kind, "path": a.path, "bytes": a.bytes, "sha256": a.sha256, "node": a.node}
                       for a in (artifacts or [])],
     }
 
 
-def job_rows(db, jobs) -> list[dict]:
-    """`status --json` (and qrun.status()): job_row for each of `jobs`, with what it needs from the table."""
+def job_rows(db, jobs, explain: bool = True) -> list[dict]:
+    """`status --json` (and qrun.status()): job_row for each of `jobs`, with what it needs from the table.
+    explain=False: without the queued jobs' reason and position (the line costs a read of the queue)."""
     from qrun.db import queue
+    from qrun.waiting import waiting_now
 
     ids = [j.id for j in jobs]
     metrics, artifacts = queue.metrics_of(db, ids), queue.artifacts_of(db, ids)
     preparing = preparing_now(db, jobs)
-    return [job_row(j, metrics[j.id], artifacts[j.id], preparing.get(j.id)) for j in jobs]
+    waiting = waiting_now(db, jobs, preparing) if explain else {}
+    variants = eval_variants(db, jobs)
+    return [job_row(j, metrics[j.id], artifacts[j.id], preparing.get(j.id), waiting.get(j.id), variants.get(j.id))
+            for j in jobs]
 
 
 # ---------------------------------------------------------------- which jobs
@@ -230,14 +313,16 @@ class JobFilter:
     sweeps: set[str] = field(default_factory=set)
     since: datetime | None = None  # naive UTC: jobs not finished before it
     limit: int | None = None
+    since_given: str | None = None  # --since as given (None: the default window, or none)
+    members: set[int] = field(default_factory=set)  # the jobs of `sweeps`, reused ones too (select_jobs)
 
     def matches(self, job) -> bool:
         """Whether the job passes every filter (ids and limit aside)."""
         return ((not self.users or job.submitted_by in self.users)
                 and (not self.states or job.status in self.states)
                 and (not self.models or any(_same_model(m, job.model) for m in self.models))
-                and (not self.sweeps or bool({getattr(job, "sweep", None), getattr(job, "sweep_name", None)}
-                                             & self.sweeps))
+                and (not self.sweeps or job.id in self.members
+                     or bool({getattr(job, "sweep", None), getattr(job, "sweep_name", None)} & self.sweeps))
                 and (self.since is None or job.status in ACTIVE or (job.finished_at or job.created_at) >= self.since))
 
     def apply(self, jobs: list) -> list:
@@ -257,6 +342,8 @@ def select_jobs(db, flt: JobFilter) -> list:
     """The jobs the filter selects, by id; with a limit, the newest that many."""
     from qrun.db import queue
 
+    if flt.sweeps:  # a sweep's jobs include the equal ones its submit used instead of adding them again
+        flt.members = set(queue.sweep_members(db, flt.sweeps))
     return flt.apply(queue.list_jobs(db, flt.ids or None, plain=True))
 
 
@@ -297,24 +384,68 @@ def _check_states(states: Iterable[str]) -> None:
             raise BadInput(f"--state {state!r} is not one of {', '.join(known)}")
 
 
-def job_filter(ids: Iterable[int] = (), *, users: Iterable[str] = (), mine: bool = False,
-               states: Iterable[str] = (), models: Iterable[str] = (), sweeps: Iterable[str] = (),
+def filter_values(given: str | Iterable[str] | None) -> list[str]:
+    """A filter's values: one given as a plain string is one value, not its characters."""
+    if given is None:
+        return []
+    return [given] if isinstance(given, str) else list(given)
+
+
+def job_filter(ids: Iterable[int] = (), *, users: str | Iterable[str] = (), mine: bool = False,
+               states: str | Iterable[str] = (), models: str | Iterable[str] = (), sweeps: str | Iterable[str] = (),
                since: str | None = None, show_all: bool = True, limit: int | None = None) -> JobFilter:
-    """The filter `qrun status`'s options describe (see qrun.status); BadInput for a limit, state or
-    --since that can never work. Without show_all, since or ids: active jobs and the last hour's."""
+    """The filter `qrun status`'s options describe (see qrun.status); each of users, states, models and
+    sweeps one value or several. BadInput for a limit, state or --since that can never work. Without
+    show_all, since or ids: active jobs and the last hour's."""
     from qrun.db.queue import current_user
 
     check_limit(limit)
-    states = list(states)
+    states = filter_values(states)
     _check_states(states)
     ids = list(ids)
-    flt = JobFilter(ids=ids, users=set(users) | ({current_user()} if mine else set()), states=set(states),
-                    models=list(models), sweeps=set(sweeps), limit=limit)
+    flt = JobFilter(ids=ids, users=set(filter_values(users)) | ({current_user()} if mine else set()),
+                    states=set(states), models=filter_values(models), sweeps=set(filter_values(sweeps)), limit=limit)
     if since:
         flt.since = parse_since(since)
+        flt.since_given = since
     elif not show_all and not ids:
         flt.since = utcnow() - DEFAULT_WINDOW
     return flt
+
+
+def _filters_given(flt: JobFilter) -> list[tuple[str, JobFilter]]:
+    """Each filter given, as its option reads and as a filter of its own."""
+    given = [(f"--user {','.join(sorted(flt.users))}", JobFilter(users=flt.users)) if flt.users else None,
+             (f"--state {','.join(sorted(flt.states))}", JobFilter(states=flt.states)) if flt.states else None,
+             (f"--model {','.join(flt.models)}", JobFilter(models=flt.models)) if flt.models else None,
+             (f"--sweep {','.join(sorted(flt.sweeps))}", JobFilter(sweeps=flt.sweeps, members=flt.members))
+             if flt.sweeps else None,
+             (f"--since {flt.since_given}", JobFilter(since=flt.since)) if flt.since_given else None]
+    return [g for g in given if g is not None]
+
+
+def nothing_matched(db, flt: JobFilter) -> str:
+    """What `qrun status` says when its filters select no job: which filter matched nothing (each one
+    alone first, then the last hour that the view shows by default), else that they match nothing together."""
+    from qrun.db import queue
+
+    jobs = queue.list_jobs(db, flt.ids or None, plain=True)
+    if not jobs:
+        return "No jobs yet. Add some with `qrun submit --model DIR --bits 4`."
+    given = _filters_given(flt)
+    for text, alone in given:
+        if not any(alone.matches(j) for j in jobs):
+            return f"No job matches {text}."
+    default_window = flt.since is not None and not flt.since_given
+    if default_window and not any(JobFilter(since=flt.since).matches(j) for j in jobs):
+        return "No active jobs, and none finished in the last hour: `qrun status --all` shows every job."
+    together = " ".join(text for text, _ in given)
+    if not together:
+        return "No jobs match."
+    if default_window:
+        return (f"No job matches {together} among the active jobs and those finished in the last hour: "
+                "add --all for older ones.")
+    return f"No job matches {together} together."
 
 
 def visible(jobs, rows: int) -> list:

@@ -24,9 +24,10 @@ from qrun.db.errors import BadInput
 from qrun.db.session import qrun_home
 from qrun.runner.worker import FAKE_GPUS_ENV, QueueWorker
 from qrun.workers.jobs import Backoff
-from qrun.workers.warmup import REHEARSAL_ENV
+from qrun.workers.warmup import KERNELS_ENV, REHEARSAL_ENV
 
 MAX_ACTOR_RESTARTS = 5  # per slot, per `qrun run`: a worker that keeps dying is a bug, not bad luck
+STOP_GRACE_S = 30.0  # after one Ctrl-C or SIGTERM: how long workers have to give their jobs back
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Slot:
     use_gpu: bool
     node_id: str | None = None  # the Ray node it is pinned to (None: wherever Ray puts it)
     gpus: int = 1  # more than one: a worker made for jobs that need several GPUs of one node
+    host: str = field(default="", compare=False)  # its node as messages name it: "gpu-b", "gpu-b (1a2b3c)"
 
 
 def start_ray(address: str | None, gpus: list[int] | None, cpu_workers: int) -> bool:
@@ -239,12 +241,41 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
+def node_names(nodes: list[dict]) -> dict[str, str]:
+    """Node id -> the node as messages name it: its host name, and its id's start where another
+    live node has the same host name (several raylets of one machine, containers named alike)."""
+    hosts = [n.get("NodeManagerHostname") or n["NodeID"][:6] for n in nodes]
+    return {n["NodeID"]: host if hosts.count(host) == 1 else f"{host} ({n['NodeID'][:6]})"
+            for n, host in zip(nodes, hosts)}
+
+
+def cpu_workers_on(node: dict, cpu_workers: int | None) -> int:
+    """CPU workers a node can hold: each reserves one of its CPUs, and one Ray cannot place would
+    wait for a CPU forever."""
+    return min(cpu_workers or 1, int(node["Resources"].get("CPU", 0)))
+
+
+def cpu_shortfalls(cpu_workers: int | None) -> list[str]:
+    """What `--cpu-workers N` cannot have on the cluster, one line per node short of CPUs (said at
+    start); BadInput where no node can hold a CPU worker at all."""
+    nodes = alive_nodes()
+    names = node_names(nodes)
+    if not any(cpu_workers_on(n, cpu_workers) for n in nodes):
+        shown = ", ".join(f"{names[n['NodeID']]} {int(n['Resources'].get('CPU', 0))}" for n in nodes)
+        raise BadInput(f"--cpu-workers {cpu_workers or 1}: no node of the Ray cluster has a CPU for a worker (CPUs "
+                       f"per node: {shown}): start the nodes with CPUs (`ray start --num-cpus N`)")
+    return [f"--cpu-workers {cpu_workers}: node {names[n['NodeID']]} has {int(n['Resources'].get('CPU', 0))} "
+            f"CPU(s): {cpu_workers_on(n, cpu_workers)} worker(s) there"
+            for n in nodes if cpu_workers_on(n, cpu_workers) < (cpu_workers or 1)]
+
+
 def plan_slots(gpus: list[int] | None, cpu_workers: int | None, on_cluster: bool = False) -> list[Slot]:
     """One slot per GPU of every node; where the cluster has no GPU (or --cpu-workers is given),
-    `cpu_workers` (default 1) CPU slots per node. Each slot is pinned to its node, so a node that
-    leaves takes only its own slots with it, and one that joins gets its own. On a cluster
-    (on_cluster, or several nodes) a slot's name says its node: cpu0@1a2b3c."""
+    `cpu_workers` (default 1) CPU slots per node, as many as its CPUs hold. Each slot is pinned to
+    its node, so a node that leaves takes only its own slots with it, and one that joins gets its
+    own. On a cluster (on_cluster, or several nodes) a slot's name says its node: cpu0@1a2b3c."""
     nodes = alive_nodes()
+    names = node_names(nodes)
     available = sum(int(n["Resources"].get("GPU", 0)) for n in nodes)
     if gpus is not None and len(gpus) > available:
         found = f"only {available} GPU(s)" if available else "no GPU"
@@ -254,11 +285,12 @@ def plan_slots(gpus: list[int] | None, cpu_workers: int | None, on_cluster: bool
     slots = []
     for node in nodes:
         resources = node["Resources"]
-        count = int(resources.get("GPU", 0)) if use_gpu else (cpu_workers or 1) * (resources.get("CPU", 0) >= 1)
+        count = int(resources.get("GPU", 0)) if use_gpu else cpu_workers_on(node, cpu_workers)
         for i in range(count):
             kind = "gpu" if use_gpu else "cpu"
             where = f"@{node['NodeID'][:6]}" if several else ""
-            slots.append(Slot(f"{kind}{i}{where}", use_gpu=use_gpu, node_id=node["NodeID"]))
+            slots.append(Slot(f"{kind}{i}{where}", use_gpu=use_gpu, node_id=node["NodeID"],
+                              host=names[node["NodeID"]]))
     return slots
 
 
@@ -279,11 +311,11 @@ def worker_env(threads: int) -> dict[str, str]:
     """What a worker sets in its own environment before it imports torch (see QueueWorker)."""
     env = {"QRUN_HOME": str(qrun_home()), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "OMP_NUM_THREADS": str(threads),
            "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", str(gptqmodel_cpu_workers(threads)))}
-    # GPTQMODEL_TORCH_EXTENSIONS_DIR: where kernels were built ahead (qrun warmup, the demo): the
-    # workers must look there too, or their first job builds them again.
+    # GPTQMODEL_TORCH_EXTENSIONS_DIR: where the user keeps kernels; unset, each worker takes its own
+    # machine's directory under QRUN_HOME (workers.warmup.kernels_dir), as `qrun warmup` does there.
     # QRUN_REHEARSAL: bench/first_job.py's choice of the kernels' rehearsal model (workers.warmup).
     for name in ("QRUN_DB", "QRUN_JOB_MEMORY_MB", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAKE_GPUS_ENV,
-                 "GPTQMODEL_TORCH_EXTENSIONS_DIR", REHEARSAL_ENV):
+                 KERNELS_ENV, REHEARSAL_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -312,6 +344,7 @@ class RunSummary:
     restarts: int
     interrupted: bool
     given_back: set[int] = field(default_factory=set)  # jobs the runner took back from a dead worker
+    workers: set[str] = field(default_factory=set)  # every worker's name in the table, restarted ones too
 
     def jobs_touched(self) -> list[int]:
         """Every job a worker of this run ran, whatever ended it (its own outcome, or the runner's or a
@@ -327,11 +360,14 @@ class Supervisor:
     with the cause, and a drain that fails on a bug is started again after a pause. Every few
     seconds the slots are planned again from the cluster's live nodes: a node that left takes its
     workers along (their jobs are given back), a node that joined (or came back) gets workers. A
-    worker that cannot start (it does not see QRUN_HOME) is left out, with its reason. What workers
-    report (`take_notices`) is passed to `say`, so the run's output tells about database outages.
+    worker that cannot start (it does not see QRUN_HOME) is left out, with its reason, and so is one
+    that Ray cannot place (its node's CPUs or GPUs are held by others): said after PLACEMENT_S. What
+    workers report (`take_notices`) is passed to `say`, so the run's output tells about database outages.
     """
 
     REPLAN_S = 5.0
+    PLACEMENT_S = 10.0  # a worker Ray has not placed by then, for want of free CPUs or GPUs, is left out
+    START_S = 300.0  # one placed but not up by then (its process does not start) is left out too
 
     def __init__(self, db, plan: Callable[[], list[Slot]], burst: bool, lease_s: float,
                  say: Callable[[str], None], home_token: str | None = None):
@@ -352,6 +388,9 @@ class Supervisor:
         self.passable: set[int] = set()  # jobs of several GPUs placed already: one-GPU workers pass them
         self.outcomes: list[tuple[int, str]] = []
         self.given_back: set[int] = set()
+        self.ever_named: set[str] = set()  # every worker's name learnt, those that died since too
+        self.drained: set[Slot] = set()  # workers whose drain ended with the queue drained for them
+        self.added_at: dict[Slot, float] = {}
         self.restarts = 0
         self.stopping = False
         slots = plan()
@@ -362,6 +401,7 @@ class Supervisor:
 
     def _add(self, slot: Slot, drain: bool = True) -> None:
         self.actors[slot] = create_worker(slot, self.db.url, self.lease_s, self.threads, self.home_token)
+        self.added_at[slot] = time.monotonic()
         self.identities[slot] = self.actors[slot].identity.remote()
         self.backoffs.setdefault(slot, Backoff())
         if drain:
@@ -376,6 +416,9 @@ class Supervisor:
         self.resume_at.pop(slot, None)
         self.identities.pop(slot, None)
         self.notices.pop(slot, None)
+        self.added_at.pop(slot, None)
+        for ref in [ref for ref, drained in self.draining.items() if drained == slot]:
+            del self.draining[ref]  # a killed actor's drain ends in an error nobody needs to read
         actor = self.actors.pop(slot, None)
         if actor is not None:
             ray.kill(actor, no_restart=True)
@@ -406,8 +449,57 @@ class Supervisor:
                 self._start_drain(slot)
         self._learn_names()
         self._relay_notices()
+        if not self.stopping:
+            self._leave_out_unplaced()
+            self._end_a_drained_burst()
         if not self.actors and self.refused:
             raise BadInput(f"no worker could start: {next(iter(self.refused.values()))}")
+
+    # ------------------------------------------------------------ placement, checked
+
+    def _leave_out_unplaced(self) -> None:
+        """A worker Ray cannot place (its node's CPUs or GPUs are held: another run, another user's
+        tasks) would wait forever, and the run with it: said, and left out of the run."""
+        now = time.monotonic()
+        for slot, added in list(self.added_at.items()):
+            if slot in self.started or slot not in self.actors or now - added < self.PLACEMENT_S:
+                continue
+            why = self._why_not_placed(slot, now - added)
+            if why:
+                reason = f"worker {slot.name} left out: {why}"
+                self.say(reason)
+                self.refused[slot] = reason
+                self._drop(slot)
+
+    def _why_not_placed(self, slot: Slot, waited_s: float) -> str | None:
+        """Why the worker of `slot` is not up after `waited_s`, where that is for good; None while
+        it may yet come (placed, its process starting)."""
+        placed, free = _placement_of(self.actors[slot], slot.node_id, "GPU" if slot.use_gpu else "CPU")
+        if placed is False and free is not None and free < slot.gpus:  # a CPU worker's slot.gpus is 1, its CPUs
+            need = f"{slot.gpus} GPU(s)" if slot.use_gpu else "1 CPU"
+            return (f"Ray cannot place it on node {slot.host or slot.node_id} in {waited_s:.0f} s: it needs {need}, "
+                    f"and {free} of its {'GPUs' if slot.use_gpu else 'CPUs'} are free (another run or task holds "
+                    "them)")
+        if waited_s >= self.START_S:
+            return f"it did not start in {waited_s:.0f} s"
+        return None
+
+    def _end_a_drained_burst(self) -> None:
+        """Once every worker that came up has drained the queue, a burst run is over: workers that
+        never came up (not placed yet, still starting) are not waited for. Not while GPUs change
+        hands for a job that needs several (the worker that takes them is new)."""
+        if not self.burst or not self.drained or self.resume_at or self.multi or self.lent:
+            return
+        waiting = set(self.draining.values())
+        if waiting and not waiting & self.started:
+            for slot in waiting:
+                self.say(f"worker {slot.name} never started; the queue is drained without it")
+                self._drop(slot)
+
+    def unstarted_unplaced(self) -> list[Slot]:
+        """The workers that have not come up and that Ray has not placed (nothing to stop there)."""
+        return [slot for slot in list(self.actors) if slot not in self.started
+                and _placement_of(self.actors[slot], slot.node_id, "CPU")[0] is False]
 
     def _replan(self) -> None:
         """Follow the cluster: slots of nodes that left go, slots of nodes that joined come."""
@@ -420,13 +512,13 @@ class Supervisor:
         for slot in list(self.actors):
             parts = self.multi.get(slot, [slot])
             if not all(part in planned for part in parts):
-                self.say(f"worker {slot.name}: its node left the cluster")
+                self.say(f"worker {slot.name}: its node {slot.host} left the cluster")
                 self._give_back_jobs_of(slot, f"worker {slot.name} lost with its node")
                 self._drop(slot)
         if self.burst and not self.draining and not self.resume_at:
             return  # a drained burst run is over; new nodes are not waited for
         for slot in planned - set(self.actors) - set(self.refused) - set(self.lent):
-            self.say(f"worker {slot.name}: a node joined the cluster")
+            self.say(f"worker {slot.name}: a node joined the cluster: {slot.host}")
             self._add(slot)
 
     def _drain_ended(self, slot: Slot, ref) -> None:
@@ -436,7 +528,7 @@ class Supervisor:
         if slot not in self.actors:
             return  # dropped with its node
         if slot.node_id and not self._node_alive(slot.node_id):
-            self.say(f"worker {slot.name}: its node left the cluster")
+            self.say(f"worker {slot.name}: its node {slot.host} left the cluster")
             self._give_back_jobs_of(slot, f"worker {slot.name} lost with its node")
             self._drop(slot)
             return
@@ -445,6 +537,8 @@ class Supervisor:
             self.backoffs[slot].reset()
             if slot in self.lent or slot in self.multi:
                 self._room_changed(slot)
+            else:
+                self.drained.add(slot)
             return
         except RayActorError as exc:
             if slot not in self.started and "creation task" in str(exc):
@@ -464,7 +558,7 @@ class Supervisor:
             # the kernel's reason is not ours to read, so say what it can be.
             self.restarts += 1
             cause = "its process ended unexpectedly (killed, out of host memory, or crashed)"
-            self.say(f"worker {slot.name} died: {cause}; Ray restarts it")
+            self.say(f"worker {slot.name}{f' (node {slot.host})' if slot.host else ''} died: {cause}; Ray restarts it")
             self._give_back_jobs_of(slot, f"worker {slot.name} died while running it: {cause}")
         except Exception as exc:  # noqa: BLE001 -- a bug in the worker's loop: say it, start it again
             self.say(f"worker {slot.name} stopped on an error: {_first_sentence(str(exc))}")
@@ -518,7 +612,7 @@ class Supervisor:
         parts = sorted(by_node[node], key=lambda s: s.name)[:need]
         on_cluster = "@" in parts[0].name
         big = Slot("+".join(p.name.split("@")[0] for p in parts) + (f"@{node[:6]}" if on_cluster else ""),
-                   use_gpu=True, node_id=node, gpus=need)
+                   use_gpu=True, node_id=node, gpus=need, host=parts[0].host)
         self.multi[big] = parts
         self.say(f"job {job_id} needs {need} GPUs: workers {', '.join(p.name for p in parts)} finish their "
                  f"jobs, then make way for {big.name}")
@@ -573,6 +667,7 @@ class Supervisor:
                 del self.identities[slot]
                 try:
                     self.names[slot] = ray.get(ref)["name"]
+                    self.ever_named.add(self.names[slot])
                     self.started.add(slot)
                 except Exception:  # noqa: BLE001 -- it died starting: its drain says why
                     pass
@@ -590,6 +685,10 @@ class Supervisor:
             self.given_back.add(job)
 
         self._settle_jobs_of(name, fail)
+        try:  # its row stops showing it as running at once, not after the 30 s of silence that mean lost
+            queue.worker_stopped(self.db, name)
+        except Exception:  # noqa: BLE001 -- a view: the silence will tell
+            pass
 
     def _settle_jobs_of(self, name: str, settle: Callable[[int], None]) -> None:
         """settle(job) for each running job the worker `name` holds; the table out of reach is said, not
@@ -618,15 +717,38 @@ class Supervisor:
             self.notices[slot] = self.actors[slot].take_notices.remote()
 
     def stop_warm(self) -> None:
-        """Ctrl-C once: workers finish their current layer and give their jobs back."""
+        """Ctrl-C once: workers finish their current layer and give their jobs back. One that Ray has
+        not placed holds nothing: it goes now (it would take the stop only once placed)."""
         self.stopping = True
         self.resume_at.clear()
+        for slot in self.unstarted_unplaced():
+            self._drop(slot)
         for actor in self.actors.values():
             actor.request_stop.remote()
 
-    def stop_cold(self) -> None:
-        """Ctrl-C twice: kill the workers now, then give their jobs back (without counting the attempt,
-        as a warm stop would), so that none waits out its lease and comes back as "lost"."""
+    def last_notices(self, wait_s: float = 2.0) -> None:
+        """Relay what the workers said last: a drain that just ended (the table gone, say) told why
+        in a notice that the run's loop, over with it, would not read."""
+        import ray
+
+        asked = {slot: self.notices.get(slot) or actor.take_notices.remote() for slot, actor in self.actors.items()}
+        self.notices.clear()
+        for _ in range(2):  # the calls made before the drains ended, then one more each
+            if not asked:
+                return
+            ray.wait(list(asked.values()), num_returns=len(asked), timeout=wait_s)
+            for slot, ref in asked.items():
+                try:
+                    for line in ray.get(ref, timeout=0):
+                        self.say(line)
+                except Exception:  # noqa: BLE001 -- gone, or not answering: nothing more to tell
+                    pass
+            asked = {slot: actor.take_notices.remote() for slot, actor in self.actors.items()}
+
+    def stop_cold(self, reason: str = "the runner was stopped (Ctrl-C twice)") -> None:
+        """Ctrl-C twice (or a warm stop past its grace): kill the workers now, then give their jobs back
+        (without counting the attempt, as a warm stop would), so that none waits out its lease and comes
+        back as "lost". `reason`: the release's, in each job's history."""
         import ray
 
         if self.identities:  # a worker that started a moment ago: its name is what its jobs are held by
@@ -635,8 +757,22 @@ class Supervisor:
         for actor in self.actors.values():
             ray.kill(actor, no_restart=True)
         for name in self.names.values():
-            self._settle_jobs_of(name, lambda job, name=name: queue.release_job(
-                self.db, job, name, "the runner was stopped (Ctrl-C twice)"))
+            self._settle_jobs_of(name, lambda job, name=name: queue.release_job(self.db, job, name, reason))
+
+
+def _placement_of(actor, node_id: str | None, resource: str) -> tuple[bool | None, int | None]:
+    """(whether Ray has given the actor a process yet, how much of `resource` its node has free), from
+    Ray's own tables (its state API needs the dashboard, which a run does not start); None for what
+    cannot be known now, or where Ray's internals used here have moved."""
+    try:
+        from ray._private import state
+
+        info = state.actors(actor._actor_id.hex()) or {}
+        placed = bool(info.get("Pid")) or info.get("State") not in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")
+        free = state.available_resources_per_node().get(node_id, {}).get(resource, 0) if node_id else None
+    except Exception:  # noqa: BLE001
+        return None, None
+    return placed, None if free is None else int(free)
 
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -665,26 +801,36 @@ def _first_sentence(text: str) -> str:
 
 def run_queue(db, plan: Callable[[], list[Slot]], burst: bool, lease_s: float = queue.DEFAULT_LEASE_S,
               on_tick: Callable[[], None] | None = None, tick_s: float = 1.0,
-              say: Callable[[str], None] = print, home_token: str | None = None) -> RunSummary:
-    """Drain the queue with one actor per planned slot. Ctrl-C: warm stop (release jobs); twice: cold stop."""
+              say: Callable[[str], None] = print, home_token: str | None = None,
+              grace_s: float = STOP_GRACE_S) -> RunSummary:
+    """Drain the queue with one actor per planned slot. Ctrl-C (or SIGTERM): warm stop (release jobs);
+    twice, or once and `grace_s` later with workers still busy: cold stop (kill them, release jobs)."""
     supervisor = Supervisor(db, plan, burst, lease_s, say, home_token)
     interrupts = 0
+    cold_at = float("inf")
     previous_handler = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as warmly as Ctrl-C
     try:
         while supervisor.busy:
             try:
-                supervisor.wait(tick_s)
+                if time.monotonic() >= cold_at:
+                    say(f"workers did not give their jobs back within {grace_s:g} s: stopping them now")
+                    supervisor.stop_cold(f"the runner was stopped (its workers did not stop within {grace_s:g} s)")
+                    break
+                supervisor.wait(min(tick_s, max(0.0, cold_at - time.monotonic())))
                 if on_tick:
                     on_tick()
             except KeyboardInterrupt:
                 interrupts += 1
                 if interrupts == 1:
+                    cold_at = time.monotonic() + grace_s
                     supervisor.stop_warm()
                 else:
                     supervisor.stop_cold()
                     break
+        if interrupts < 2 and time.monotonic() < cold_at:
+            supervisor.last_notices()
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     return RunSummary(outcomes=supervisor.outcomes, restarts=supervisor.restarts, interrupted=interrupts > 0,
-                      given_back=supervisor.given_back)
+                      given_back=supervisor.given_back, workers=supervisor.ever_named)

@@ -8,7 +8,9 @@ A stop lets the job in hand reach its next layer, then releases it.
 A worker never stops because of an error outside a job's own code: a job's failure is recorded
 by `workers.jobs.execute`, and anything else that goes wrong in one round of the loop (the
 database out of reach, its disk full, a bug) makes the worker say so, wait (1 s, doubling up to
-30 s) and try again. What it says reaches the runner's output through `take_notices`.
+30 s) and try again. What it says reaches the runner's output through `take_notices`. The one
+exception is a job table that is no longer the one it opened (deleted, replaced, corrupt:
+`TableWatch`): what it would record there would be in no table anyone reads, so it stops.
 """
 
 from __future__ import annotations
@@ -16,18 +18,31 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
 import time
+from datetime import timedelta
+from pathlib import Path
 
 from qrun.db import queue
 from qrun.db.errors import BadInput, JobLost
-from qrun.db.session import GROUP_UMASK, artifacts_root, open_database, pin_qrun_home, qrun_home
-from qrun.db.states import Kind
+from qrun.db.session import (
+    GROUP_UMASK,
+    artifacts_root,
+    is_corrupt_db_error,
+    logs_root,
+    masked_url,
+    open_database,
+    pin_qrun_home,
+    qrun_home,
+    table_id,
+)
+from qrun.db.states import Kind, Status
 from qrun.workers import artifacts
 from qrun.workers.artifacts import runner_marker
-from qrun.workers.jobs import Backoff, JobContext, describe_error, execute
+from qrun.workers.jobs import LOST, Backoff, JobContext, describe_error, execute
 
 log = logging.getLogger("qrun.worker")
 
@@ -36,6 +51,11 @@ FAKE_GPUS_ENV = "QRUN_FAKE_GPUS"  # tests: Ray's GPUs are declared, not real; jo
 WORKER_REPORT_S = 10.0  # an idle worker's heartbeat in its row; `qrun workers` calls it lost after 3 missed
 DRAINED = "drained"  # what a round of the loop returns when a burst worker has nothing left
 IDLE = "idle"
+# An attempt's outcome when the job ended but the table it was recorded in is no longer the job table.
+NOT_RECORDED = "not recorded"
+LIVE_WORKER_S = 3 * WORKER_REPORT_S  # a worker that reported within this is up (`qrun workers`' "lost" after)
+UNREADABLE = re.compile(r"node (\S+) cannot read ")  # the release of a job whose model a node cannot read
+LEASE_LOST = re.compile(r"worker (\S+) lost \(lease expired\) on attempt (\d+)/")
 
 
 def describe_worker(slot: str) -> str:
@@ -51,6 +71,80 @@ def check_sees_runners_home(token: str) -> None:
             f"node {socket.gethostname()} does not see the runner's QRUN_HOME {qrun_home()} (no {marker.name} "
             "there): mount the shared QRUN_HOME at the same path on every node"
         )
+
+
+class TableWatch:
+    """Whether the job table this process opened is still the one at its path or URL.
+
+    A SQLite file deleted or replaced under a running process goes on serving it from the file it
+    opened: what it records then is in no table anyone else reads (a restored backup, a new file, or
+    nothing). So the file is known by its device and inode, and every table by the id it keeps in
+    qrun_meta (a Postgres database dropped and made again has another)."""
+
+    def __init__(self, db):
+        self.db = db
+        self.file = Path(db.engine.url.database) if db.is_sqlite else None
+        self.inode = self._inode()
+        self.table_id = table_id(db)
+
+    @property
+    def where(self) -> str:
+        return str(self.file) if self.file is not None else masked_url(self.db.url)
+
+    def _inode(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self.file) if self.file is not None else None
+        except FileNotFoundError:
+            return None
+        return (found.st_dev, found.st_ino) if found else None
+
+    def problem(self, error: BaseException | None = None) -> str | None:
+        """None while the table is the one opened (or out of reach for now: that passes, and workers
+        wait it out); else one line saying what became of it, and the way back. `error`: one the
+        caller met, which may itself be the news (SQLite found the file damaged)."""
+        if is_corrupt_db_error(error):
+            return self._corrupt(error)
+        if self.file is not None:
+            inode = self._inode()
+            if inode is None:
+                return self._said("was deleted since it was opened: restore it from a backup, or start qrun run "
+                                  "again on a new one")
+            if inode != self.inode:
+                return self._said("was replaced by another file since it was opened: start qrun run again to "
+                                  "work on the table there now")
+        try:
+            now = table_id(self.db)
+        except Exception as exc:  # noqa: BLE001 -- out of reach is not gone; damaged is
+            return self._corrupt(exc) if is_corrupt_db_error(exc) else None
+        if now == self.table_id:
+            return None
+        return self._said("is another job table than the one opened (made again, or another restored): start "
+                          "qrun run again to work on it")
+
+    def _corrupt(self, error: BaseException) -> str:
+        return self._said(f"is corrupt ({_database_words(error)}): restore it from a backup (`qrun doctor` checks "
+                          "a table)")
+
+    def _said(self, what: str) -> str:
+        return f"the job table {self.where} {what}"
+
+
+def _readable_dir(path: Path) -> bool:
+    """A directory this process can list and that holds something (a mount point whose file system is
+    not mounted on this node is an empty directory)."""
+    try:
+        return path.is_dir() and os.access(path, os.R_OK | os.X_OK) and any(path.iterdir())
+    except OSError:
+        return False
+
+
+def _database_words(error: BaseException) -> str:
+    """The database's own words behind `error` (SQLite's "database disk image is malformed")."""
+    seen = error
+    while seen is not None and getattr(seen, "orig", None) is None:
+        seen = seen.__cause__
+    said = str(getattr(seen, "orig", None) or error).strip()
+    return said.splitlines()[0] if said else type(error).__name__
 
 
 class QueueWorker:
@@ -83,6 +177,9 @@ class QueueWorker:
         self.gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if use_gpu else None
         self.name = describe_worker(slot)
         self.db = open_database(db_url)
+        self._table = TableWatch(self.db)
+        self._skip: set[int] = set()  # jobs left for workers of other nodes (this one cannot read their model)
+        self._job_in_hand: int | None = None
         self._last_report = 0.0
         self._activity_shown = False  # the row says what it prepares (_reporter_while_waiting)
         self._report(queue.register_worker, self.name, socket.gethostname(), slot, self.device, self.gpu)
@@ -90,6 +187,9 @@ class QueueWorker:
     def _bootstrap(self) -> str:
         """Pin the device. Imports torch only now, after Ray set CUDA_VISIBLE_DEVICES for this process."""
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+        from qrun.workers.warmup import KERNELS_ENV, kernels_dir
+
+        os.environ.setdefault(KERNELS_ENV, str(kernels_dir()))  # this machine's one cache, for every user
         os.umask(GROUP_UMASK)  # artifacts and logs are shared with the group, like the queue
         if not self.use_gpu:
             return "cpu"
@@ -226,6 +326,7 @@ class QueueWorker:
                 continue
 
     def run_one(self, job) -> str:
+        self._take_over_log(job)
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, done), daemon=True)
         beat.start()
@@ -265,12 +366,17 @@ class QueueWorker:
         passable = frozenset(self._passable) if self._lendable and not only_multi_gpu else None
         job = queue.claim_job(self.db, self.name, self.gpu, self.lease_s, gpus=self.gpus,
                               only_multi_gpu=only_multi_gpu, passable=passable,
-                              compute_capability=self.compute_capability)
+                              compute_capability=self.compute_capability, skip=self._skip)
         if job is not None:
+            unreadable = self._unreadable_model_dir(job)
+            if unreadable is not None:
+                return job.id, self._leave_for_another_node(job, *unreadable)
             if job.id != waited_for and self._may_build():
                 self._wait_for_kernels(job)
             self._report(queue.worker_heartbeat, self.name, job=job.id)
+            self._job_in_hand = job.id
             outcome = self.run_one(job)
+            self._job_in_hand = None
             self._report(queue.worker_heartbeat, self.name, job=None, finished_one=True)
             return job.id, outcome
         if self._activity_shown or time.monotonic() - self._last_report >= WORKER_REPORT_S:
@@ -278,7 +384,8 @@ class QueueWorker:
         self._remove_staging_of_finished_jobs()
         # A GPU worker may yet be merged into one for jobs that need several GPUs; a CPU worker never,
         # and it never takes a job whose method needs a GPU: its drain ends when only such are left.
-        if only_multi_gpu or (burst and queue.pending_count(self.db, cpu_worker=not self.use_gpu) == 0):
+        if only_multi_gpu or (burst and queue.pending_count(self.db, cpu_worker=not self.use_gpu,
+                                                            skip=self._skip) == 0):
             return DRAINED  # a worker of several GPUs lives only while such jobs are ready
         return IDLE
 
@@ -291,9 +398,15 @@ class QueueWorker:
         ran = []
         backoff = Backoff()
         while not self._stop.is_set():
+            gone = self._table.problem()
+            if gone:
+                self.notice(f"{gone}; this worker takes no more jobs")
+                break
             try:
                 result = self._one_round(burst, only_multi_gpu)
             except Exception as exc:  # noqa: BLE001 -- outside any job: say so, wait, try again
+                if self._table_lost_on(exc):
+                    break
                 wait_s = backoff.next_wait()
                 if backoff.failures == 1:
                     log.exception("round of the worker loop failed")
@@ -308,7 +421,119 @@ class QueueWorker:
             if result == IDLE:
                 # Jobs are waiting on upstream jobs or on a lost worker's lease: look again shortly.
                 self._stop.wait(IDLE_POLL_S)
-            else:
-                ran.append(result)
+                continue
+            job_id, outcome = result
+            gone = self._table.problem()
+            if gone and outcome != LOST:  # recorded in a file that is no longer the job table
+                self.notice(f"job {job_id} ended ({outcome}) but {gone}; its outcome is in no job table (its "
+                            "output and log stay under QRUN_HOME); this worker takes no more jobs")
+                ran.append((job_id, NOT_RECORDED))
+                break
+            ran.append(result)
         self._report(queue.worker_stopped, self.name)
         return ran
+
+    def _table_lost_on(self, error: BaseException) -> bool:
+        """Whether `error` came of a job table that is no longer the one opened (then said: the
+        worker stops); a job in hand whose outcome could not be recorded is named, with where its
+        output stays."""
+        gone = self._table.problem(error)
+        if not gone:
+            return False
+        job_id, self._job_in_hand = self._job_in_hand, None
+        if job_id is not None:
+            self.notice(f"job {job_id} ran but its outcome could not be recorded: {gone}; its output and log "
+                        "stay under QRUN_HOME; this worker takes no more jobs")
+        else:
+            self.notice(f"{gone}; this worker takes no more jobs")
+        return True
+
+    # ------------------------------------------------------------ a model this node cannot read
+
+    def _unreadable_model_dir(self, job) -> tuple[Path, str | None, int | None] | None:
+        """(the directory, the node that wrote it, the job that did) where this node cannot read the
+        directory the job reads (a file system one node mounts, a model copied to one node only);
+        None where it can, or where the job itself must say what is wrong: an artifact written on
+        this very node and gone since, a job with no model artifact, a model that is no path."""
+        from qrun.workers.params import EvalParams
+
+        if job.kind == Kind.EVAL.value and EvalParams.from_dict(job.params).from_upstream:
+            records = queue.artifacts_of(self.db, [job.depends_on]).get(job.depends_on, [])
+            model = next((a for a in records if a.kind == "model"), None)
+            if model is None or not model.node or model.node == socket.gethostname():
+                return None
+            path, node, upstream = Path(model.path), model.node, job.depends_on
+        elif Path(job.model).is_absolute():
+            path, node, upstream = Path(job.model), None, None
+        else:
+            return None
+        return None if _readable_dir(path) else (path, node, upstream)
+
+    def _leave_for_another_node(self, job, path: Path, node: str | None, upstream: int | None) -> str:
+        """Give the job back for a worker of another node, not counting the attempt, while a live
+        worker's node has not tried it yet; where none is left, fail it once, naming the nodes
+        tried, the node that wrote the model, and the fix. Returns the status the job is in."""
+        here = socket.gethostname()
+        tried = self._nodes_that_could_not_read(job.id) | {here}
+        whose = f" (the model of job {upstream}, written on node {node})" if upstream is not None else ""
+        if self._live_nodes() - tried:
+            queue.release_job(self.db, job.id, self.name, f"node {here} cannot read {path}: left for a worker "
+                                                          "on another node")
+            self._skip.add(job.id)
+            self.notice(f"job {job.id}: this node ({here}) cannot read {path}{whose}: left for a worker on another "
+                        "node")
+            return Status.QUEUED.value
+        fix = (f"put QRUN_HOME on storage that every node mounts at the same path, or run qrun on node {node}"
+               if node else "put the model on storage that every node mounts at the same path, or run qrun on "
+                            "the node that has it")
+        return queue.fail_job(self.db, job.id, self.name,
+                              f"{path}{whose} cannot be read on node {', '.join(sorted(tried))}, and no other node "
+                              f"has a live worker: {fix}").value
+
+    def _nodes_that_could_not_read(self, job_id: int) -> set[str]:
+        """The nodes that gave this job back for want of its model since it was last submitted or retried."""
+        nodes: set[str] = set()
+        for event in queue.events_of(self.db, job_id):
+            if event.transition == "retry":
+                nodes.clear()
+            found = UNREADABLE.match(event.detail or "") if event.transition == "release" else None
+            if found:
+                nodes.add(found[1])
+        return nodes
+
+    def _live_nodes(self) -> set[str]:
+        since = queue.utcnow() - timedelta(seconds=LIVE_WORKER_S)
+        return {w.node for w in queue.list_workers(self.db, since) if w.stopped_at is None}
+
+    # ------------------------------------------------------------ a lease taken over
+
+    def _take_over_log(self, job) -> None:
+        """Where the job's last attempt ended by its worker's lease running out, that worker may be
+        alive (stopped, cut off from the table) and write to the job's log when it wakes, in the
+        middle of this attempt's lines. Its log so far moves into the job's directory, where the
+        old worker's lines then land, and a copy of it starts this attempt's log, which says who
+        took over from whom. A log that cannot be moved is left as it is: the job runs regardless."""
+        lost = self._lost_attempt(job.id)
+        log_path = logs_root() / f"job-{job.id}.log"
+        if lost is None or not log_path.is_file():
+            return
+        old_worker, attempt = lost
+        aside = logs_root() / f"job-{job.id}.d" / f"attempt-{attempt}.log"
+        try:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(log_path, aside)
+            earlier = aside.read_bytes()
+            with log_path.open("xb") as log_file:
+                log_file.write(earlier if earlier.endswith(b"\n") or not earlier else earlier + b"\n")
+                log_file.write(f"=== worker {old_worker} lost its lease on attempt {attempt}; {self.name} takes "
+                               f"over. Anything {old_worker} still writes goes to {aside}\n".encode())
+        except OSError:
+            log.warning("job %s: could not set the lost attempt's log aside", job.id, exc_info=True)
+
+    def _lost_attempt(self, job_id: int) -> tuple[str, str] | None:
+        """(the worker, its attempt) where the job's attempt before this one ended by a lease running out."""
+        events = queue.events_of(self.db, job_id)
+        before = events[-2] if len(events) >= 2 and events[-1].transition == "claim" else None
+        found = LEASE_LOST.match(before.detail or "") if before is not None and before.transition == "release" \
+            else None
+        return (found[1], found[2]) if found else None

@@ -13,12 +13,31 @@ import pytest
 import helpers
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+# pytest-xdist's workers get COLUMNS=80 and LINES=24: qrun's tables would take them for a terminal's.
+# A test that wants a width sets COLUMNS itself.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One kernel cache for the whole session (qrun's default is one per QRUN_HOME, which is one per test here):
+# GPTQModel's CPU kernels are built once, not in every test that runs a job.
+os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gptqmodel" / "torch_extensions"))
+
+
+# `make test` runs the files in parallel (pytest-xdist, one file per process at a time): the slowest
+# start first so that none of them is left running alone at the end. Seconds each, serial, 2 cores.
+SLOWEST_FIRST = ("test_cluster.py", "test_reliability_faults.py", "test_reliability_load.py",
+                 "test_end_to_end.py", "test_demo.py", "test_runner.py", "test_quantize_corners.py",
+                 "test_compare.py", "test_method_sweeps.py", "test_methods.py")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "postgres: runs against a real PostgreSQL server (the [postgres] cases)")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
 @pytest.fixture

@@ -394,7 +394,7 @@ def test_qrun_home_that_cannot_be_created(tmp_path, monkeypatch):
     """As root, a missing permission stops nothing; a file in the way of the directory does."""
     blocker = write(tmp_path / "a-file", "")
     monkeypatch.setenv("QRUN_HOME", str(blocker / "qrun"))
-    line = assert_refused(invoke("status"), "QRUN_HOME", str(blocker / "qrun"), "set QRUN_HOME")
+    line = assert_refused(invoke("cap-priority", "root", "3"), "QRUN_HOME", str(blocker / "qrun"), "set QRUN_HOME")
     assert "Not a directory" in line
 
 
@@ -444,7 +444,7 @@ def test_unwritable_qrun_home(tmp_path):
         os.chown(home, 65534, 65534)
     else:
         home = Path("/") / f"qrun-home-{os.getpid()}"  # root's directory, closed to an ordinary user
-    result = qrun_limited("status", env={"QRUN_HOME": str(home), "QRUN_DB": ""})
+    result = qrun_limited("cap-priority", "root", "3", env={"QRUN_HOME": str(home), "QRUN_DB": ""})  # (makes a table)
     line = assert_script_refused(result, f"QRUN_HOME {home}", "set QRUN_HOME")
     assert "Permission denied" in line
     assert not home.exists() or list(home.iterdir()) == []
@@ -530,6 +530,54 @@ def artifact_case(quantize_config: bytes, *names: str):
     return build
 
 
+def qwen2_weights(model: Path, *, layers: int | None = None, vocab: int | None = None) -> bytes:
+    """A safetensors file whose header names tensors as a Qwen2 checkpoint does: the embedding
+    [vocab, hidden] and one tensor per decoder layer; by default as many as model's config.json says."""
+    config = json.loads((model / "config.json").read_text())
+    vocab = config["vocab_size"] if vocab is None else vocab
+    header = {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [vocab, config["hidden_size"]],
+                                            "data_offsets": [0, 4]}}
+    for i in range(config["num_hidden_layers"] if layers is None else layers):
+        header[f"model.layers.{i}.input_layernorm.weight"] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    return safetensors_bytes(header)
+
+
+def shape_case(config: dict, *names: str):
+    """Submit a model with Qwen2-named weights whose config.json asks for another shape than they have."""
+    def build(model: Path, tmp_path: Path):
+        out = broken_model(model, "m", files={"model.safetensors": qwen2_weights(model)}, config=config)
+        return [*SUBMIT, "--model", str(out)], [str(out / "config.json"), *names]
+    return build
+
+
+def link_case(name: str, target: str, *names: str, command=SUBMIT):
+    """A model directory in which `name` is a symbolic link to `target` (a loop, or nothing)."""
+    def build(model: Path, tmp_path: Path):
+        out = broken_model(model, "m")
+        (out / name).unlink(missing_ok=True)
+        (out / name).symlink_to(target)
+        data = tmp_path / "good.jsonl"
+        data.write_text(rows(GOOD_ROW))
+        extra = ["--data", str(data)] if command == EVAL else []
+        return [*command, "--model", str(out), *extra], [f"{out}: {name}", *names]
+    return build
+
+
+def two_link_loop(model: Path, tmp_path: Path):
+    """model.safetensors -> shard.safetensors -> model.safetensors."""
+    out = broken_model(model, "m")
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").symlink_to("shard.safetensors")
+    (out / "shard.safetensors").symlink_to("model.safetensors")
+    return [*SUBMIT, "--model", str(out)], [f"{out}: model.safetensors", "symlink loop"]
+
+
+def looping_model_dir(model: Path, tmp_path: Path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    return [*SUBMIT, "--model", str(loop)], [f"model directory {loop}", "symlink loop"]
+
+
 def shard_case(index: bytes, *names: str):
     def build(model: Path, tmp_path: Path):
         out = broken_model(model, "m", files={"model.safetensors.index.json": index})
@@ -540,6 +588,7 @@ def shard_case(index: bytes, *names: str):
 EVAL = ("eval",)
 DEEP = b"[" * 100_000 + b"]" * 100_000  # nested past the JSON parser's recursion limit
 LABELED = {"input": "发言人1: 您好，请告诉我验证码。", "label": True}
+HUGE_LINE = "发言人1: 喂？" + "a" * 10_000_000  # one 10 MB dialog: the tiny model reads 512 tokens
 MALFORMED = {
     # config.json: the wrong shape
     "config-a-list": config_case(raw=b"[1, 2]", names=("must be a JSON object", "found a list")),
@@ -562,6 +611,29 @@ MALFORMED = {
     "hidden-missing": config_case(raw=json.dumps({"architectures": ["Qwen2ForCausalLM"],
                                                   "num_hidden_layers": 2}).encode(), names=("no hidden_size",)),
     "text-config-a-list": config_case({"text_config": [1]}, names=("'text_config'", "found a list")),
+    "context-a-fraction": config_case({"max_position_embeddings": 512.5}, names=("max_position_embeddings",)),
+    # config.json against the weights' header: layers and the embedding's rows
+    "layers-a-billion": shape_case({"num_hidden_layers": 10**9}, "num_hidden_layers is 1000000000",
+                                   "hold 2 decoder layers"),
+    "layers-more-than-the-weights": shape_case({"num_hidden_layers": 3}, "num_hidden_layers is 3",
+                                               "layers 0 to 1", "fix num_hidden_layers"),
+    "vocab-not-the-embedding-rows": lambda model, tmp: shape_case(
+        {"vocab_size": json.loads((model / "config.json").read_text())["vocab_size"] + 1},
+        "vocab_size is", "model.embed_tokens.weight", "rows")(model, tmp),
+    # symbolic links that lead nowhere, named as such
+    "weights-a-symlink-loop": link_case("model.safetensors", "model.safetensors", "symlink loop"),
+    "config-a-symlink-loop": link_case("config.json", "config.json", "symlink loop"),
+    "weights-a-two-link-loop": two_link_loop,
+    "weights-link-to-nothing": link_case("model.safetensors", "/nonexistent/blob", "/nonexistent/blob",
+                                         "does not exist"),
+    "eval-of-a-symlink-loop": link_case("model.safetensors", "model.safetensors", "symlink loop", command=EVAL),
+    "model-dir-a-symlink-loop": looping_model_dir,
+    # tokenizer files transformers reads as JSON objects
+    "tokenizer-json-not-json": weights_case(b'{"version": "1.0", "model": ', "not valid JSON",
+                                            file_name="tokenizer.json"),
+    "tokenizer-config-a-list": weights_case(b"[1, 2]", "must be a JSON object", "found a list",
+                                            file_name="tokenizer_config.json"),
+    "tokenizer-config-cut-off": weights_case(b'{"eos_token": ', "not valid JSON", file_name="tokenizer_config.json"),
     # config.json: architectures
     "architectures-a-string": config_case({"architectures": "Qwen2ForCausalLM"},
                                           names=("'architectures' must be a list", '["Qwen2ForCausalLM"]')),
@@ -602,6 +674,15 @@ MALFORMED = {
     "damp-nan": options_case("--damp", "nan", names=("--damp nan", "between 0 and 1")),
     "eval-batch-size-negative": options_case("--eval", "{good}", "--eval-batch-size", "-1",
                                              names=("--eval-batch-size -1", "positive")),
+    # options that no method of the sweep takes: refused, every one alike
+    "gguf-batch-size": options_case("--method", "gguf", "--bits", "4", "--batch-size", "8", command=("submit",),
+                                    names=("--batch-size does not apply to --method gguf", "no calibration data")),
+    "gguf-calib-samples": options_case("--method", "gguf", "--bits", "4", "--calib-samples", "64", command=("submit",),
+                                       names=("--calib-samples does not apply to --method gguf",)),
+    "fp8-calib-max-len": options_case("--method", "fp8", "--calib-max-len", "512", command=("submit",),
+                                      names=("--calib-max-len does not apply to --method fp8",)),
+    "bnb-and-fp8-batch-size": options_case("--method", "bnb-nf4", "--method", "fp8", "--batch-size", "4",
+                                           command=("submit",), names=("--batch-size", "--method bnb-nf4, fp8")),
     # eval files: not text
     "eval-binary-garbage": data_case("--eval", bytes(range(256)) * 4, "not UTF-8"),
     "eval-latin1": data_case("--eval", '{"input": "café", "label": true}\n'.encode("latin-1"), "not UTF-8"),
@@ -629,6 +710,13 @@ MALFORMED = {
     "eval-output-a-number": data_case("--eval", rows({"input": "x", "output": 5}), ":1:", "'output' must be a string"),
     "eval-output-unparseable": data_case("--eval", rows({"input": "x", "output": "maybe"}), ":1:", "no label"),
     "eval-plain-text": data_case("--eval", "a paragraph\n\nanother\n", ":1:", "no label", suffix=".txt"),
+    # samples far longer than the model's context (max_position_embeddings)
+    "eval-sample-of-10-mb": data_case("--eval", rows(LABELED, {"input": HUGE_LINE, "label": True}), ":2:",
+                                      "a sample of 10,000,", "context of 512 tokens", "shorten"),
+    "eval-command-sample-of-10-mb": data_case("--data", rows({"input": HUGE_LINE, "label": False}), ":1:",
+                                              "max_position_embeddings", command=EVAL),
+    "calib-sample-past-the-context": data_case("--calib", rows(*[LABELED] * 4, {"text": "x" * 20_000}), ":5:",
+                                               "20,000 characters", "calibration file"),
     # eval files: chat rows of the wrong shape
     "eval-messages-a-string": data_case("--eval", rows({"messages": "hi"}), ":1:", "'messages' must be a list"),
     "eval-messages-empty": data_case("--eval", rows({"messages": []}), ":1:", "'messages' must be a list"),
@@ -674,6 +762,17 @@ def test_every_malformed_case_starts_from_input_that_is_accepted(table, model, f
     accepted = invoke(*SUBMIT, "--model", str(sharded), "--dry-run")
     assert accepted.exit_code == 0, accepted.output
     artifact = broken_model(model, "artifact", files={"quantize_config.json": b'{"bits": 4, "group_size": 128}'})
+    named = broken_model(model, "qwen2-named", files={"model.safetensors": qwen2_weights(model)})
+    accepted = invoke(*SUBMIT, "--model", str(named), "--dry-run")
+    assert accepted.exit_code == 0, accepted.output  # layers and vocabulary as config.json says
+    long_row = rows({"input": "x" * 16_000, "label": True})  # over the 512-token context, within 8 times it
+    for option in ("--eval", "--calib"):
+        accepted = invoke(*SUBMIT, "--model", str(model), option, str(write(tmp_path / "long.jsonl", long_row * 4)),
+                          "--dry-run")
+        assert accepted.exit_code == 0, accepted.output
+    accepted = invoke("submit", "--model", str(model), "--method", "gptq", "--method", "fp8", "--bits", "4",
+                      "--batch-size", "8", "--calib-samples", "64", "--dry-run")
+    assert accepted.exit_code == 0, accepted.output  # GPTQ takes them: fp8 goes without
     for source in (model, artifact):
         accepted = invoke(*EVAL, "--model", str(source), "--data", good, "--ppl", good, "--priority", str(2**63 - 1))
         assert accepted.exit_code == 0, accepted.output

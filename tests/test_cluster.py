@@ -15,8 +15,10 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -124,12 +126,19 @@ def node_of(job: dict) -> str:
 
 
 def test_jobs_spread_over_the_nodes_of_a_cluster(cluster, postgres_url, tiny_qwen2, qrun_home, tmp_path):
+    """--cpu-workers 2 on two nodes of one CPU each: one worker per node, said per node (Ray could
+    never place a second one there, and the run would wait for it forever after the last job)."""
     env = qrun_env(postgres_url, qrun_home)
     ids = submit(env, "--model", str(tiny_qwen2), "--group-size", "32",
                  *[a for b in ("2", "3", "4", "8") for a in ("--bits", b)])
-    result = run_qrun("run", "--until-empty", "--ray-address", cluster.address, env=env, timeout=400)
+    result = run_qrun("run", "--until-empty", "--cpu-workers", "2", "--ray-address", cluster.address, env=env,
+                      timeout=400)
     assert result.returncode == 0, result.stderr
-    assert "2 worker(s)" in result.stderr  # one per node: none given by --cpu-workers
+    assert "2 worker(s)" in result.stderr  # one per node: each has one CPU
+    host = socket.gethostname()  # both nodes' (one machine): messages add each node's id
+    for node in cluster.nodes():
+        assert (f"qrun: --cpu-workers 2: node {host} ({node['NodeID'][:6]}) has 1 CPU(s): 1 worker(s) there"
+                in result.stderr), result.stderr
     done = jobs(env)
     assert {done[i]["status"] for i in ids} == {"succeeded"}
     assert len({node_of(done[i]) for i in ids}) == 2, [done[i]["worker"] for i in ids]
@@ -163,8 +172,9 @@ def test_losing_a_node_loses_no_job_and_a_node_that_comes_back_is_used(cluster, 
         assert node_of(lost) == head["NodeID"][:6]  # finished once, on the other node
         history = run_qrun("logs", str(on_second["id"]), env=env, check=True).stdout
         assert history.count("succeed:") == 1
-        wait_for(lambda: {w["slot"]: w["state"] for w in json.loads(run_qrun("workers", "--json", env=env).stdout)}
-                 .get(on_second["worker"].split(":")[2]) == "lost", 60, "qrun workers to show the lost worker")
+        # The runner took the dead node's worker off at once: shown stopped (silence would say "lost" after 30 s).
+        assert {w["slot"]: w["state"] for w in json.loads(run_qrun("workers", "--json", env=env).stdout)} \
+            .get(on_second["worker"].split(":")[2]) == "stopped"
         assert runner.poll() is None, log.read_text()  # still serving
 
         cluster.add_node()  # the node comes back (a new raylet, a new node id)
@@ -183,7 +193,8 @@ def test_losing_a_node_loses_no_job_and_a_node_that_comes_back_is_used(cluster, 
             os.kill(runner.pid, signal.SIGTERM)
             runner.wait(timeout=120)
     output = log.read_text()
-    assert "its node left the cluster" in output or "died" in output, output
+    named = f"{socket.gethostname()} ({second['NodeID'][:6]})"  # the host name both nodes share, and the id
+    assert f"its node {named} left the cluster" in output or f"(node {named}) died" in output, output
 
 
 def test_sqlite_is_refused_on_a_cluster(cluster, qrun_home):
@@ -279,5 +290,33 @@ def test_qrun_run_starts_its_own_ray_beside_another_on_the_box(tmp_path, qrun_ho
         assert result.returncode == 0, result.stderr
         assert jobs({"QRUN_HOME": str(qrun_home)})[job]["status"] == "succeeded"
         assert len(other.nodes()) == 1  # the other Ray is still there, untouched
+
+        # That cluster's one CPU taken by someone else's actor: a worker Ray cannot place is said and left
+        # out (not waited for forever), and with none left the run refuses in one line.
+        hold_the_cpu(other)
+        (queued,) = json.loads(run_qrun("submit", "--model", str(tiny_qwen2), "--bits", "8", "--group-size", "32",
+                                        "--json", check=True).stdout)
+        refused = run_qrun("run", "--until-empty", "--ray-address", other.address, env=RAY_ENV, timeout=300)
+        assert refused.returncode == 2, refused.stderr
+        assert "left out: Ray cannot place it on node" in refused.stderr, refused.stderr
+        assert "it needs 1 CPU, and 0 of its CPUs are free" in refused.stderr
+        assert refused.stderr.strip().splitlines()[-1].startswith("Error: no worker could start: worker cpu0@")
+        assert jobs({"QRUN_HOME": str(qrun_home)})[queued]["status"] == "queued"
     finally:
         other.stop()
+
+
+def hold_the_cpu(cluster: RayCluster) -> None:
+    """A detached actor of another driver that reserves the cluster's one CPU (it outlives the driver)."""
+    code = textwrap.dedent(f"""
+        import ray
+        ray.init(address={cluster.address!r}, log_to_driver=False, logging_level="error")
+
+        @ray.remote(num_cpus=1)
+        class Holder:
+            def ready(self):
+                return True
+
+        ray.get(Holder.options(name="qrun-test-holder", lifetime="detached").remote().ready.remote())
+    """)
+    subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, timeout=120, check=True)

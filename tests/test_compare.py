@@ -15,7 +15,7 @@ from qrun.plotting import plot_points
 from qrun.cli.main import cli
 from qrun.db import queue
 from qrun.db.states import Kind
-from helpers import QRUN, run_qrun, submit_and_claim, without_dac, write_labeled, write_predictions
+from helpers import QRUN, invoke_main, run_qrun, submit_and_claim, without_dac, write_labeled, write_predictions
 
 T, F = True, False
 
@@ -74,7 +74,7 @@ def sweep(db, tmp_path, source):
     failed = submit_and_claim(db, _eval(source, data, "w3g128", q3))
     queue.fail_job(db, failed, "w", "boom")
     ids["other_job"] = _finish(db, tmp_path, _eval(source, other, "baseline"), _scores(0.5, 0.5, 0.5, 3e6))
-    return ids | {"data": data, "other": other, "q4": q4}
+    return ids | {"data": data, "other": other, "q4": q4, "failed": failed}
 
 
 def test_rows_baseline_first_then_by_size_then_bits_newest_wins(db, sweep, source, tmp_path):
@@ -89,9 +89,12 @@ def test_rows_baseline_first_then_by_size_then_bits_newest_wins(db, sweep, sourc
         "baseline", "w2g128", "w8g128", "w4g128", "w3g128"]
 
     rows = comparison_rows(db, data=str(sweep["data"]))
-    assert [(r["variant"], r["bits"], r["job_id"]) for r in rows] == [
-        ("baseline", 16, sweep["baseline"]), ("w8g128", 8, sweep["w8"]), ("w4g128", 4, sweep["w4"])]
-    base, w8, w4 = rows
+    assert [(r["variant"], r["bits"], r["job_id"], r["evaluated"]) for r in rows] == [
+        ("baseline", 16, sweep["baseline"], True), ("w8g128", 8, sweep["w8"], True), ("w4g128", 4, sweep["w4"], True),
+        ("w3g128", 3, sweep["failed"], False)]  # the failed eval: last, with no numbers
+    base, w8, w4, w3 = rows
+    assert (w3["eval_status"], w3["missing_reason"], w3["precision"], w3["size_pct"]) == (
+        "failed", "eval failed: boom", None, None)
     assert all(base[f"{m}_delta"] == 0 for m in ("precision", "recall", "f1", "accuracy", "invalid", "auc",
                                                   "perplexity"))
     assert (base["size_pct"], base["agreement"], base["flips_fraud_to_not"], base["quantize_s"]) == (100, 1, 0, None)
@@ -113,11 +116,11 @@ def test_rows_are_grouped_by_data_and_mode_and_filtered(db, sweep, source, tmp_p
                        _scores(0.4, 0.4, 0.4, 1e6))
     rows = comparison_rows(db)
     assert [(r["data"], r["mode"]) for r in rows] == (
-        [(str(sweep["data"]), "generate")] + [(str(sweep["data"]), "score")] * 3 + [(str(sweep["other"]), "score")])
+        [(str(sweep["data"]), "generate")] + [(str(sweep["data"]), "score")] * 4 + [(str(sweep["other"]), "score")])
     assert rows[0]["job_id"] == generate and rows[0]["precision_delta"] is None  # no generate baseline
     assert comparison_rows(db, data="other.jsonl")[0]["job_id"] == sweep["other_job"]
-    assert len(comparison_rows(db, model=str(source))) == 5
-    assert len(comparison_rows(db, model="my-model")) == 5
+    assert len(comparison_rows(db, model=str(source))) == 6
+    assert len(comparison_rows(db, model="my-model")) == 6
     assert comparison_rows(db, model="/no/such/model") == []
 
 
@@ -137,16 +140,20 @@ def _compare(*args):
 def test_every_format_carries_the_same_rows(db, sweep):
     data = ["--data", str(sweep["data"])]
     rows = json.loads(_compare(*data, "--format", "json").stdout)
-    assert [r["variant"] for r in rows] == ["baseline", "w8g128", "w4g128"]
+    assert [(r["variant"], r["evaluated"]) for r in rows] == [
+        ("baseline", True), ("w8g128", True), ("w4g128", True), ("w3g128", False)]
     assert rows == json.loads(json.dumps(comparison_rows(db, data=str(sweep["data"]))))
 
     table = _compare(*data).stdout
     assert "w4g128" in table and "0.500 (-0.300)" in table and "33.3" in table
+    assert table.splitlines()[-3:] == ["", "missing from this table:", "  w3g128: eval failed: boom"]
     markdown = _compare(*data, "--format", "markdown").stdout.splitlines()
     assert markdown[0].startswith("### ") and markdown[2].startswith("| variant | bits |")
-    assert markdown[6].startswith("| w4g128 | 4 |") and len(markdown) == 7
+    assert markdown[6].startswith("| w4g128 | 4 |") and markdown[7:] == [
+        "", "Missing from this table:", "", "- w3g128: eval failed: boom"]
     table_csv = list(csv.DictReader(io.StringIO(_compare(*data, "--format", "csv").stdout)))
-    assert [r["variant"] for r in table_csv] == ["baseline", "w8g128", "w4g128"]
+    assert [(r["variant"], r["evaluated"]) for r in table_csv] == [
+        ("baseline", "True"), ("w8g128", "True"), ("w4g128", "True"), ("w3g128", "False")]
     assert float(table_csv[2]["precision_delta"]) == pytest.approx(-0.3)
 
 
@@ -209,8 +216,12 @@ def test_failed_quantize_fails_its_eval(qrun_home, tiny_qwen2, tmp_path):
     assert jobs[quantize]["status"] == "failed" and jobs[baseline]["status"] == "failed"
     assert jobs[evaluation]["status"] == "failed"
     assert jobs[evaluation]["error"] == f"upstream job {quantize} failed"
-    empty = run_qrun("compare", "--format", "json", check=True)
-    assert json.loads(empty.stdout) == [] and "No succeeded eval jobs" in empty.stderr
+    # Nothing has numbers, and compare says why each variant is missing (exit 0, as before).
+    missing = run_qrun("compare", "--format", "json", check=True)
+    assert [(r["variant"], r["evaluated"], r["eval_status"]) for r in json.loads(missing.stdout)] == [
+        ("baseline", False, "failed"), ("w4g32", False, "failed")]
+    reasons = [r["missing_reason"] for r in json.loads(missing.stdout)]
+    assert reasons[0].startswith("eval failed: ") and reasons[1].startswith("quantize failed: ")
 
 
 # ---------------------------------------------------------------- predictions that cannot be read
@@ -415,12 +426,103 @@ def test_max_drop_answers_under_each_table_and_in_every_format(db, methods):
 
 def test_no_max_drop_no_answer_and_gptq_sweeps_keep_their_table(db, sweep):
     table = _compare("--data", str(sweep["data"])).stdout.splitlines()
-    assert [line.split()[:3] for line in table[2:]] == [["baseline", "16", "-"], ["w8g128", "8", "gptq"],
+    assert [line.split()[:3] for line in table[2:5]] == [["baseline", "16", "-"], ["w8g128", "8", "gptq"],
                                                          ["w4g128", "4", "gptq"]]
+    assert table[5:] == ["", "missing from this table:", "  w3g128: eval failed: boom"]
     answered = _compare("--data", str(sweep["data"]), "--max-drop", "0.01").stdout.splitlines()
     assert answered[:len(table)] == table and answered[len(table):] == [
         "", "smallest within 0.01 F1 of the baseline (0.686): w8g128 — 1.5 MB (50% of baseline), F1 0.686; "
             "next smaller: w4g128 — 1.0 MB (33% of baseline), F1 0.500 (−0.186)"]
+
+
+# ---------------------------------------------------------------- variants the table lacks
+
+
+def _in_sweep(db, spec: queue.JobSpec, sweep: str) -> int:
+    (job_id,) = queue.submit_jobs(db, [spec], sweep=sweep)
+    return job_id
+
+
+def _claimed(db, job_id: int) -> int:
+    assert queue.claim_job(db, "w", None).id == job_id
+    return job_id
+
+
+@pytest.fixture
+def gappy_sweep(db, tmp_path, source):
+    """A sweep in which a baseline and w4 were evaluated, while w8's eval failed, w2's quantize failed
+    (so its eval failed as the upstream's), w3's eval waits in the queue, gguf was quantized and never
+    evaluated; and another sweep's quantize job with no eval, which this comparison does not concern."""
+    data, sweep = tmp_path / "data.jsonl", "5eed5eed"
+    _finish(db, tmp_path, _eval(source, data, "baseline"), _scores(0.8, 0.6, 0.75, 3e6))
+    ids = {}
+    for bits, params in ((4, {}), (8, {}), (2, {}), (3, {}), ("gguf", {"method": "gguf", "gguf_type": "q4_k_m"})):
+        spec = queue.JobSpec(kind=Kind.QUANTIZE, model=str(source),
+                             params={"bits": 4 if bits == "gguf" else bits, "group_size": 128, **params})
+        ids[bits] = _claimed(db, _in_sweep(db, spec, sweep))
+        if bits == 2:
+            queue.fail_job(db, ids[2], "w", "boom at layer 1\nTraceback (most recent call last): ...")
+        else:
+            queue.finish_job(db, ids[bits], "w", {"quantize_s": 1.0}, [])
+    w4 = _claimed(db, _in_sweep(db, _eval(source, data, "w4g128", ids[4]), sweep))
+    queue.finish_job(db, w4, "w", _scores(0.8, 0.5, 0.7, 1e6), [])
+    w8 = _claimed(db, _in_sweep(db, _eval(source, data, "w8g128", ids[8]), sweep))
+    queue.fail_job(db, w8, "w", "CUDA out of memory. Tried to allocate 2.00 GiB\nTraceback ...")
+    orphan = _in_sweep(db, _eval(source, data, "w2g128", ids[2]), sweep)
+    assert queue.claim_job(db, "w", None) is None  # nothing ready: the orphan fails as its upstream's
+    _finish(db, tmp_path, queue.JobSpec(kind=Kind.QUANTIZE, model=str(source), params={"bits": 8, "group_size": 32}),
+            {"quantize_s": 1.0})
+    waiting = _in_sweep(db, _eval(source, data, "w3g128", ids[3]), sweep)
+    return {"data": data, "sweep": sweep, "w8": w8, "orphan": orphan, "waiting": waiting, **ids}
+
+
+def test_variants_without_a_succeeded_eval_are_listed_under_their_table_with_the_reason(db, gappy_sweep):
+    missing = [
+        "w8g128: eval failed: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "w2g128: quantize failed: boom at layer 1",
+        "w3g128: eval queued",
+        "gguf-q4_k_m: not evaluated",
+    ]
+    table = _compare().stdout.splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["baseline", "w4g128"]
+    assert table[4:] == ["", "missing from this table:"] + ["  " + line for line in missing]
+    assert _compare("--sweep", gappy_sweep["sweep"]).stdout.splitlines()[4:] == table[4:]
+
+    rows = json.loads(_compare("--format", "json").stdout)
+    marks = [(r["variant"], r["evaluated"], r["eval_status"], r["job_id"], r["quantize_job_id"]) for r in rows]
+    assert marks == [("baseline", True, "succeeded", rows[0]["job_id"], None),
+                     ("w4g128", True, "succeeded", rows[1]["job_id"], gappy_sweep[4]),
+                     ("w8g128", False, "failed", gappy_sweep["w8"], gappy_sweep[8]),
+                     ("w2g128", False, "failed", gappy_sweep["orphan"], gappy_sweep[2]),
+                     ("w3g128", False, "queued", gappy_sweep["waiting"], gappy_sweep[3]),
+                     ("gguf-q4_k_m", False, None, None, gappy_sweep["gguf"])]
+    assert [f"{r['variant']}: {r['missing_reason']}" for r in rows if not r["evaluated"]] == missing
+    assert all(r["missing_reason"] is None for r in rows if r["evaluated"])
+    assert (rows[2]["bits"], rows[2]["method"], rows[2]["precision"], rows[5]["gguf_type"]) == (8, "gptq", None, "q4_k_m")
+    # the numbers of the evaluated rows are what they were: the missing ones take no part in them
+    assert rows[1]["f1_delta"] == pytest.approx(rows[1]["f1"] - rows[0]["f1"]) and rows[1]["size_pct"] == 100 / 3
+    markdown = _compare("--format", "markdown").stdout.splitlines()
+    assert markdown[-len(missing) - 2:] == ["Missing from this table:", ""] + [f"- {line}" for line in missing]
+
+
+def test_a_variant_evaluated_after_a_failure_is_not_missing(db, tmp_path, gappy_sweep, source):
+    queue.cancel_jobs(db, [gappy_sweep["waiting"]])
+    again = _claimed(db, _in_sweep(db, _eval(source, gappy_sweep["data"], "w8g128", gappy_sweep[8]), "5eed5eed"))
+    queue.finish_job(db, again, "w", _scores(0.7, 0.5, 0.7, 1.5e6), [])
+    rows = comparison_rows(db)
+    assert [(r["variant"], r["evaluated"]) for r in rows][:3] == [
+        ("baseline", True), ("w8g128", True), ("w4g128", True)]
+    assert [(r["variant"], r["missing_reason"]) for r in rows[3:]] == [
+        ("w2g128", "quantize failed: boom at layer 1"), ("w3g128", "eval cancelled"),
+        ("gguf-q4_k_m", "not evaluated")]
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_compare_of_a_sweep_that_matches_no_job_is_bad_input(db, gappy_sweep, fmt):
+    result = invoke_main("compare", "--sweep", "nosuch", "--format", fmt)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ("Error: --sweep 'nosuch' matches no job: give a sweep id or name from "
+                                     "`qrun status --json`")
 
 
 def test_a_group_without_baseline_says_so_and_exits_0(db, tmp_path, source):

@@ -112,11 +112,11 @@ def test_database_in_a_read_only_directory_names_the_setting_used(tmp_path, qrun
     read_only.mkdir()
     read_only.chmod(0o555)
     db_file = read_only / "qrun.db"
-    # `status --watch` makes the database it waits on (plain `status` only looks: "no such database")
-    by_option = _refusal(_qrun("--db", str(db_file), "status", "--watch", prefix=without_dac()))
+    # `run` makes the database it works (`status` only looks: "no such database")
+    by_option = _refusal(_qrun("--db", str(db_file), "run", "--until-empty", prefix=without_dac()))
     assert by_option.startswith(f"Error: --db {db_file}: its directory {read_only} is not writable (Permission denied)")
     assert "point --db at a SQLite file in a directory you can write" in by_option
-    by_env = _refusal(_qrun("status", "--watch", env={"QRUN_DB": str(db_file)}, prefix=without_dac()))
+    by_env = _refusal(_qrun("run", "--until-empty", env={"QRUN_DB": str(db_file)}, prefix=without_dac()))
     assert by_env.startswith(f"Error: QRUN_DB {db_file}: its directory {read_only} is not writable")
     assert "QRUN_HOME" not in by_option + by_env
     assert not db_file.exists()

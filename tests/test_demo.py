@@ -143,6 +143,38 @@ def test_demo_model_is_built_once_then_reused(demo_home):
     assert (home / "demo").is_dir() and not list(home.glob(".demo-staging*"))  # no staging directory left
 
 
+def test_demo_model_and_data_are_the_teams(demo_home):
+    """Every file of the demo is group-readable and -writable, every directory setgid 2775 (README's
+    "Sharing a server"): save_pretrained wrote the weights 0600, which a teammate could not read."""
+    import stat
+
+    _, paths = demo_home
+    items = [paths.root, *paths.root.rglob("*")]
+    modes = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in items}
+    assert modes == {str(p): "0o2775" if p.is_dir() else "0o664" for p in items}
+
+
+def test_the_model_is_trained_with_the_tokenizer_it_saves(tmp_path):
+    """Training encodes each prompt exactly as qrun's eval encodes it with the tokenizer loaded from the
+    saved model directory (for a Qwen2 config transformers loads its own Qwen2Tokenizer, which splits
+    digits one by one: "226" was one token in training and three at eval, in 116 of the 200 prompts)."""
+    from transformers import AutoTokenizer
+
+    from qrun.demo.build import _new_model, _save_model, encode_rows
+    from qrun.demo.dataset import generate_splits
+    from qrun.workers.datasets import to_sample
+    from qrun.workers.evaluate import prompt_ids
+
+    splits = generate_splits(11, {"train": 300, "eval": 60})
+    tokenizer, model = _new_model(splits["train"], tmp_path / "staging")
+    _save_model(model, tokenizer, tmp_path / "saved", accuracy=1.0)
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")  # as workers.evaluate.load_model reads it
+    assert sum(bool(re.search(r"\d\d", row["input"])) for row in splits["eval"]) > 30  # amounts, times
+    trained = [row.prompt for row in encode_rows(splits["eval"], tokenizer)]
+    evaluated = [prompt_ids(saved, to_sample(tmp_path, n, row)) for n, row in enumerate(splits["eval"], 1)]
+    assert trained == evaluated
+
+
 def test_missed_target_fails_clearly_and_keeps_nothing(tmp_path, monkeypatch):
     from qrun.demo import build
 

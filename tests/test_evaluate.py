@@ -265,3 +265,42 @@ def test_prompts_longer_than_the_context_are_counted_and_said(db, tiny_qwen2, tm
     assert metrics["eval_over_context"] == 1 and metrics["eval_samples"] == 2
     said = Path(job.log_path).read_text() + capsys.readouterr().out  # in pytest, print() goes to its capture
     assert "1 of 2 prompts are longer than the model's 512 positions" in said
+
+
+def test_a_three_class_task_scores_every_answer_and_parses_generated_ones(db, tiny_qwen2, tmp_path):
+    """Score mode predicts one of the task's labels for every row (its answers' likelihoods, no margin for
+    three classes); generate mode on a random model reads no label back: invalid, never a class."""
+    data = tmp_path / "reviews.jsonl"
+    labels = ["positive", "neutral", "negative", "neutral", "positive", "negative"]
+    data.write_text("".join(json.dumps({"id": f"r{i}", "input": f"review number {i}", "label": label}) + "\n"
+                            for i, label in enumerate(labels)))
+    task = {"labels": ["negative", "neutral", "positive"], "answer_template": '{"sentiment": "{label}"}'}
+    job, metrics, artifacts = run_job(db, Kind.EVAL, tiny_qwen2, eval_params(data, task=task))
+    assert job.status == "succeeded", job.error
+    rows = read_predictions(artifacts)
+    assert [r["label"] for r in rows] == labels
+    assert {r["prediction"] for r in rows} <= set(task["labels"]) and all(r["score"] is None for r in rows)
+    assert metrics["invalid"] == 0 and metrics["classes"] == 3 and "tp" not in metrics and "auc" not in metrics
+    right = sum(r["prediction"] == r["label"] for r in rows)
+    assert metrics["accuracy"] == right / 6
+    assert sum(metrics[f"support[{label}]"] for label in task["labels"]) == 6
+
+    job, metrics, artifacts = run_job(db, Kind.EVAL, tiny_qwen2,
+                                      eval_params(data, mode="generate", max_new_tokens=6, task=task))
+    assert job.status == "succeeded", job.error
+    assert metrics["invalid"] == 6 and metrics["accuracy"] == 0.0 and metrics["macro_f1"] == 0.0
+    assert {r["prediction"] for r in read_predictions(artifacts)} == {"invalid"}
+
+
+def test_a_two_class_task_of_other_labels_scores_with_the_positive_margin(classifier, eval_data):
+    """Labels no/yes with the seeds' answers: the same predictions and margins, logp(positive) - logp(negative)."""
+    from qrun.workers.evaluate import load_model, prompt_ids, score_batch
+    from qrun.workers.tasks import Task
+
+    model, tokenizer = load_model(classifier, "cpu", trust_remote_code=False)
+    prompts = [prompt_ids(tokenizer, s) for s in load_labeled(eval_data)]
+    seeds = score_batch(model, tokenizer, prompts, "cpu")
+    renamed = Task(labels=("no", "yes"), answers=('{"is_fraud": false}', '{"is_fraud": true}'), positive="yes")
+    same = score_batch(model, tokenizer, prompts, "cpu", renamed)
+    assert [p for p, _ in same] == ["yes" if p else "no" for p, _ in seeds]
+    assert [m for _, m in same] == pytest.approx([m for _, m in seeds], abs=1e-5)

@@ -1,15 +1,19 @@
-"""Fair sharing between users: the claim policy (priority, then the submitter's running jobs, then id)
-on SQLite and Postgres, and the priority caps an admin sets (`qrun cap-priority`)."""
+"""Fair sharing between users: the claim policy (priority, then the submitter's recent usage of the
+workers, then id) on SQLite and Postgres, and the priority caps an admin sets (`qrun cap-priority`)."""
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pytest
 from helpers import run_qrun
+from sqlalchemy import update
 
 from qrun.db import queue
 from qrun.db.errors import BadInput
+from qrun.db.schema import Event, Job
+from qrun.db.session import open_database
 from qrun.db.states import Kind
 
 
@@ -97,7 +101,7 @@ def test_only_the_database_owner_sets_caps(db, monkeypatch):
 
     _check_admin(db)  # the owner (this test created the file)
     monkeypatch.setattr(os, "getuid", lambda: os.stat(db.url[len("sqlite:///"):]).st_uid + 1)
-    with pytest.raises(BadInput, match="only the owner of"):
+    with pytest.raises(BadInput, match="only qrun's admins"):
         _check_admin(db)
 
 
@@ -117,3 +121,103 @@ def test_every_way_in_meets_the_cap(any_db):
         queue.submit_jobs(any_db, _specs(1) + _specs(1, priority=2), user="alice")
     assert queue.list_jobs(any_db) == []
     assert len(queue.submit_jobs(any_db, _specs(1, priority=2), user="bob")) == 1
+
+
+# ---------------------------------------------------------------- usage: worker time, decayed
+
+
+def _drain_one_worker(db) -> list[int]:
+    """Claim and finish every job with one worker, in turn; the ids in the order claimed."""
+    order = []
+    while (job := queue.claim_job(db, "w1", None)) is not None:
+        order.append(job.id)
+        _finish(db, job)
+    return order
+
+
+def test_a_lone_job_is_claimed_second_behind_another_users_long_sweep(any_db):
+    """One worker, bob's 12 jobs, then carol's one: once bob's first job has run, carol has used the
+    workers less than bob, so hers comes next, not after bob's eleven others."""
+    bob = queue.submit_jobs(any_db, _specs(12), user="bob")
+    (carol,) = queue.submit_jobs(any_db, _specs(1), user="carol")
+    assert _drain_one_worker(any_db) == [bob[0], carol] + bob[1:]
+
+
+def test_a_lone_job_starts_at_the_next_free_worker_among_three_users(any_db):
+    """Two workers (two processes: each reads the other's runs from the table), alice's 9 jobs, bob's
+    10 and carol's one, submitted last: the first worker to be free takes carol's."""
+    alice = queue.submit_jobs(any_db, _specs(9), user="alice")
+    bob = queue.submit_jobs(any_db, _specs(10), user="bob")
+    (carol,) = queue.submit_jobs(any_db, _specs(1), user="carol")
+    other = open_database(any_db.url)
+    try:
+        first = queue.claim_job(any_db, "w1", None)
+        second = queue.claim_job(other, "w2", None)
+        assert (first.id, second.id) == (alice[0], bob[0])
+        _finish(other, second)
+        assert queue.claim_job(other, "w2", None).id == carol
+        _finish(any_db, first)
+        assert queue.claim_job(any_db, "w1", None).id == alice[1]
+    finally:
+        other.dispose()
+
+
+def _ran(db, job_id: int, began_ago: timedelta, ended_ago: timedelta) -> None:
+    """Pretend the finished job ran from `began_ago` to `ended_ago` (the queue's functions write now)."""
+    now = queue.utcnow()
+    with db.transaction() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(started_at=now - began_ago, finished_at=now - ended_ago))
+        s.execute(update(Event).where(Event.job_id == job_id, Event.transition == "claim").values(at=now - began_ago))
+        s.execute(update(Event).where(Event.job_id == job_id, Event.transition == "succeed").values(at=now - ended_ago))
+
+
+def _history(url: str, runs: list[tuple[str, timedelta, timedelta]]) -> None:
+    """Runs of (user, began ago, ended ago), made by another process (a fresh connection)."""
+    maker = open_database(url)
+    try:
+        for user, began_ago, ended_ago in runs:
+            (job_id,) = queue.submit_jobs(maker, _specs(1), user=user)
+            _finish(maker, queue.claim_job(maker, "old-worker", None))
+            _ran(maker, job_id, began_ago, ended_ago)
+    finally:
+        maker.dispose()
+
+
+def test_usage_is_worker_time_not_jobs(any_db):
+    """alice ran one job of two hours that ended just now, bob five of one minute: bob's next job goes
+    first, though alice's is older and bob ran more jobs."""
+    minute = timedelta(minutes=1)
+    _history(any_db.url, [("alice", 120 * minute, timedelta(0))]
+             + [("bob", (n + 1) * minute, n * minute) for n in range(5)])
+    (alice,) = queue.submit_jobs(any_db, _specs(1), user="alice")
+    (bob,) = queue.submit_jobs(any_db, _specs(1), user="bob")
+    assert _drain_one_worker(any_db) == [bob, alice]
+
+
+def test_old_usage_fades(any_db):
+    """alice's two-hour run ended ten hours ago (forgotten: it halves every hour), bob's five minutes
+    just now: alice's job goes first, though bob's is older and his run was shorter."""
+    _history(any_db.url, [("alice", timedelta(hours=12), timedelta(hours=10)),
+                          ("bob", timedelta(minutes=6), timedelta(minutes=1))])
+    usage = queue.user_usage(any_db)
+    assert usage.get("alice", 0) < 1 and 290 < usage["bob"] < 300  # five minutes, a minute ago
+    (bob,) = queue.submit_jobs(any_db, _specs(1), user="bob")
+    (alice,) = queue.submit_jobs(any_db, _specs(1), user="alice")
+    assert _drain_one_worker(any_db) == [alice, bob]
+
+
+
+def test_a_job_given_back_keeps_its_users_turn(any_db):
+    """A claimer that read the queue while alice's only job ran elsewhere still gives her the next turn
+    once that job is given back (Ctrl-C, a lost worker): the release puts her back among those waiting."""
+    _history(any_db.url, [("bob", timedelta(minutes=30), timedelta(minutes=1))])
+    bob = queue.submit_jobs(any_db, _specs(3), user="bob")
+    (alice,) = queue.submit_jobs(any_db, _specs(1), user="alice")
+    other = open_database(any_db.url)
+    try:
+        assert queue.claim_job(other, "w2", None).id == alice  # she has used nothing
+        assert queue.claim_job(any_db, "w1", None).id == bob[0]  # this claimer's first read: only bob waits
+        queue.release_job(other, alice, "w2", "stopped (Ctrl-C)")
+        assert queue.claim_job(any_db, "w1", None).id == alice
+    finally:
+        other.dispose()

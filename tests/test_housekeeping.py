@@ -91,12 +91,18 @@ def test_prune_dry_run_then_yes_removes_files_and_rows(qrun_home, db):
     assert dry.returncode == 0, dry.stderr
     listed = [int(line.split()[0]) for line in dry.stdout.splitlines()[1:]]
     assert listed == [q3, e4, f5]
-    assert "would remove 3 job(s), freeing 7.8 KiB (8000 bytes); add --yes" in dry.stderr
+    assert ("would remove 3 job(s), freeing 7.8 KiB (8000 bytes); add --yes to remove them (3 of another user: "
+            "add --force too)") in dry.stderr
     assert (artifacts_root() / f"job-{q3}").is_dir()  # a dry run removes nothing
     js = json.loads(run_qrun("prune", "--older-than", "30d", "--failed", "--json").stdout)
-    assert [j["id"] for j in js["jobs"]] == [f5] and js["removed"] is False
+    assert [j["id"] for j in js["jobs"]] == [f5] and js["removed"] is False and js["others"] == 1
 
-    done = run_qrun("prune", "--older-than", "30d", "--yes")
+    # The jobs are alice's and bob's, not this user's: --yes alone is refused, as cancel and retry are.
+    refused = run_qrun("prune", "--older-than", "30d", "--yes")
+    assert (refused.returncode, refused.stderr.strip()) == (
+        2, f"Error: job {q3} belongs to alice: add --force to prune another user's job")
+    assert (artifacts_root() / f"job-{q3}").is_dir() and len(queue.list_jobs(db)) == 7
+    done = run_qrun("prune", "--older-than", "30d", "--yes", "--force")
     assert done.returncode == 0, done.stderr
     assert "removed 3 job(s), freeing 7.8 KiB (8000 bytes)" in done.stderr
     for job_id in (q3, e4):

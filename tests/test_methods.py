@@ -42,7 +42,8 @@ def run_pair(db, model: Path, point: dict, data: Path) -> tuple[dict, dict, Path
     metrics = queue.metrics_of(db, [quantize_id, eval_id])
     path = Path(artifact.path)
     assert path.name.endswith(f"-{methods.label(point)}-job{quantize_id}")
-    assert artifact.bytes == sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    # The recorded size leaves out the model card, which the eval's finish rewrote.
+    assert artifact.bytes == sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != "README.md")
     # `qrun eval --model ARTIFACT` reads the same variant back from the artifact's own files.
     inspect_model(path, allow_gguf=True)
     assert quantized_variant(path) == methods.label(point)
@@ -77,8 +78,9 @@ def baseline_bytes(model: Path) -> int:
 ])
 def test_gptqmodel_methods_quantize_load_back_and_evaluate(db, qrun_home, wide_qwen2, tmp_path, restore_umask,
                                                              point, weight_dtype):
-    """rtn, awq, fp8: GPTQModel writes safetensors and a quantize_config.json naming the method; the eval
-    job loads the artifact with GPTQModel (its CPU kernels) and classifies every dialog."""
+    """rtn, awq, fp8: GPTQModel writes safetensors and a quantize_config.json naming the method (fp8's is
+    rewritten in compressed-tensors' form); the eval job loads the artifact (GPTQModel's CPU kernels;
+    fp8: transformers) and classifies every dialog."""
     from safetensors import safe_open
 
     from qrun.workers.evaluate import artifact_format
@@ -86,16 +88,21 @@ def test_gptqmodel_methods_quantize_load_back_and_evaluate(db, qrun_home, wide_q
     data = write_labeled(tmp_path / "dialogs.jsonl")
     quantized, evaluated, path = run_pair(db, wide_qwen2, point, data)
     (weights,) = assert_no_pickle(path, ".safetensors")
-    config = json.loads((path / "quantize_config.json").read_text())
-    expected_method = {"rtn": "gptq", "awq": "awq", "fp8": "fp8"}[point["method"]]  # rtn: GPTQ's format
-    assert (config["quant_method"], config["bits"]) == (expected_method, point["bits"])
+    if point["method"] == "fp8":  # rewritten as compressed-tensors' FP8, which transformers and vLLM read
+        quant = json.loads((path / "config.json").read_text())["quantization_config"]
+        assert (quant["quant_method"], quant["format"]) == ("compressed-tensors", "float-quantized")
+        assert not (path / "quantize_config.json").exists() and artifact_format(path) == "transformers"
+    else:
+        config = json.loads((path / "quantize_config.json").read_text())
+        expected_method = {"rtn": "gptq", "awq": "awq"}[point["method"]]  # rtn: GPTQ's format
+        assert (config["quant_method"], config["bits"]) == (expected_method, point["bits"])
+        assert artifact_format(path) == "gptqmodel"
     if "group_size" in point:
         assert config["group_size"] == point["group_size"]
     with safe_open(str(weights), "pt") as f:
         key = next(k for k in f.keys() if k.startswith("model.layers.0.mlp.up_proj.") and
                    k.rsplit(".", 1)[1] in ("qweight", "weight"))
         assert f.get_slice(key).get_dtype() == weight_dtype
-    assert artifact_format(path) == "gptqmodel"
     assert quantized["bits"] == point["bits"] and quantized["loss_mean"] is not None
     assert ("calib_samples" in quantized) == methods.method_of(point).calibrated
     assert_evaluated(evaluated, baseline_bytes(wide_qwen2))

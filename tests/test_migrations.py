@@ -1,11 +1,11 @@
 """Schema migrations on real databases: a version-1 job table (written here as qrun 0.1 made it, with
-rows in it), and a version-2 one, opened by today's qrun, on SQLite and on Postgres."""
+rows in it), and version-2 and version-4 ones, opened by today's qrun, on SQLite and on Postgres."""
 
 from datetime import datetime
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from qrun.db import queue
 from qrun.db.queue import ArtifactRecord, JobSpec
@@ -123,7 +123,7 @@ def test_version_1_database_is_migrated_with_its_data(v1_database):
     database = open_database(v1_database)
     try:
         with database.transaction() as s:
-            assert s.get(Meta, "schema_version").value == str(SCHEMA_VERSION) == "4"
+            assert s.get(Meta, "schema_version").value == str(SCHEMA_VERSION) == "5"
         # The rows survived, every column of them.
         first, second = queue.list_jobs(database)
         assert (first.kind, first.status, first.params, first.priority, first.worker, first.progress_module,
@@ -189,7 +189,7 @@ def test_version_2_database_gains_sweeps_and_keeps_its_jobs(v2_database):
     database = open_database(v2_database)
     try:
         with database.transaction() as s:
-            assert s.get(Meta, "schema_version").value == "4"
+            assert s.get(Meta, "schema_version").value == "5"
         old = queue.list_jobs(database)
         assert [(j.kind, j.status, j.sweep, j.sweep_name) for j in old] == [
             ("quantize", "succeeded", None, None), ("eval", "queued", None, None)]
@@ -204,4 +204,72 @@ def test_version_2_database_gains_sweeps_and_keeps_its_jobs(v2_database):
         database.dispose()
     database = open_database(v2_database)  # version 3 now: no step runs again
     assert len(queue.list_jobs(database)) == 3
+    database.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def v4_database(request, qrun_home):
+    """The URL of a version-4 database with rows, as qrun 0.4 left one: version 1's tables migrated by
+    its steps, job 1 in a named sweep; no AUTOINCREMENT on SQLite, no sweep, admin or audit tables."""
+    from sqlalchemy.orm import Session
+
+    from qrun.db.session import MIGRATIONS
+
+    url, engine = _with_v1_rows(request, qrun_home, "v4.db")
+    with Session(engine) as session, session.begin():
+        for step in (1, 2, 3):
+            MIGRATIONS[step](session)
+        session.execute(text("UPDATE jobs SET sweep = 'abcd1234', sweep_name = 'old-study' WHERE id = 1"))
+        session.execute(text("UPDATE qrun_meta SET value = '4' WHERE key = 'schema_version'"))
+    engine.dispose()
+    return url
+
+
+def _raw_state(url: str) -> tuple[list, dict, dict]:
+    """Every row of jobs (all columns), the jobs table's indexes, and each table's foreign keys, read
+    without qrun."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(text("SELECT * FROM jobs ORDER BY id"))]
+        inspector = inspect(engine)
+        indexes = {i["name"]: (i["column_names"], bool(i["unique"])) for i in inspector.get_indexes("jobs")}
+        keys = {t: sorted((tuple(k["constrained_columns"]), k["referred_table"], tuple(k["referred_columns"]))
+                          for k in inspector.get_foreign_keys(t))
+                for t in ("jobs", "events", "metrics", "artifacts")}
+        return rows, indexes, keys
+    finally:
+        engine.dispose()
+
+
+def test_version_4_database_keeps_every_row_index_and_key_and_never_reuses_an_id(v4_database):
+    from qrun.db.admins import admin_names
+
+    rows, indexes, keys = _raw_state(v4_database)
+    assert keys["events"] == [(("job_id",), "jobs", ("id",))] and len(rows) == 2 and "ix_jobs_claim" in indexes
+    database = open_database(v4_database)
+    try:
+        with database.transaction() as s:
+            assert s.get(Meta, "schema_version").value == "5"
+        assert _raw_state(v4_database) == (rows, indexes, keys)  # same rows, indexes and foreign keys
+        if database.is_sqlite:
+            with database.engine.connect() as conn:
+                ddl = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'jobs'").scalar()
+            assert "AUTOINCREMENT" in ddl
+        with pytest.raises(IntegrityError):  # the other tables' foreign keys are still enforced
+            with database.transaction() as s:
+                s.execute(text("INSERT INTO events (job_id, transition, to_status, at) "
+                               "VALUES (999, 'submit', 'queued', '2026-01-01 00:00:00')"))
+        # Job 1's sweep has its membership; the table's owner (root, who made the file) and root are admins.
+        assert [j.id for j in queue.jobs_of_sweep(database, "old-study")] == [1]
+        assert admin_names(database) == ["root"] == [queue.current_user()]
+        # The newest job pruned, the next one gets a new id (SQLite gave 2 again before version 5).
+        queue.cancel_jobs(database, [2], user="alice")
+        assert queue.delete_finished_jobs(database, [2]) == [2]
+        (new,) = queue.submit_jobs(database, [JobSpec(kind=Kind.QUANTIZE, model="/models/m", params={"bits": 8})])
+        assert new == 3
+    finally:
+        database.dispose()
+    database = open_database(v4_database)  # version 5 now: no step runs again
+    assert [j.id for j in queue.list_jobs(database)] == [1, 3]
     database.dispose()

@@ -339,26 +339,31 @@ def test_cancel_while_running_stops_at_the_next_layer(qrun_home, deep_qwen2, tmp
 # ---------------------------------------------------------------- two runners, one table
 
 
-def test_a_cold_stop_gives_the_running_job_back_at_once(qrun_home, deep_qwen2, tmp_path):
-    """Ctrl-C twice (here SIGTERM twice, which qrun takes as Ctrl-C) kills the workers at once; the job
-    one held goes back to the queue then, its attempt not counted, instead of staying `running` until
-    its lease ran out and coming back as "lost" (with --max-attempts 1: failed)."""
+def test_one_sigterm_ends_the_run_within_its_grace_even_with_a_stuck_worker(qrun_home, tiny_qwen2, deep_qwen2,
+                                                                             tmp_path):
+    """One SIGTERM (qrun takes it as Ctrl-C) asks the workers to give their jobs back at their next
+    layer; a worker that cannot reach it (stopped here, as while it loads a big model) is killed once
+    --grace has passed and its job given back at once, its attempt not counted, instead of the run
+    waiting forever (or, killed, leaving the job `running` until its lease ran out and came back as
+    "lost"; with --max-attempts 1: failed). The summary counts the job that worker finished before."""
+    (small,) = submit("--model", str(tiny_qwen2), "--bits", "8", "--group-size", "32")
     (job_id,) = submit("--model", str(deep_qwen2), "--bits", "4", "--group-size", "64", "--calib-samples", "16",
                        "--max-attempts", "1")
-    runner = start_runner("--until-empty", "--lease", "600", log=tmp_path / "run.log")
+    runner = start_runner("--until-empty", "--lease", "600", "--grace", "2", log=tmp_path / "run.log")
     try:
         wait_for(lambda: job(qrun_home, job_id)["status"] == "running", 300, "the job to start")
         time.sleep(3)  # the runner has learnt its worker's name (the worker answers within a second or two)
         worker_pid = int(job(qrun_home, job_id)["worker"].split(":")[1])  # host:pid:slot
-        os.kill(worker_pid, signal.SIGSTOP)  # it cannot reach its next layer (as while it loads a big model)
-        os.kill(runner.pid, signal.SIGTERM)
-        time.sleep(1)
+        os.kill(worker_pid, signal.SIGSTOP)  # it cannot reach its next layer
         os.kill(runner.pid, signal.SIGTERM)
         runner.wait(timeout=120)
     finally:
         stop(runner)
     output = (tmp_path / "run.log").read_text()
     assert runner.returncode == 130, output
+    assert "workers did not give their jobs back within 2 s: stopping them now" in output
+    assert "ran 1 job(s), 0 failed" in output, output  # the small job, which the killed worker ran
+    assert job(qrun_home, small)["status"] == "succeeded"
     row = job(qrun_home, job_id)
     assert (row["status"], row["attempts"], row["worker"]) == ("queued", 0, None), dict(row)
     assert transitions(qrun_home, job_id)[-1] == "release"
@@ -400,7 +405,7 @@ def test_a_job_that_will_not_run_again_keeps_no_staging_directory(qrun_home, db,
     next attempt would remove. A worker elsewhere holds two jobs and goes silent on the first, on
     its last attempt; it still holds the second. A runner must fail the first and remove its
     staging directory, and leave the second's alone, and one of a job it does not know (a
-    different queue's)."""
+    different queue's). Then the same runner, serving, has its table replaced under it."""
     from qrun.db import queue
     from qrun.db.session import artifacts_root
     from qrun.workers.artifacts import new_staging_dir
@@ -414,9 +419,20 @@ def test_a_job_that_will_not_run_again_keeps_no_staging_directory(qrun_home, db,
     runner = start_runner("--serve", "--cpu-workers", "1", log=tmp_path / "run.log")
     try:
         wait_for(lambda: not dirs["silent"].exists(), 120, "the failed job's staging directory to go")
+        assert job(qrun_home, silent)["status"] == "failed"
+        assert "no attempts left" in job(qrun_home, silent)["error"]
+        assert dirs["held"].is_dir() and dirs["unknown"].is_dir()
+        assert job(qrun_home, held)["status"] == "running"
+        # The table is replaced under the serving runner (a backup put back): it stops taking jobs, says
+        # so, and ends in one line naming what happened (not a raw DatabaseError), exit 2.
+        with sqlite3.connect(qrun_home / "qrun.db") as live, sqlite3.connect(tmp_path / "backup.db") as backup:
+            live.backup(backup)
+        (tmp_path / "backup.db").replace(qrun_home / "qrun.db")
+        runner.wait(timeout=120)
     finally:
         stop(runner)
-    assert job(qrun_home, silent)["status"] == "failed"
-    assert "no attempts left" in job(qrun_home, silent)["error"]
-    assert dirs["held"].is_dir() and dirs["unknown"].is_dir()
-    assert job(qrun_home, held)["status"] == "running"
+    output = (tmp_path / "run.log").read_text()
+    assert runner.returncode == 2, output
+    replaced = f"the job table {qrun_home / 'qrun.db'} was replaced by another file since it was opened"
+    assert f"cpu0: {replaced}" in output and "this worker takes no more jobs" in output, output
+    assert output.strip().splitlines()[-1].startswith(f"Error: {replaced}: start qrun run again"), output

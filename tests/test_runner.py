@@ -28,14 +28,28 @@ def test_worker_env_keeps_a_users_gptqmodel_setting(qrun_home, monkeypatch):
     assert worker_env(threads=16)["GPTQMODEL_CPU_WORKERS"] == "8"
 
 
-def test_workers_look_for_kernels_where_they_were_built_ahead(qrun_home, monkeypatch, tmp_path):
-    """`qrun warmup` and the demo build kernels into GPTQMODEL_TORCH_EXTENSIONS_DIR when it is set: the
-    workers get it too (else their first job would build the kernels again, inside its time)."""
+def test_workers_look_for_kernels_where_they_were_built_ahead(qrun_home, monkeypatch, tmp_path, restore_umask):
+    """One kernel directory per machine under QRUN_HOME, group-writable (setgid), for every user's
+    workers and `qrun warmup` (their builds run in it): a kernel is built once per machine, not once
+    per user. GPTQMODEL_TORCH_EXTENSIONS_DIR, where a user sets it, wins."""
+    import socket
+    import stat
+
+    from qrun.db.session import database_url
     from qrun.workers.warmup import kernel_cache_dir
 
-    assert "GPTQMODEL_TORCH_EXTENSIONS_DIR" not in worker_env(threads=1)
+    monkeypatch.delenv("GPTQMODEL_TORCH_EXTENSIONS_DIR")
+    shared = qrun_home / "kernels" / socket.gethostname()
+    assert kernel_cache_dir("pack_block_cpu") == shared / "pack_block_cpu"
+    assert "GPTQMODEL_TORCH_EXTENSIONS_DIR" not in worker_env(threads=1)  # each worker takes its own machine's
+    QueueWorker(database_url(), "cpu0", use_gpu=False)
+    assert os.environ["GPTQMODEL_TORCH_EXTENSIONS_DIR"] == str(shared)  # where its builds go (restored after)
+    for directory in (shared.parent, shared):
+        mode = stat.S_IMODE(directory.stat().st_mode)
+        assert mode & 0o2070 == 0o2070, oct(mode)  # the group writes, new files keep the group
     monkeypatch.setenv("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(tmp_path / "kernels"))
     env = worker_env(threads=1)
+    assert env["GPTQMODEL_TORCH_EXTENSIONS_DIR"] == str(tmp_path / "kernels")
     monkeypatch.setattr("os.environ", env)  # as a worker process sees it
     assert kernel_cache_dir("pack_block_cpu") == tmp_path / "kernels" / "pack_block_cpu"
 

@@ -140,6 +140,59 @@ def test_resubmitting_prints_which_job_has_the_result_and_adds_nothing(db, tiny_
     assert [j.id for j in queue.list_jobs(db)] == [1, 2, 3]
 
 
+# ---------------------------------------------------------------- a sweep is what was asked, reused jobs included
+
+
+def _as_bob(db, ids) -> None:
+    """Make these jobs a teammate's."""
+    from sqlalchemy import update
+
+    from qrun.db.schema import Job
+
+    with db.transaction() as s:
+        s.execute(update(Job).where(Job.id.in_(list(ids))).values(submitted_by="bob"))
+
+
+def _work_the_queue(db) -> None:
+    """Claim and succeed every job as a worker would; an eval measures f1 0.9 (baseline), 0.85 (damp 0.01)
+    or 0.8 (damp 0.05), with sizes that order them so."""
+    scores = {None: (0.9, 3e6), 0.01: (0.85, 1.2e6), 0.05: (0.8, 1.1e6)}
+    while (job := queue.claim_job(db, "w", None)) is not None:
+        damp = queue.get_job(db, job.depends_on).params["damp_percent"] if job.depends_on else None
+        f1, size = scores[damp]
+        queue.finish_job(db, job.id, "w", {"f1": f1, "model_size_bytes": size} if job.kind == "eval" else {})
+
+
+def test_a_sweep_includes_the_equal_jobs_it_reused_with_the_labels_it_gave_them(any_db, tiny_qwen2, tmp_path):
+    data = str(write_labeled(tmp_path / "test.jsonl"))
+    teammate = qrun.submit(str(tiny_qwen2), bits=4, eval=data, db=any_db)  # baseline, w4g128 (damp 0.01), eval
+    _as_bob(any_db, teammate.ids)
+    study = qrun.submit(str(tiny_qwen2), bits=4, damp=[0.01, 0.05], eval=data, name="damp-study", db=any_db)
+    assert sorted(e.id for e in study.existing) == teammate.ids and len(study.ids) == 2
+    everything = sorted(teammate.ids + study.ids)
+    assert [j.id for j in queue.jobs_of_sweep(any_db, "damp-study")] == everything
+    assert [r["id"] for r in qrun.status(sweeps=["damp-study"], db=any_db)] == everything
+    assert [r["id"] for r in qrun.status(sweep=study.sweep, db=any_db)] == everything
+    members = queue.sweep_members(any_db, ["damp-study"])
+    assert [members[i] for i in everything] == ["baseline", "w4g128·d0.01", "w4g128·d0.01", "w4g128·d0.05",
+                                                "w4g128·d0.05"]
+    _work_the_queue(any_db)
+    rows = qrun.compare(sweep="damp-study", db=any_db)
+    assert [(r["variant"], r["f1"]) for r in rows] == [
+        ("baseline", 0.9), ("w4g128·d0.01", 0.85), ("w4g128·d0.05", 0.8)]
+
+
+def test_cancelling_a_sweep_leaves_a_teammates_reused_job_unless_forced(any_db, tiny_qwen2):
+    teammate = qrun.submit(str(tiny_qwen2), bits=4, db=any_db)
+    _as_bob(any_db, teammate.ids)
+    mine = qrun.submit(str(tiny_qwen2), bits=[4, 8], name="mine", db=any_db)
+    assert [e.id for e in mine.existing] == teammate.ids
+    assert qrun.cancel(sweep="mine", db=any_db) == mine.ids
+    assert queue.get_job(any_db, teammate.ids[0]).status == "queued"
+    assert qrun.cancel(sweep="mine", force=True, db=any_db) == teammate.ids
+    assert [(e["action"], e["detail"]) for e in qrun.audit(db=any_db)] == [("cancel", "of bob, --force")]
+
+
 # ---------------------------------------------------------------- the command's output
 
 

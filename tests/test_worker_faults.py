@@ -180,3 +180,77 @@ def test_a_failing_round_of_the_loop_is_retried(db, tiny_qwen2, monkeypatch):
     assert drain_here(db, worker) == {first: "succeeded", second: "succeeded"}
     assert worker.take_notices()[0] == "cpu0: KeyError: 'claim bug'; trying again in 1 s"
 
+
+
+# ---------------------------------------------------------------- a job table that changes under the worker
+
+
+def unlink_when(path, condition) -> threading.Thread:
+    """In a thread: once condition() holds, delete the SQLite file at `path` with its -wal and -shm,
+    as `rm qrun.db*` would while a worker holds it open."""
+    def watch():
+        deadline = time.monotonic() + 300
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_table_deleted_mid_job_stops_the_worker_and_its_result_is_not_reported_recorded(db, qrun_home,
+                                                                                          tiny_qwen2):
+    """The table's file goes while a job runs. SQLite goes on serving the worker from the deleted file,
+    so the job's success is written there, where nobody will read it: the worker must not report it
+    as recorded, must keep the job's output, must say what happened and must claim nothing more."""
+    first, second = submit_two(db, tiny_qwen2)
+    worker = QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
+    deleting = unlink_when(qrun_home / "qrun.db", (qrun_home / "logs" / f"job-{first}.log").exists)
+    outcomes = worker.drain(burst=True)
+    deleting.join()
+    assert outcomes == [(first, "not recorded")]
+    notices = worker.take_notices()
+    assert any(f"job {first} ended (succeeded) but the job table {qrun_home / 'qrun.db'} was deleted" in n
+               and "its outcome is in no job table" in n for n in notices), notices
+    assert [p.name for p in (qrun_home / "artifacts").iterdir()][0].endswith(f"job{first}")  # its output stays
+
+
+def test_a_table_replaced_under_an_idle_worker_is_noticed_before_its_next_claim(db, qrun_home):
+    worker = QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
+    copy = qrun_home / "restored.db"
+    with sqlite3.connect(qrun_home / "qrun.db") as live, sqlite3.connect(copy) as restored:
+        live.backup(restored)  # a backup put back in place: the same table, another file
+    copy.replace(qrun_home / "qrun.db")
+    stopper = threading.Timer(60, worker.request_stop)  # serving: nothing else would end it
+    stopper.start()
+    assert worker.drain(burst=False) == []
+    stopper.cancel()
+    (notice,) = worker.take_notices()
+    assert notice == (f"cpu0: the job table {qrun_home / 'qrun.db'} was replaced by another file since it was "
+                      "opened: start qrun run again to work on the table there now; this worker takes no more jobs")
+
+
+def corrupt(error: str = "database disk image is malformed"):
+    from sqlalchemy.exc import DatabaseError
+
+    return DatabaseError("UPDATE jobs ...", {}, sqlite3.DatabaseError(error))
+
+
+def test_a_result_a_damaged_table_cannot_take_is_kept_and_said(db, qrun_home, tiny_qwen2, monkeypatch):
+    """SQLite finds the table damaged when the worker records a finished job (and its failure): the
+    job's output stays (it is the result), the worker names the job and stops, instead of removing the
+    output and going on with the table's next job."""
+    first, second = submit_two(db, tiny_qwen2)
+    fail_for_job(monkeypatch, queue, "finish_job", first, corrupt())
+    fail_for_job(monkeypatch, queue, "fail_job", first, corrupt())
+    worker = QueueWorker(db.url, "cpu0", use_gpu=False, lease_s=30)
+    assert worker.drain(burst=True) == []
+    assert [p.name for p in (qrun_home / "artifacts").iterdir()][0].endswith(f"job{first}")
+    assert queue.get_job(db, second).status == "queued"
+    notices = worker.take_notices()
+    assert notices[-1] == (f"cpu0: job {first} ran but its outcome could not be recorded: the job table "
+                           f"{qrun_home / 'qrun.db'} is corrupt (database disk image is malformed): restore it from "
+                           "a backup (`qrun doctor` checks a table); its output and log stay under QRUN_HOME; this "
+                           "worker takes no more jobs"), notices

@@ -1,13 +1,16 @@
-"""The eval job: classify labeled dialogs (fraud or not) and, optionally, measure perplexity.
+"""The eval job: classify labeled dialogs under their task and, optionally, measure perplexity.
 
-Two classification modes:
-- score (default): for each dialog, the chat prompt followed by each candidate answer
-  (`{"is_fraud": true}` / `{"is_fraud": false}`) goes through the model in one batched forward
-  pass; the candidate whose answer tokens have the higher summed log-probability wins, and
-  logp(true) - logp(false) is the sample's score for ROC-AUC. Deterministic, one pass per batch.
-- generate: greedy decoding of up to max_new_tokens; the answer is parsed with
-  datasets.parse_answer and an unparseable one is "invalid", never silently a class (the seed
-  counted those as "not fraud").
+The task (workers.tasks) says the labels and the answer of each: by default the seeds' two, answered
+`{"is_fraud": true}` / `{"is_fraud": false}`. Two classification modes:
+- score (default): for each dialog, the chat prompt followed by each label's answer goes through
+  the model in batched forward passes; the answer whose tokens have the highest summed
+  log-probability wins (ties: the first label of the task), and for two classes
+  logp(positive) - logp(negative) is the sample's score for ROC-AUC. Deterministic.
+- generate: greedy decoding of up to max_new_tokens; the answer is parsed back to a label by the
+  task, and one that names no label is "invalid", never silently a class (the seed counted those
+  as "not fraud").
+A generation task (a reference answer per row and a scorer) is generated and scored against the
+references: the share that match is the metric `match`.
 
 Batches are left-padded with explicit position ids, so a sample's result does not depend on the
 other samples in its batch. Progress is reported per batch: that is where cancellation reaches us.
@@ -31,15 +34,15 @@ from qrun.db import queue
 from qrun.db.errors import BadInput
 from qrun.db.session import artifacts_root
 from qrun.workers import artifacts
-from qrun.workers.datasets import Sample, answer_text, load_labeled, load_samples, parse_answer
+from qrun.workers.datasets import Sample, load_eval, load_samples
 from qrun.workers.methods import Artifact, marlin_loads
-from qrun.workers.metrics import classification_metrics
+from qrun.workers.metrics import class_metrics, classification_metrics, generation_metrics
 from qrun.workers.params import EVAL_MODES, EvalParams
+from qrun.workers.tasks import DEFAULT_TASK, INVALID, Task, label_text
 
 log = logging.getLogger("qrun.evaluate")
 
 PPL_MAX_WINDOW = 512
-INVALID = "invalid"  # the prediction of an answer that names no class
 
 
 # ---------------------------------------------------------------- the model
@@ -271,18 +274,33 @@ def answer_logprobs(model, sequences: Sequence[list[int]], answer_lengths: Seque
     return [float(x) for x in sums.cpu()]
 
 
-def score_batch(model, tokenizer, prompts: Sequence[list[int]], device: str) -> list[tuple[bool, float]]:
-    """(prediction, margin logp(true) - logp(false)) per prompt; both candidates go in one batch."""
-    candidates = {label: tokenizer(answer_text(label), add_special_tokens=False)["input_ids"]
-                  for label in (True, False)}
-    sequences, lengths = [], []
-    for prompt in prompts:
-        for label in (True, False):
-            sequences.append(prompt + candidates[label])
-            lengths.append(len(candidates[label]))
-    logps = answer_logprobs(model, sequences, lengths, pad_id(tokenizer), device)
-    margins = [logps[2 * i] - logps[2 * i + 1] for i in range(len(prompts))]
-    return [(margin > 0, margin) for margin in margins]
+def candidate_logprobs(model, tokenizer, prompts: Sequence[list[int]], answers: Sequence[str],
+                       device: str) -> list[list[float]]:
+    """Per prompt, the summed log-probability of each answer after it. Forward passes of at most twice
+    as many sequences as prompts (two answers: one pass, as for the seeds' task)."""
+    candidates = [tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in answers]
+    pairs = [(prompt + c, len(c)) for prompt in prompts for c in candidates]
+    per_pass = max(2 * len(prompts), len(candidates))
+    logps: list[float] = []
+    for start in range(0, len(pairs), per_pass):
+        chunk = pairs[start:start + per_pass]
+        logps += answer_logprobs(model, [p for p, _ in chunk], [n for _, n in chunk], pad_id(tokenizer), device)
+    n = len(candidates)
+    return [logps[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def score_batch(model, tokenizer, prompts: Sequence[list[int]], device: str,
+                task: Task = DEFAULT_TASK) -> list[tuple[object, float | None]]:
+    """(predicted label's value, score) per prompt: the label whose answer is likeliest (ties: the first
+    of the task's labels); the score is logp(positive) - logp(negative) for two classes, else None."""
+    out = []
+    for logps in candidate_logprobs(model, tokenizer, prompts, task.answers, device):
+        best = max(range(len(logps)), key=lambda i: (logps[i], -i))
+        score = None
+        if task.positive is not None:
+            score = logps[task.labels.index(task.positive)] - logps[task.labels.index(task.negative)]
+        out.append((task.value(task.labels[best]), score))
+    return out
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -404,6 +422,8 @@ def write_predictions(rows: Sequence[dict], path: Path, job_id: int) -> queue.Ar
 class _Plan:
     """The eval's work, counted up front so progress runs from 0 to one total."""
 
+    task: Task
+    missing: tuple[str, ...]  # the task's classes with no row in the data
     samples: list[Sample]
     prompts: list[list[int]]
     batches: list[list[int]]
@@ -416,7 +436,11 @@ class _Plan:
 
 
 def plan_eval(params: EvalParams, model, tokenizer) -> _Plan:
-    samples = load_labeled(params.data) if params.data else []
+    data = load_eval(params.data, params.task, params.answer_template) if params.data else None
+    if data is not None and data.task.is_generation and params.mode != "generate":
+        raise BadInput(f"eval file {params.data} is a generation task (scorer {data.task.scorer}): it is evaluated "
+                       "in generate mode only")
+    task, missing, samples = (data.task, data.missing, data.samples) if data else (DEFAULT_TASK, (), [])
     prompts = [prompt_ids(tokenizer, s) for s in samples]
     batches = batches_by_length([len(p) for p in prompts], params.batch_size)
     ppl_ids: list[int] = []
@@ -429,29 +453,48 @@ def plan_eval(params: EvalParams, model, tokenizer) -> _Plan:
         window = max(min(max_positions(model) or PPL_MAX_WINDOW, PPL_MAX_WINDOW), 2)
         windows = ppl_windows(len(ppl_ids), window)
         ppl_batches = [windows[i:i + params.batch_size] for i in range(0, len(windows), params.batch_size)]
-    return _Plan(samples, prompts, batches, ppl_ids, ppl_batches)
+    return _Plan(task, missing, samples, prompts, batches, ppl_ids, ppl_batches)
 
 
 def classify(plan: _Plan, params: EvalParams, model, tokenizer, device: str,
              progress: Callable[[int, int, str | None], None]) -> list[dict]:
     """One prediction row per sample, in the file's order."""
+    task = plan.task
     rows: list[dict | None] = [None] * len(plan.samples)
     for done, batch in enumerate(plan.batches):
         prompts = [plan.prompts[i] for i in batch]
-        if params.mode == "generate":
+        if task.is_generation:
             answers = generate_batch(model, tokenizer, prompts, params.max_new_tokens, device)
-            results = [(parse_answer(text), None, text) for text in answers]
+            for i, text in zip(batch, answers):
+                rows[i] = generation_row(task, plan.samples[i], text)
         else:
-            scored = score_batch(model, tokenizer, prompts, device)
-            results = [(predicted, margin, None) for predicted, margin in scored]
-        for i, (predicted, score, text) in zip(batch, results):
-            sample = plan.samples[i]
-            rows[i] = {"id": sample.id, "label": sample.label,
-                       "prediction": INVALID if predicted is None else predicted, "score": score}
-            if text is not None:
-                rows[i]["output"] = text
+            if params.mode == "generate":
+                answers = generate_batch(model, tokenizer, prompts, params.max_new_tokens, device)
+                results = [(_value(task, task.parse(text)), None, text) for text in answers]
+            else:
+                scored = score_batch(model, tokenizer, prompts, device, task)
+                results = [(predicted, margin, None) for predicted, margin in scored]
+            for i, (predicted, score, text) in zip(batch, results):
+                sample = plan.samples[i]
+                rows[i] = {"id": sample.id, "label": sample.label,
+                           "prediction": INVALID if predicted is None else predicted, "score": score}
+                if text is not None:
+                    rows[i]["output"] = text
         progress(done + 1, plan.total, f"{params.mode} batch {done + 1}/{len(plan.batches)}")
     return rows  # type: ignore[return-value]
+
+
+def _value(task: Task, label: str | None):
+    return None if label is None else task.value(label)
+
+
+def generation_row(task: Task, sample: Sample, output: str) -> dict:
+    """A generation task's prediction row: the answer as the scorer reads it (its `prediction`, INVALID
+    where the scorer finds nothing to compare) and whether it matches the reference's."""
+    answer = task.extract(output)
+    return {"id": sample.id, "label": None, "prediction": INVALID if answer is None else answer, "score": None,
+            "output": output, "reference": sample.answer,
+            "match": answer is not None and answer == task.reference(sample.answer or "")}
 
 
 def perplexity(plan: _Plan, model, tokenizer, device: str,
@@ -470,11 +513,23 @@ def over_context(prompts: Sequence[list[int]], positions: int | None) -> list[in
     return [len(p) for p in prompts if positions and len(p) >= positions]
 
 
-def classification_summary(rows: Sequence[dict], mode: str) -> dict[str, float | None]:
-    labels = [r["label"] for r in rows]
-    predictions = [None if r["prediction"] == INVALID else r["prediction"] for r in rows]
-    scores = [r["score"] for r in rows] if mode == "score" else None
-    return classification_metrics(labels, predictions, scores)
+def classification_summary(rows: Sequence[dict], mode: str, task: Task = DEFAULT_TASK) -> dict[str, float | None]:
+    """The eval's metrics: a generation task's match; a classification's per class (workers.metrics.class_metrics),
+    with the binary ones (tp, fp, tn, fn, precision, recall, f1, and auc in score mode) for two classes."""
+    if task.is_generation:
+        return generation_metrics([None if r["prediction"] == INVALID else r["match"] for r in rows])
+    labels = [label_text(r["label"]) for r in rows]
+    predictions = [None if _is_invalid(r["prediction"]) else label_text(r["prediction"]) for r in rows]
+    metrics: dict[str, float | None] = {}
+    if task.positive is not None:
+        scores = [r["score"] for r in rows] if mode == "score" else None
+        metrics |= classification_metrics([label == task.positive for label in labels],
+                                          [None if p is None else p == task.positive for p in predictions], scores)
+    return metrics | class_metrics(labels, predictions, task.labels)
+
+
+def _is_invalid(prediction) -> bool:
+    return isinstance(prediction, str) and prediction == INVALID
 
 
 def predictions_path(job, variant: str) -> Path:
@@ -503,6 +558,12 @@ def run_eval(ctx) -> tuple[dict[str, float | None], list[queue.ArtifactRecord]]:
     plan = plan_eval(params, model, tokenizer)
     print(f"=== eval {params.variant} of {model_dir}: {len(plan.samples)} samples ({params.mode}), "
           f"{len(plan.ppl_ids)} perplexity tokens", flush=True)
+    if plan.samples:
+        print(f"=== task: {plan.task.describe()}", flush=True)
+    if plan.missing:
+        print(f"=== warning: {len(plan.missing)} of the task's {len(plan.task.labels)} classes have no rows in "
+              f"{params.data}: {', '.join(plan.missing)} (their recall is 0; macro F1 leaves out a class with no "
+              "rows that no answer names)", flush=True)
     over = over_context(plan.prompts, max_positions(model))
     if over:
         metrics["eval_over_context"] = len(over)
@@ -514,7 +575,7 @@ def run_eval(ctx) -> tuple[dict[str, float | None], list[queue.ArtifactRecord]]:
         started = time.perf_counter()
         rows = classify(plan, params, model, tokenizer, ctx.device, ctx.progress)
         eval_s = time.perf_counter() - started
-        metrics |= classification_summary(rows, params.mode)
+        metrics |= classification_summary(rows, params.mode, plan.task)
         metrics |= {"eval_samples": len(rows), "eval_s": eval_s, "samples_per_s": len(rows) / eval_s}
         records.append(write_predictions(rows, predictions_path(job, params.variant), job.id))
     if plan.ppl_batches:

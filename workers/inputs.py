@@ -5,8 +5,10 @@ The CLI runs these before anything is written, so bad input never leaves a half-
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,8 @@ SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Sizes in config.json that shape the model: each, when present, must be a positive integer.
 SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-               "num_key_value_heads", "vocab_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+               "num_key_value_heads", "vocab_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+               "max_position_embeddings")
 REQUIRED_SIZE_FIELDS = ("num_hidden_layers", "hidden_size")
 # Input widths of the quantized linear layers: a group size must divide each one present.
 WIDTH_FIELDS = {"hidden size": "hidden_size", "intermediate size": "intermediate_size",
@@ -33,6 +36,18 @@ WIDTH_FIELDS = {"hidden size": "hidden_size", "intermediate size": "intermediate
                 "shared-expert intermediate size": "shared_expert_intermediate_size"}
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library refuses larger headers too
 MAX_ATTEMPTS_LIMIT = 100
+# Decoder layers and the token embedding as every architecture qrun supports names them (multimodal
+# models put `language_model.` in between); weights named otherwise (remote code) are not checked.
+LAYER_NAME = re.compile(r"model\.(?:language_model\.)?layers\.(\d+)\.")
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+# Tokenizer files that transformers reads as JSON objects.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                        "added_tokens.json")
+# A sample is refused when its characters are more than CONTEXT_FACTOR times the model's context at
+# CHARS_PER_TOKEN characters a token: far past what the model reads, whatever its tokenizer (about 4
+# characters a token in English, 1.5 in Chinese). Shorter ones over the context are scored with a warning.
+CONTEXT_FACTOR = 8
+CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)
@@ -46,9 +61,11 @@ class ModelInfo:
     needs_remote_code: bool
     widths: tuple[tuple[str, int], ...] = ()  # (name, input width) of the quantized layers
     quantized: bool = False  # already a GPTQ (or other quantized) checkpoint
+    max_positions: int = 0  # max_position_embeddings: the context in tokens (0: not stated)
 
 
 def read_model_config(model_dir: Path) -> dict:
+    check_link(model_dir, f"model directory {model_dir}")
     if not model_dir.exists():
         raise BadInput(f"model directory {model_dir} does not exist: pass a local model directory "
                        "(qrun downloads nothing)")
@@ -56,6 +73,8 @@ def read_model_config(model_dir: Path) -> dict:
         raise BadInput(f"model {model_dir} is not a directory: pass the directory holding config.json")
     if not os.access(model_dir, os.R_OK | os.X_OK):  # else is_file() below raises PermissionError
         raise BadInput(f"model directory {model_dir} is not readable: check its permissions (chmod a+rx)")
+    for entry in sorted(model_dir.iterdir()):
+        check_link(entry, f"model directory {model_dir}: {entry.name}")
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise BadInput(f"model directory {model_dir} has no config.json: is it a Hugging Face model directory?")
@@ -71,6 +90,23 @@ def read_model_config(model_dir: Path) -> dict:
         raise BadInput(f"model config {config_file} must be a JSON object ({{...}}), found {json_type_name(config)}: "
                        "is it a Hugging Face config.json?")
     return config
+
+
+def check_link(path: Path, what: str) -> None:
+    """BadInput naming `what` when `path` is a symbolic link that leads nowhere: a loop, or a missing
+    target. Python's is_file() and exists() call both "not there", which named the wrong cause."""
+    if not path.is_symlink():
+        return
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadInput(f"{what} is a symlink loop ({path} -> {os.readlink(path)} leads back to itself): "
+                           "point the link at the real file or directory") from exc
+        if exc.errno == errno.ENOENT:
+            raise BadInput(f"{what} is a symlink to {os.readlink(path)}, which does not exist: "
+                           "fix the link or copy the file in") from exc
+        raise BadInput(f"{what} is a symlink that cannot be followed ({exc.strerror}): fix the link") from exc
 
 
 def read_architecture(config: dict, config_file: Path) -> str:
@@ -112,8 +148,9 @@ def read_sizes(config: dict, config_file: Path, *, required: tuple[str, ...] = R
     return sizes
 
 
-def check_safetensors_file(path: Path) -> None:
-    """BadInput unless `path` is a whole safetensors file, judged by its header alone (no tensor is read).
+def check_safetensors_file(path: Path) -> dict:
+    """The header of `path` ({tensor name: {dtype, shape, data_offsets}}), or BadInput unless it is a
+    whole safetensors file, judged by its header alone (no tensor is read).
 
     Layout: 8 bytes (little-endian header length N), N bytes of JSON {name: {dtype, shape,
     data_offsets: [begin, end]}, "__metadata__": {...}}, then the data, which must reach the
@@ -148,6 +185,7 @@ def check_safetensors_file(path: Path) -> None:
     if 8 + declared + data_end > size:
         raise BadInput(f"weights file {path} is truncated: its header describes {8 + declared + data_end} bytes, "
                        f"the file has {size}: {fix}")
+    return header
 
 
 def _safetensors_data_end(header: dict, path: Path) -> int:
@@ -207,8 +245,12 @@ def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pi
             f"model {model_dir} has only pickle weights (.bin), which can run code when loaded: convert them "
             "to safetensors" + (", or pass --allow-pickle if you trust the source" if allow_pickle is False else "")
         )
+    tensors = {}  # name -> (file, header entry), over every safetensors file
     for weights_file in (p for p in weights if p.suffix == ".safetensors"):
-        check_safetensors_file(weights_file)
+        header = check_safetensors_file(weights_file)
+        tensors |= {name: (weights_file, entry) for name, entry in header.items() if name != "__metadata__"}
+    check_layers_against_weights(config_file, sizes.get("num_hidden_layers"), tensors)
+    check_vocab_against_embedding(config_file, sizes.get("vocab_size"), tensors)
     check_shard_index(model_dir)
     if not has_gguf:  # a .gguf file carries its own tokenizer
         check_tokenizer_files(model_dir, weights)
@@ -222,7 +264,59 @@ def inspect_model(path: str | Path, *, trust_remote_code: bool = False, allow_pi
         needs_remote_code=needs_remote_code,
         widths=tuple((label, sizes[name]) for label, name in WIDTH_FIELDS.items() if name in sizes),
         quantized="quantization_config" in config or (model_dir / "quantize_config.json").is_file() or has_gguf,
+        max_positions=sizes.get("max_position_embeddings", 0),
     )
+
+
+def check_layers_against_weights(config_file: Path, num_layers: int | None, tensors: dict) -> None:
+    """BadInput when config.json asks for decoder layers that the weights do not hold, judged by the
+    tensors' names (model.layers.N.*): a copied config of a larger model, or weights cut short, would
+    otherwise fail in the job (or allocate a billion layers). Extra layers (a multi-token head) pass."""
+    present = {int(match.group(1)) for match in map(LAYER_NAME.match, tensors) if match}
+    if not present or num_layers is None:
+        return
+    if num_layers > len(present) or any(i not in present for i in range(num_layers)):
+        held = f"layers 0 to {max(present)}" if len(present) == max(present) + 1 else \
+            f"layers {', '.join(map(str, sorted(present)[:8]))}" + (", ..." if len(present) > 8 else "")
+        raise BadInput(f"model config {config_file}: num_hidden_layers is {num_layers}, but the weights hold "
+                       f"{len(present)} decoder layers ({held}): fix num_hidden_layers, or re-download the "
+                       "weights if they are incomplete")
+
+
+def check_vocab_against_embedding(config_file: Path, vocab_size: int | None, tensors: dict) -> None:
+    """BadInput when config.json's vocab_size is not the token embedding's row count (its shape in the
+    safetensors header): transformers refuses the weights when it loads them, in the job."""
+    name = next((n for n in EMBEDDING_NAMES if n in tensors), None)
+    if name is None or vocab_size is None:
+        return
+    path, entry = tensors[name]
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(n, int) for n in shape):
+        raise BadInput(f"weights file {path}: the embedding {name} has shape {json.dumps(shape)[:40]}, not "
+                       "[vocab, hidden]: the file is damaged, re-download or re-save the model")
+    if shape[0] != vocab_size:
+        raise BadInput(f"model config {config_file}: vocab_size is {vocab_size}, but the embedding {name} in "
+                       f"{path.name} has {shape[0]} rows: set vocab_size to {shape[0]}, or use the config the "
+                       "weights were saved with")
+
+
+def check_sample_lengths(path: str | Path, what: str, max_positions: int) -> None:
+    """BadInput naming the line of the first sample (eval or calibration) longer than CONTEXT_FACTOR times
+    the model's context (max_positions tokens, at CHARS_PER_TOKEN characters a token): such a sample
+    only fails inside the job, where its size reads as running out of memory. 0: no context stated."""
+    from qrun.workers.datasets import read_rows, to_sample
+
+    if not max_positions:
+        return
+    limit = CONTEXT_FACTOR * CHARS_PER_TOKEN * max_positions
+    path = Path(path)
+    for lineno, row in read_rows(path):
+        sample = to_sample(path, lineno, row)
+        length = sum(len(m["content"]) for m in sample.messages) + len(sample.answer or "") + len(sample.text or "")
+        if length > limit:
+            raise BadInput(f"{what} {path}:{lineno}: a sample of {length:,} characters is over {CONTEXT_FACTOR} times "
+                           f"the model's context of {max_positions} tokens (max_position_embeddings): shorten or "
+                           "split it")
 
 
 def _is_tokenizer_file(path: Path) -> bool:
@@ -244,6 +338,22 @@ def check_tokenizer_files(model_dir: Path, files: list[Path]) -> None:
                 f.read(1)
         except OSError as exc:
             raise BadInput(f"model {model_dir}: tokenizer file {path.name} cannot be read ({exc.strerror})") from exc
+    for path in (p for p in files if p.name in TOKENIZER_JSON_FILES):
+        check_json_object(path, "tokenizer file")
+
+
+def check_json_object(path: Path, what: str) -> None:
+    """BadInput unless `path` holds one JSON object: transformers reads these files as dicts, and
+    anything else fails the job with a KeyError or an AttributeError."""
+    fix = "copy it again from the model it came from"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as exc:
+        raise BadInput(f"{what} {path} is not readable: check its permissions") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise BadInput(f"{what} {path} is not valid JSON: {fix}") from exc
+    if not isinstance(value, dict):
+        raise BadInput(f"{what} {path} must be a JSON object ({{...}}), found {json_type_name(value)}: {fix}")
 
 
 def quantized_variant(model_dir: str | Path) -> str:

@@ -329,6 +329,10 @@ def _run_and_record(ctx: JobContext) -> str:
         outcome = _record_success(ctx, metrics, records)
         if outcome == Status.SUCCEEDED.value:
             _say(f"=== succeeded in {time.perf_counter() - started:.1f}s")
+            if job.kind == Kind.EVAL.value:  # the evaluated model's card shows the result
+                from qrun.workers.card import refresh_after_eval
+
+                refresh_after_eval(ctx.db, job)
         return outcome
 
 
@@ -387,8 +391,9 @@ def _record_success(ctx: JobContext, metrics: dict, records: list[queue.Artifact
         _remove_outputs(records)
         return LOST
     except Exception as exc:  # noqa: BLE001 -- the result could not be stored: fail the job, say why
-        _remove_outputs(records)
-        return _record_failure(ctx, RuntimeError(f"recording the result failed: {describe_error(exc)}"))
+        outcome = _record_failure(ctx, RuntimeError(f"recording the result failed: {describe_error(exc)}"))
+        _remove_outputs(records)  # only once the failure is recorded: until then the output is the result
+        return outcome
 
 
 def _remove_outputs(records: list[queue.ArtifactRecord]) -> None:

@@ -38,8 +38,10 @@ class Artifact(StrEnum):
     GPTQMODEL = "gptqmodel"  # GPTQModel's checkpoint (quantize_config.json): GPTQModel.load
     GGUF = "gguf"  # one llama.cpp .gguf file: transformers' GGUF loader
     BITSANDBYTES = "bitsandbytes"  # transformers' checkpoint in bitsandbytes' form: from_pretrained
-    TRANSFORMERS = "transformers"  # plain weights (an unquantized model)
+    TRANSFORMERS = "transformers"  # transformers' own form: plain weights, or a quantization_config it reads (fp8)
 
+
+COMPRESSED_TENSORS = "compressed-tensors"  # a Method.rewrite_as: compressed-tensors' format (workers/fp8_format.py)
 
 # GGUF quant types qrun makes, with their bit width; the default type for each width of --bits.
 GGUF_TYPES = {"q4_0": 4, "q4_k_s": 4, "q4_k_m": 4, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6, "q8_0": 8}
@@ -47,6 +49,36 @@ GGUF_DEFAULT_TYPE = {4: "q4_k_m", 5: "q5_k_m", 6: "q6_k", 8: "q8_0"}
 # The model classes whose GGUF file qrun writes, with their Hugging Face model_type and llama.cpp
 # architecture (llama.cpp's tensor names differ per architecture; Llama's q/k rows would also need permuting).
 GGUF_ARCHITECTURES = {"Qwen2ForCausalLM": ("qwen2", "QWEN2")}
+
+
+@dataclass(frozen=True)
+class Client:
+    """A library users load an artifact with, as the artifact's model card shows it. `code` is Python that
+    binds `model` and `tokenizer` from the directory `path` ({gguf_file}: a GGUF artifact's file);
+    tested: tests/test_artifact_loading.py runs it on every method's artifact and checks that it scores
+    as qrun's eval recorded (the others are formats the library documents as its own, not run here)."""
+
+    name: str
+    needs: str  # what to pip install for it
+    code: str
+    tested: bool = True
+
+
+TRANSFORMERS_CODE = ('from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                     'model = AutoModelForCausalLM.from_pretrained(path)  # on a GPU: device_map="cuda"\n'
+                     'tokenizer = AutoTokenizer.from_pretrained(path)')
+TRANSFORMERS_GGUF_CODE = ('from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                          'model = AutoModelForCausalLM.from_pretrained(path, gguf_file="{gguf_file}")  # dequantized\n'
+                          'tokenizer = AutoTokenizer.from_pretrained(path)')
+GPTQMODEL_CODE = ('from gptqmodel import GPTQModel\n\n'
+                  'quantized = GPTQModel.load(path)\n'
+                  'model, tokenizer = quantized.model, quantized.tokenizer  # a transformers model, its tokenizer')
+VLLM_CODE = 'from vllm import LLM\n\nllm = LLM(model=path)'
+LLAMA_CPP_CODE = 'llama-cli -m {gguf_file}  # llama.cpp, in this directory; Ollama: FROM ./{gguf_file}'
+# GPTQ's and AWQ's checkpoint format (gptq, rtn, awq): transformers reads it through optimum and GPTQModel.
+GPTQ_FORMAT_CLIENTS = (Client("transformers", "qrun-quant (transformers, optimum, gptqmodel)", TRANSFORMERS_CODE),
+                       Client("GPTQModel", "gptqmodel", GPTQMODEL_CODE),
+                       Client("vLLM", "vllm", VLLM_CODE, tested=False))
 
 # The checkpoints GPTQModel's Marlin kernel loads: these widths and group sizes, symmetric.
 MARLIN_BITS = (4, 8)
@@ -80,6 +112,9 @@ class Method:
     # The model classes it can write (None: every class qrun quantizes), and its files as messages name them.
     architectures: tuple[str, ...] | None = None
     writes: str = ""
+    # GPTQModel's checkpoint rewritten after saving into a format more clients read (fp8: compressed-tensors).
+    rewrite_as: str | None = None
+    clients: tuple[Client, ...] = ()  # how its users load its artifact (the model card's code)
 
     @property
     def grouped(self) -> bool:
@@ -129,30 +164,41 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gptq", (2, 3, 4, 8), frozenset({GROUP_SIZE, DESC_ACT, SYM, DAMP, CALIBRATION}), title="GPTQ",
            about="GPTQ (GPTQModel): second-order, layer by layer, calibrated",
            gptqmodel_config="QuantizeConfig", engine_speedups=True, checkpoint_name="gptq", kernels=("gptq_cuda",),
-           marlin=True),
+           marlin=True, clients=GPTQ_FORMAT_CLIENTS),
     # GEMM format: what AutoAWQ, transformers and vLLM read.
     Method("awq", (4,), frozenset({GROUP_SIZE, CALIBRATION}), title="AWQ",
            about="AWQ (GPTQModel): activation-aware scales, calibrated; 4 bits",
-           gptqmodel_config="AWQConfig", checkpoint_name="awq", kernels=("awq",), marlin=True),
+           gptqmodel_config="AWQConfig", checkpoint_name="awq", kernels=("awq",), marlin=True,
+           clients=GPTQ_FORMAT_CLIENTS),
     # GPTQ's format, so every GPTQ loader (and qrun's GPTQ eval path) reads it.
     Method("rtn", (2, 3, 4, 8), frozenset({GROUP_SIZE, SYM}), title="round-to-nearest",
            about="round-to-nearest: no calibration, the floor that calibration must beat",
-           gptqmodel_config="RTNConfig", checkpoint_name="gptq", weight_only=True, marlin=True),
-    # FP8 with one scale per output row: GPTQModel dequantizes before each matmul, so it runs on any
-    # device (its per-tensor variant would use Hopper's FP8 matmuls, at a cost in precision).
+           gptqmodel_config="RTNConfig", checkpoint_name="gptq", weight_only=True, marlin=True,
+           clients=GPTQ_FORMAT_CLIENTS),
+    # FP8 with one scale per output row, quantized by GPTQModel and written as compressed-tensors' FP8
+    # (per-channel scales), the form transformers (with compressed-tensors) and vLLM read: transformers
+    # reads GPTQModel's own `quant_method: fp8` as its 128x128-block format and fails. checkpoint_name
+    # still reads artifacts written in GPTQModel's form.
     Method("fp8", (8,), frozenset(), title="FP8",
-           about="FP8 e4m3 weights, a scale per row (GPTQModel); dequantized per matmul on any device",
-           gptqmodel_config="FP8Config", checkpoint_name="fp8"),
+           about="FP8 e4m3 weights, a scale per row (GPTQModel), stored as compressed-tensors' FP8",
+           gptqmodel_config="FP8Config", checkpoint_name="fp8", artifact=Artifact.TRANSFORMERS,
+           hf_quantization=(("quant_method", "compressed-tensors"), ("format", "float-quantized")),
+           rewrite_as=COMPRESSED_TENSORS,
+           clients=(Client("transformers", "qrun-quant (transformers, compressed-tensors)", TRANSFORMERS_CODE),
+                    Client("vLLM", "vllm", VLLM_CODE, tested=False))),
     # GPTQModel's GGUF blocks, repacked into one llama.cpp file (GPTQModel's own checkpoint is not kept).
     Method("gguf", (4, 5, 6, 8), frozenset({QUANT_TYPE}), title="GGUF",
            about="GGUF (llama.cpp, Ollama): its own quant types, --gguf-type q4_k_m, q8_0, ...",
            gptqmodel_config="GGUFConfig", artifact=Artifact.GGUF, quant_types=GGUF_TYPES,
-           default_types=GGUF_DEFAULT_TYPE, architectures=tuple(GGUF_ARCHITECTURES), writes="llama.cpp files"),
+           default_types=GGUF_DEFAULT_TYPE, architectures=tuple(GGUF_ARCHITECTURES), writes="llama.cpp files",
+           clients=(Client("transformers", "qrun-quant (transformers, gguf)", TRANSFORMERS_GGUF_CODE),
+                    Client("llama.cpp", "llama.cpp or Ollama", LLAMA_CPP_CODE, tested=False))),
     # bitsandbytes has had CPU kernels since 0.46: NF4 quantizes and runs on a CPU worker too.
     Method("bnb-nf4", (4,), frozenset(), title="bitsandbytes NF4",
            about="bitsandbytes NF4 with double quantization (QLoRA's loading, seed 002)",
            artifact=Artifact.BITSANDBYTES,
-           hf_quantization=(("quant_method", "bitsandbytes"), ("bnb_4bit_quant_type", "nf4"))),
+           hf_quantization=(("quant_method", "bitsandbytes"), ("bnb_4bit_quant_type", "nf4")),
+           clients=(Client("transformers", "qrun-quant[bnb] (transformers, bitsandbytes)", TRANSFORMERS_CODE),)),
 )}
 
 

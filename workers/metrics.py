@@ -8,11 +8,19 @@ Conventions (documented because tables compare them across variants):
   positive label, F1 when precision and recall are both 0): a variant that never says "fraud"
   scores 0, not "undefined", so it sorts below one that does.
 - ROC-AUC is rank based (Mann-Whitney U), ties count one half; None when one class is absent.
+
+Tasks of any number of classes (`class_metrics`) follow the same conventions per class, labels being
+any hashable (the label texts of workers.tasks): precision[c] = right answers c / answers c, recall[c]
+= right answers c / rows of class c that got a valid answer, so that for two classes f1[positive] is
+the binary F1 above. Macro averages run over the classes that have rows or were answered (as
+scikit-learn's do: a class of the task that the data lacks and no answer names is left out); the
+weighted F1 weighs each class by its rows. Their flat names (`f1[spam]`, `confusion[spam->ham]`) are
+the table's (metric_name, confusion_name).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 
@@ -104,3 +112,87 @@ def classification_metrics(labels: Sequence[bool], predictions: Sequence[bool | 
     if scores is not None:
         metrics["auc"] = roc_auc(labels, scores)
     return metrics
+
+
+# ---------------------------------------------------------------- any number of classes
+
+PER_CLASS = ("precision", "recall", "f1", "support")
+INVALID = "invalid"  # the confusion matrix's column of answers that name no class
+
+
+def metric_name(name: str, label: str) -> str:
+    """A per-class metric's name in the table: `f1[spam]`."""
+    return f"{name}[{label}]"
+
+
+def confusion_name(label: str, predicted: str) -> str:
+    """A confusion-matrix cell's name in the table: `confusion[spam->ham]` (rows of class spam answered ham)."""
+    return f"confusion[{label}->{predicted}]"
+
+
+def confusion_matrix(labels: Sequence[Hashable], predictions: Sequence[Hashable | None],
+                     classes: Sequence[Hashable]) -> dict[Hashable, dict[Hashable, int]]:
+    """{true class: {answered class or INVALID: rows}}, every cell present (zeros too)."""
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
+    matrix = {c: {p: 0 for p in [*classes, INVALID]} for c in classes}
+    for label, predicted in zip(labels, predictions):
+        matrix[label][INVALID if predicted is None else predicted] += 1
+    return matrix
+
+
+def per_class(matrix: dict[Hashable, dict[Hashable, int]]) -> dict[Hashable, dict[str, float]]:
+    """{class: {precision, recall, f1, support}} from a confusion matrix (the conventions above)."""
+    out = {}
+    for c in matrix:
+        right = matrix[c][c]
+        answered_c = sum(matrix[t][c] for t in matrix)
+        valid_rows = sum(n for p, n in matrix[c].items() if p != INVALID)
+        p, r = _ratio(right, answered_c), _ratio(right, valid_rows)
+        out[c] = {"precision": p, "recall": r, "f1": _ratio(2 * p * r, p + r), "support": sum(matrix[c].values())}
+    return out
+
+
+def class_metrics(labels: Sequence[Hashable], predictions: Sequence[Hashable | None],
+                  classes: Sequence[Hashable]) -> dict[str, float]:
+    """The flat metrics of a task of any number of classes: accuracy, invalid, classes, macro precision,
+    recall and F1, weighted F1, each class's precision[c], recall[c], f1[c], support[c], and the
+    confusion matrix's non-zero cells confusion[c->p] (p may be INVALID; absent cells are 0)."""
+    matrix = confusion_matrix(labels, predictions, classes)
+    scores = per_class(matrix)
+    counted = [c for c in classes if scores[c]["support"] or sum(matrix[t][c] for t in classes)]
+    total = len(labels)
+    metrics: dict[str, float] = {
+        "accuracy": _ratio(sum(matrix[c][c] for c in classes), total),
+        "invalid": sum(matrix[c][INVALID] for c in classes), "classes": len(classes),
+        "macro_precision": _mean([scores[c]["precision"] for c in counted]),
+        "macro_recall": _mean([scores[c]["recall"] for c in counted]),
+        "macro_f1": _mean([scores[c]["f1"] for c in counted]),
+        "weighted_f1": _ratio(sum(scores[c]["f1"] * scores[c]["support"] for c in classes), total),
+    }
+    for c in classes:
+        metrics |= {metric_name(name, str(c)): scores[c][name] for name in PER_CLASS}
+        metrics |= {confusion_name(str(c), str(p)): n for p, n in matrix[c].items() if n}
+    return metrics
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def class_scores(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{class: {precision, recall, f1, support}} read back from an eval's flat metrics (empty for an eval
+    that recorded none), in the order the metrics list them."""
+    out: dict[str, dict[str, float]] = {}
+    for name, value in metrics.items():
+        for metric in PER_CLASS:
+            if name.startswith(metric + "[") and name.endswith("]"):
+                out.setdefault(name[len(metric) + 1:-1], {})[metric] = value
+    return {label: scores for label, scores in out.items() if "support" in scores}
+
+
+def generation_metrics(matches: Sequence[bool | None]) -> dict[str, float]:
+    """A generation task's metrics: match (share of rows whose answer matched the reference), and invalid
+    (answers the scorer could not read: no JSON field, no match of the pattern; they count as misses)."""
+    return {"match": _ratio(sum(1 for m in matches if m), len(matches)),
+            "invalid": sum(1 for m in matches if m is None)}

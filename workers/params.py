@@ -166,6 +166,8 @@ class EvalParams:
     gpus: int = 1
     needs_gpu: bool = False  # the upstream method's requirements (workers.methods.requirements)
     min_compute_capability: float | None = None
+    answer_template: str | None = None  # the answer to each label, `{"is_fraud": {label}}` (workers.tasks)
+    task: dict | None = None  # the task file beside the data, as read at submit (workers.tasks.task_spec)
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalParams":
@@ -184,6 +186,10 @@ class EvalParams:
             stored["needs_gpu"] = True
         if self.min_compute_capability is not None:
             stored["min_compute_capability"] = self.min_compute_capability
+        if self.answer_template is not None:  # only where given: the seeds' task stores what it always did
+            stored["answer_template"] = self.answer_template
+        if self.task is not None:
+            stored["task"] = self.task
         return stored
 
     def label(self) -> str:

@@ -2,12 +2,15 @@
 
 - gptq, awq: GPTQModel, calibrated, layer by layer, with progress reported between layers.
 - rtn, fp8: GPTQModel's weight-only path (RTNConfig: GPTQ-format int weights, no calibration;
-  FP8Config: float8_e4m3fn weights with one scale per output row).
+  FP8Config: float8_e4m3fn weights with one scale per output row, then rewritten as compressed-tensors'
+  FP8, which transformers and vLLM read: workers/fp8_format.py).
 - gguf: GPTQModel's GGUF quantizer (GGUFConfig), its blocks then written into one llama.cpp `.gguf`
   file (the `gguf` package's writer) beside the tokenizer; GPTQModel's own checkpoint is not kept.
 - bnb-nf4: transformers' BitsAndBytesConfig (NF4, double quantization), as QLoRA loads a model,
   saved with save_pretrained (safetensors that transformers loads back as 4-bit). GPTQModel's own
   bitsandbytes checkpoint uses other tensor names and neither transformers nor GPTQModel 7.7 loads it.
+
+Every artifact ends with its manifest and model card (workers/card.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from qrun.db.errors import BadInput
-from qrun.workers import methods
+from qrun.workers import card, fp8_format, methods
 from qrun.workers.calibration import MIN_CALIB_TOKENS, calibration_texts, tokenize_calibration
 from qrun.workers.engine import DEFAULT_ENGINE, Engine, gptq_speedups, gptqmodel_options, stage_times
 from qrun.workers.params import QuantizeParams
@@ -127,6 +130,7 @@ def quantize_model(params: QuantizeParams, model_dir: str, out_dir: Path, device
     # The worker process's peak resident memory so far (Linux counts KiB): this job's, unless an
     # earlier job in the same worker took more.
     metrics["process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    card.write_new_card(params, model_dir, out_dir, metrics, device)
     return metrics
 
 
@@ -208,6 +212,8 @@ def _quantize_gptqmodel(params: QuantizeParams, model_dir: str, out_dir: Path, d
     else:
         model.save(str(out_dir))
         losses = _layer_losses(out_dir / "quant_log.csv", getattr(model, "quant_log", None))
+        if method.rewrite_as == methods.COMPRESSED_TENSORS:
+            fp8_format.to_compressed_tensors(out_dir, fp8_format.unquantized_linears(model.model))
     tokenizer.save_pretrained(str(out_dir))
     save_s = time.perf_counter() - save_start
     metrics = {"load_s": load_s, "quantize_s": quantize_s, "save_s": save_s,

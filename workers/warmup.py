@@ -1,8 +1,9 @@
 """Kernels built before the jobs that use them run, so that no job's time includes a one-time build.
 
-GPTQModel compiles its kernels on first use and caches them (~/.cache/gptqmodel, behind a lock
-shared by every process of the machine): on a fresh H100 machine `gptq_cuda` took 21 s inside the
-first quantize job and each Marlin kernel ~2 min inside the first GPTQ eval; on a CPU, the AVX-512
+GPTQModel compiles its kernels on first use and caches them (in GPTQMODEL_TORCH_EXTENSIONS_DIR, behind
+a lock shared by every process of the machine; qrun points it at one directory per machine under
+QRUN_HOME, shared by every user's workers and `qrun warmup`, so a kernel is built once per machine):
+on a fresh H100 machine `gptq_cuda` took 21 s inside the first quantize job and each Marlin kernel ~2 min inside the first GPTQ eval; on a CPU, the AVX-512
 int4 kernel ~45 s. `qrun warmup` builds them all ahead of time for an admin. A worker builds (or,
 once cached, just loads) a kernel when the job it is about to claim uses it, in a thread at the
 lowest CPU priority, and claims the job once it is ready: a GPTQ quantize job waits for `gptq_cuda`
@@ -16,14 +17,19 @@ import json
 import logging
 import os
 import queue
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from qrun.db.errors import BadInput
+from qrun.db.session import GROUP_UMASK, ensure_home, qrun_home
 from qrun.db.states import Kind
 from qrun.workers import methods
 from qrun.workers.params import EvalParams, QuantizeParams
@@ -47,11 +53,24 @@ def kernels_for(device: str) -> tuple[str, ...]:
     return GPU_KERNELS if device.startswith("cuda") else tuple(CPU_KERNELS)
 
 
+KERNELS_ENV = "GPTQMODEL_TORCH_EXTENSIONS_DIR"  # GPTQModel's own setting: where it builds and finds kernels
+
+
+def kernels_dir() -> Path:
+    """Where this machine's kernels are built: KERNELS_ENV where the user set it, else
+    $QRUN_HOME/kernels/<host>, group-writable like the rest of QRUN_HOME, so that every user's
+    workers and `qrun warmup` build each kernel once per machine (one directory per host: nodes that
+    share QRUN_HOME may differ in GPUs and CPU features)."""
+    override = os.environ.get(KERNELS_ENV)
+    if override:
+        return Path(override).expanduser()
+    root = ensure_home(qrun_home() / "kernels")
+    return ensure_home(root / socket.gethostname())
+
+
 def kernel_cache_dir(name: str) -> Path:
-    """Where GPTQModel keeps CPU kernel `name` (gptqmodel.utils.cpp.default_torch_ops_build_root)."""
-    override = os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR")
-    root = Path(override).expanduser() if override else Path.home() / ".cache" / "gptqmodel" / "torch_extensions"
-    return root / name
+    """Where GPTQModel keeps kernel `name` (gptqmodel.utils.cpp.default_torch_ops_build_root)."""
+    return kernels_dir() / name
 
 
 def _cpu_flags() -> set[str]:
@@ -83,17 +102,80 @@ def build_kernel(name: str) -> tuple[bool, str]:
     return False, (extension.error(name) or "not supported here").strip().splitlines()[0][:200]
 
 
-def build_kernels(device: str, names: tuple[str, ...] | list[str] | None = None) -> list[tuple[str, float, bool, str]]:
-    """The kernels the device's jobs use (or `names`), built at once (each compiles in processes of its
-    own): (name, seconds, usable, why not). A kernel that cannot be built is reported, not raised: the
-    job that needs it then fails with the library's own error, or GPTQModel picks another kernel."""
+def check_device(device: str) -> None:
+    """BadInput where `device` is a GPU's and torch sees none here: every GPU kernel would be
+    "unusable", and a machine without a GPU is not made ready for GPU jobs by building nothing."""
+    if not device.startswith("cuda"):
+        return
+    import torch
 
+    if not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: torch sees no CUDA GPU on this machine (torch {torch.__version__}, "
+                       f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): run it on a GPU machine, "
+                       "or give --device cpu")
+
+
+BUILT = "qrun-kernel-built: "  # the line a build's process ends with: its result as JSON
+
+
+def build_kernels(device: str, names: tuple[str, ...] | list[str] | None = None) -> list[tuple[str, float, bool, str]]:
+    """The kernels the device's jobs use (or `names`), built at once, each in a process of its own,
+    into the machine's kernel directory: (name, seconds, usable, why not). A kernel that cannot be
+    built is reported, not raised: the job that needs it then fails with the library's own error, or
+    GPTQModel picks another kernel. Ctrl-C stops every build at once (their processes, compilers
+    included, are killed: GPTQModel's build lock is released with its holder)."""
+    check_device(device)
     names = tuple(names) if names is not None else kernels_for(device)
     if not names:
         return []  # nothing to build: not even GPTQModel's import (seconds) is paid here
+    env = {**os.environ, KERNELS_ENV: str(kernels_dir())}
+    builds = [_start_build(name, env) for name in names]
+    try:
+        return [_build_result(name, build) for name, build in zip(names, builds)]
+    except BaseException:  # Ctrl-C (KeyboardInterrupt), or anything else: no build goes on without us
+        for build in builds:
+            _stop_build(build)
+        raise
+
+
+def _start_build(name: str, env: dict[str, str]) -> subprocess.Popen:
+    """A process of its own session that builds `name`: its compilers are its process group's, so
+    that they can be stopped together (a terminal's Ctrl-C does not reach them: build_kernels stops them)."""
+    code = f"from qrun.workers.warmup import build_here; build_here({name!r})"
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _build_result(name: str, build: subprocess.Popen) -> tuple[str, float, bool, str]:
+    out, _ = build.communicate()
+    said = [line[len(BUILT):] for line in out.splitlines() if line.startswith(BUILT)]
+    if said:
+        built = json.loads(said[-1])
+        return name, float(built[1]), bool(built[2]), str(built[3])
+    return name, 0.0, False, f"its build process ended with exit status {build.returncode}"
+
+
+def _stop_build(build: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if build.poll() is not None:
+            return
+        try:
+            os.killpg(build.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            build.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def build_here(name: str) -> None:
+    """A build's process (build_kernels): GPTQModel's import, then the timed build, its result on
+    stdout. What it builds is the group's (the kernel directory is shared by every user)."""
+    os.umask(GROUP_UMASK)
     import gptqmodel  # noqa: F401 -- its import (seconds) is no build: keep it out of the timings
-    with ThreadPoolExecutor(max_workers=len(names)) as pool:
-        return list(pool.map(_timed_build, names))
+
+    print(BUILT + json.dumps(_timed_build(name)), flush=True)
 
 
 def _timed_build(name: str) -> tuple[str, float, bool, str]:
