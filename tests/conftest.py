@@ -13,6 +13,8 @@ import pytest
 import helpers
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+# Four test files run at once on two cores: torch's threads in each would spin against each other's.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # pytest-xdist's workers get COLUMNS=80 and LINES=24: qrun's tables would take them for a terminal's.
 # A test that wants a width sets COLUMNS itself.
 os.environ.pop("COLUMNS", None)
